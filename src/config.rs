@@ -1,0 +1,284 @@
+//! Configuration: clap flags, each with an environment variable, checked at
+//! start-up so a bad value stops the process with a clear message.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use secrecy::SecretString;
+use url::Url;
+
+use crate::{
+    gateway::GatewaySettings,
+    sandbox::SandboxConfig,
+    upstream::{Credentials, PayFixed, UpstreamConfig},
+};
+
+/// The token the Kongtie document gives its partners.
+pub const DOCUMENT_TOKEN: &str = "#wugf543sxcv5*$#";
+/// The WeChat app id the sandbox uses (the one in the document's example).
+pub const SANDBOX_WECHAT_APP_ID: &str = "wx555b169abb4d62ce";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kongtie-gateway",
+    version,
+    about = "A typed gRPC gateway in front of the Kongtie WeChat official-account API"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve(ServeArgs),
+    /// Run only the sandbox simulator of the Kongtie upstream.
+    Sandbox(SandboxArgs),
+}
+
+/// How to talk to Kongtie: shared by the gateway and the sandbox, so the
+/// same environment makes the two agree.
+#[derive(Debug, Clone, Args)]
+pub struct KongtieArgs {
+    /// Signing token of the three ktapi calls.
+    #[arg(long, env = "KONGTIE_TOKEN", default_value = DOCUMENT_TOKEN, hide_default_value = true, hide_env_values = true, value_parser = secret)]
+    pub token: SecretString,
+    /// Signing token of ParTrade (defaults to KONGTIE_TOKEN).
+    #[arg(long, env = "KONGTIE_PAY_TOKEN", hide_env_values = true, value_parser = secret)]
+    pub pay_token: Option<SecretString>,
+    /// SourceFrom of the ktapi calls.
+    #[arg(long, env = "KONGTIE_SOURCE_FROM", default_value = "JSJ", value_parser = non_empty)]
+    pub source_from: String,
+    /// SourceFrom of ParTrade.
+    #[arg(long, env = "KONGTIE_PAY_SOURCE_FROM", default_value = "600", value_parser = non_empty)]
+    pub pay_source_from: String,
+    /// ParTrade fixed value PlatformAppId.
+    #[arg(long, env = "KONGTIE_PLATFORM_APP_ID", default_value = "wssccaf9-2341-1234-87c1-6ababc10aab3", value_parser = non_empty)]
+    pub platform_app_id: String,
+    /// ParTrade fixed value PlatformToken.
+    #[arg(long, env = "KONGTIE_PLATFORM_TOKEN", default_value = "wsscr6zfppd8v46b5678f8fxh2xdhv0d22xlx08h8btn6ttxxx4aab3", hide_default_value = true, hide_env_values = true, value_parser = secret)]
+    pub platform_token: SecretString,
+    /// ParTrade fixed value SourceWay.
+    #[arg(long, env = "KONGTIE_SOURCE_WAY", default_value = "20", value_parser = non_empty)]
+    pub source_way: String,
+    /// ParTrade fixed value SourceApp.
+    #[arg(long, env = "KONGTIE_SOURCE_APP", default_value = "600", value_parser = non_empty)]
+    pub source_app: String,
+    /// ParTrade fixed value PayMethod.
+    #[arg(long, env = "KONGTIE_PAY_METHOD", default_value = "22", value_parser = non_empty)]
+    pub pay_method: String,
+}
+
+impl KongtieArgs {
+    pub fn ktapi(&self) -> Credentials {
+        Credentials {
+            source_from: self.source_from.clone(),
+            token: self.token.clone(),
+        }
+    }
+
+    pub fn pay(&self) -> Credentials {
+        Credentials {
+            source_from: self.pay_source_from.clone(),
+            token: self.pay_token.clone().unwrap_or_else(|| self.token.clone()),
+        }
+    }
+
+    pub fn pay_fixed(&self) -> PayFixed {
+        PayFixed {
+            platform_app_id: self.platform_app_id.clone(),
+            platform_token: self.platform_token.clone(),
+            source_way: self.source_way.clone(),
+            source_app: self.source_app.clone(),
+            pay_method: self.pay_method.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Plain,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address of the gRPC listener.
+    #[arg(long, env = "KONGTIE_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+    /// Base URL of the three ktapi calls.
+    #[arg(long, env = "KONGTIE_KTAPI_URL", default_value = "http://s5.jsjinfo.cn/awkmanage/v3/ktapi", value_parser = http_url)]
+    pub ktapi_url: Url,
+    /// Full URL of ParTrade.ashx.
+    #[arg(long, env = "KONGTIE_PAY_URL", default_value = "http://zs5.jsjinfo.cn/v5/ParTrade.ashx", value_parser = http_url)]
+    pub pay_url: Url,
+    #[command(flatten)]
+    pub kongtie: KongtieArgs,
+    /// The official account's WeChat app id (authorize URLs, wx.config).
+    #[arg(long, env = "KONGTIE_WECHAT_APP_ID", value_parser = non_empty)]
+    pub wechat_app_id: Option<String>,
+    /// How long an access token or jsapi ticket is cached, in seconds.
+    #[arg(long, env = "KONGTIE_CACHE_TTL_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=7000))]
+    pub cache_ttl_secs: u64,
+    /// Connect timeout to Kongtie, in milliseconds.
+    #[arg(long, env = "KONGTIE_CONNECT_TIMEOUT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub connect_timeout_ms: u64,
+    /// Total timeout of one Kongtie call, in milliseconds.
+    #[arg(long, env = "KONGTIE_UPSTREAM_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=120_000))]
+    pub upstream_timeout_ms: u64,
+    /// Expiry of an order that names none, in seconds from creation.
+    #[arg(long, env = "KONGTIE_ORDER_TTL_SECS", default_value_t = 1800, value_parser = clap::value_parser!(u64).range(60..=30 * 86_400))]
+    pub order_ttl_secs: u64,
+    /// Largest amount an order may have, in fen.
+    #[arg(long, env = "KONGTIE_MAX_AMOUNT_FEN", default_value_t = 100_000_000, value_parser = clap::value_parser!(i64).range(1..=1_000_000_000_000))]
+    pub max_amount_fen: i64,
+    /// Run the sandbox simulator in-process and point the gateway at it.
+    #[arg(long, env = "KONGTIE_SANDBOX")]
+    pub sandbox: bool,
+    /// Address of the in-process sandbox (with --sandbox).
+    #[arg(long, env = "KONGTIE_SANDBOX_ADDR", default_value = "127.0.0.1:8090")]
+    pub sandbox_addr: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "KONGTIE_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SandboxArgs {
+    /// Address of the simulator.
+    #[arg(long, env = "KONGTIE_SANDBOX_ADDR", default_value = "127.0.0.1:8090")]
+    pub addr: SocketAddr,
+    #[command(flatten)]
+    pub kongtie: KongtieArgs,
+    /// The WeChat app id put into pay parameters.
+    #[arg(long, env = "KONGTIE_WECHAT_APP_ID", default_value = SANDBOX_WECHAT_APP_ID, value_parser = non_empty)]
+    pub wechat_app_id: String,
+    /// Lifetime of a simulated access token or ticket, in seconds.
+    #[arg(long, env = "KONGTIE_SANDBOX_TOKEN_LIFETIME_SECS", default_value_t = 7200, value_parser = clap::value_parser!(u64).range(1..))]
+    pub token_lifetime_secs: u64,
+    /// Log format.
+    #[arg(long, env = "KONGTIE_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
+}
+
+impl SandboxArgs {
+    pub fn sandbox_config(&self) -> SandboxConfig {
+        sandbox_config(
+            &self.kongtie,
+            self.wechat_app_id.clone(),
+            Duration::from_secs(self.token_lifetime_secs),
+        )
+    }
+}
+
+/// A sandbox that accepts what a gateway configured with `kongtie` sends.
+pub fn sandbox_config(
+    kongtie: &KongtieArgs,
+    wechat_app_id: String,
+    token_lifetime: Duration,
+) -> SandboxConfig {
+    SandboxConfig {
+        ktapi_token: kongtie.ktapi().token,
+        pay_token: kongtie.pay().token,
+        pay_fixed: kongtie.pay_fixed(),
+        wechat_app_id,
+        token_lifetime,
+    }
+}
+
+/// Everything the gateway needs, checked.
+#[derive(Clone)]
+pub struct Config {
+    pub grpc_addr: SocketAddr,
+    pub upstream: UpstreamConfig,
+    pub gateway: GatewaySettings,
+    /// Run this simulator in-process, on this address, and use it as the
+    /// upstream.
+    pub sandbox: Option<(SocketAddr, SandboxConfig)>,
+}
+
+impl ServeArgs {
+    pub fn config(&self) -> Config {
+        let sandbox = self.sandbox.then(|| {
+            let app_id = self
+                .wechat_app_id
+                .clone()
+                .unwrap_or_else(|| SANDBOX_WECHAT_APP_ID.to_owned());
+            (
+                self.sandbox_addr,
+                sandbox_config(&self.kongtie, app_id, Duration::from_secs(7200)),
+            )
+        });
+        let wechat_app_id = self
+            .wechat_app_id
+            .clone()
+            .or_else(|| sandbox.as_ref().map(|(_, s)| s.wechat_app_id.clone()));
+        Config {
+            grpc_addr: self.grpc_addr,
+            upstream: UpstreamConfig {
+                ktapi_url: self.ktapi_url.clone(),
+                pay_url: self.pay_url.clone(),
+                ktapi: self.kongtie.ktapi(),
+                pay: self.kongtie.pay(),
+                pay_fixed: self.kongtie.pay_fixed(),
+                connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+                timeout: Duration::from_millis(self.upstream_timeout_ms),
+            },
+            gateway: GatewaySettings {
+                wechat_app_id,
+                token_ttl: Duration::from_secs(self.cache_ttl_secs),
+                max_amount_fen: self.max_amount_fen,
+                order_window: Duration::from_secs(self.order_ttl_secs),
+            },
+            sandbox,
+        }
+    }
+}
+
+fn secret(s: &str) -> Result<SecretString, String> {
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    Ok(SecretString::from(s))
+}
+
+fn non_empty(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    Ok(s.to_owned())
+}
+
+fn http_url(s: &str) -> Result<Url, String> {
+    let url = Url::parse(s).map_err(|e| format!("not an absolute URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err("must be an http or https URL with a host".into());
+    }
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bad_values_are_refused_at_start_up() {
+        for args in [
+            ["kongtie-gateway", "serve", "--ktapi-url", "ftp://x/"],
+            ["kongtie-gateway", "serve", "--grpc-addr", "nowhere"],
+            ["kongtie-gateway", "serve", "--cache-ttl-secs", "0"],
+            ["kongtie-gateway", "serve", "--source-from", ""],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?} accepted");
+        }
+    }
+}

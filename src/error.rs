@@ -1,0 +1,157 @@
+//! The crate's one error type, and the one place it becomes a gRPC status.
+//!
+//! Every variant carries only what is safe to show a caller: never a token,
+//! a `Sign` or an access token. Upstream failures keep Kongtie's own code
+//! and message so a caller can tell "Kongtie said no" from "Kongtie was
+//! unreachable".
+
+use std::{collections::HashMap, fmt, time::Duration};
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::upstream::Endpoint;
+
+/// `ErrorInfo.domain` of every error this service reports.
+pub const ERROR_DOMAIN: &str = "kongtie";
+
+/// One bad field of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    pub field: &'static str,
+    pub description: String,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error("invalid request: {}", Violations(.0))]
+    InvalidArgument(Vec<FieldViolation>),
+
+    #[error("Kongtie {endpoint} refused the request: {code} {message}")]
+    UpstreamRejected {
+        endpoint: Endpoint,
+        code: String,
+        message: String,
+    },
+
+    #[error("Kongtie {endpoint} is unavailable: {detail}")]
+    UpstreamUnavailable { endpoint: Endpoint, detail: String },
+
+    #[error("Kongtie {endpoint} did not answer within {}ms", .after.as_millis())]
+    UpstreamTimeout { endpoint: Endpoint, after: Duration },
+
+    #[error("Kongtie {endpoint} sent an answer we cannot use: {what}")]
+    UpstreamBadResponse { endpoint: Endpoint, what: String },
+
+    #[error("the caller's deadline of {}ms passed", .0.as_millis())]
+    DeadlineExceeded(Duration),
+
+    #[error("not configured: {0}")]
+    NotConfigured(&'static str),
+
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn invalid(field: &'static str, description: impl Into<String>) -> Self {
+        Error::InvalidArgument(vec![FieldViolation {
+            field,
+            description: description.into(),
+        }])
+    }
+
+    /// True when Kongtie gave a definite answer (so asking again with the
+    /// same input would get the same answer), false when we do not know
+    /// whether the request was even processed.
+    pub fn is_definitive(&self) -> bool {
+        !matches!(
+            self,
+            Error::UpstreamUnavailable { .. }
+                | Error::UpstreamTimeout { .. }
+                | Error::DeadlineExceeded(_)
+                | Error::Internal(_)
+        )
+    }
+}
+
+struct Violations<'a>(&'a [FieldViolation]);
+
+impl fmt::Display for Violations<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, v) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{}: {}", v.field, v.description)?;
+        }
+        Ok(())
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Status {
+        let message = err.to_string();
+        let mut details = ErrorDetails::new();
+        let code = match &err {
+            Error::InvalidArgument(violations) => {
+                for v in violations {
+                    details.add_bad_request_violation(v.field, v.description.clone());
+                }
+                Code::InvalidArgument
+            }
+            Error::UpstreamRejected {
+                endpoint,
+                code,
+                message,
+            } => {
+                let mut meta = endpoint_meta(*endpoint);
+                meta.insert("upstream_code".into(), code.clone());
+                meta.insert("upstream_message".into(), message.clone());
+                if *endpoint == Endpoint::GetWeChatAccessToken {
+                    // The one input of a code exchange is the code: a refusal
+                    // means that code is bad (used, expired or unknown).
+                    details.add_bad_request_violation("code", message.clone());
+                    details.set_error_info("OAUTH_CODE_REJECTED", ERROR_DOMAIN, meta);
+                    Code::InvalidArgument
+                } else {
+                    details.set_error_info("UPSTREAM_REJECTED", ERROR_DOMAIN, meta);
+                    Code::FailedPrecondition
+                }
+            }
+            Error::UpstreamUnavailable { endpoint, .. } => {
+                details.set_error_info(
+                    "UPSTREAM_UNAVAILABLE",
+                    ERROR_DOMAIN,
+                    endpoint_meta(*endpoint),
+                );
+                Code::Unavailable
+            }
+            Error::UpstreamTimeout { endpoint, .. } => {
+                details.set_error_info("UPSTREAM_TIMEOUT", ERROR_DOMAIN, endpoint_meta(*endpoint));
+                Code::DeadlineExceeded
+            }
+            Error::UpstreamBadResponse { endpoint, .. } => {
+                details.set_error_info(
+                    "UPSTREAM_BAD_RESPONSE",
+                    ERROR_DOMAIN,
+                    endpoint_meta(*endpoint),
+                );
+                Code::Internal
+            }
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Error::NotConfigured(_) => {
+                details.set_error_info("NOT_CONFIGURED", ERROR_DOMAIN, HashMap::new());
+                Code::FailedPrecondition
+            }
+            Error::Internal(_) => Code::Internal,
+        };
+        Status::with_error_details(code, message, details)
+    }
+}
+
+fn endpoint_meta(endpoint: Endpoint) -> HashMap<String, String> {
+    HashMap::from([("endpoint".to_owned(), endpoint.to_string())])
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,25 @@
+//! kongtie-gateway: a typed gRPC API in front of the Kongtie WeChat
+//! official-account API.
+//!
+//! `grpc` is the face, `gateway` the domain, `upstream` the signed calls to
+//! Kongtie, `sandbox` a simulator of Kongtie, `startup` wires them together.
+
+pub mod cache;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod gateway;
+pub mod grpc;
+pub mod sandbox;
+pub mod startup;
+pub mod telemetry;
+pub mod upstream;
+
+/// The generated protobuf types and gRPC stubs of `kongtie.v1`.
+pub mod proto {
+    tonic::include_proto!("kongtie.v1");
+
+    /// Descriptor set of `kongtie.v1`, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("kongtie_descriptor");
+}

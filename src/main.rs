@@ -1,0 +1,47 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use kongtie_gateway::{
+    config::{Cli, Command},
+    sandbox::SandboxHandle,
+    startup::{Application, shutdown_signal},
+    telemetry,
+};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => {
+            telemetry::init(args.log_format);
+            match Application::build(args.config()).await {
+                Ok(app) => app.run_until(shutdown_signal()).await,
+                Err(e) => Err(e),
+            }
+        }
+        Command::Sandbox(args) => {
+            telemetry::init(args.log_format);
+            run_sandbox(args).await
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("kongtie-gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_sandbox(
+    args: kongtie_gateway::config::SandboxArgs,
+) -> Result<(), kongtie_gateway::startup::BoxError> {
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .map_err(|e| format!("binding the sandbox on {}: {e}", args.addr))?;
+    let sandbox = SandboxHandle::spawn(args.sandbox_config(), listener)?;
+    shutdown_signal().await;
+    sandbox.shutdown().await;
+    Ok(())
+}

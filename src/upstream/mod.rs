@@ -1,0 +1,367 @@
+//! The Kongtie client: turns each call into a correctly signed HTTP request
+//! and each answer into a typed value or a precise [`Error`].
+
+pub mod sign;
+pub mod wire;
+
+use std::{fmt, time::Duration};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
+use tracing::debug;
+use url::Url;
+
+use crate::{
+    domain::{NewOrder, beijing_compact},
+    error::{Error, Result},
+};
+
+/// The answer size past which an upstream reply is refused unread.
+const MAX_RESPONSE_BYTES: usize = 1 << 20;
+
+/// The four Kongtie calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    GetAccessToken,
+    GetJsApiTicket,
+    GetWeChatAccessToken,
+    ParTrade,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 4] = [
+        Endpoint::GetAccessToken,
+        Endpoint::GetJsApiTicket,
+        Endpoint::GetWeChatAccessToken,
+        Endpoint::ParTrade,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::GetAccessToken => wire::GET_ACCESS_TOKEN,
+            Endpoint::GetJsApiTicket => wire::GET_JSAPI_TICKET,
+            Endpoint::GetWeChatAccessToken => wire::GET_WECHAT_ACCESS_TOKEN,
+            Endpoint::ParTrade => "ParTrade",
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Who we are to one of the two upstream systems.
+#[derive(Clone)]
+pub struct Credentials {
+    pub source_from: String,
+    pub token: SecretString,
+}
+
+/// The fixed values every ParTrade request carries.
+#[derive(Clone)]
+pub struct PayFixed {
+    pub platform_app_id: String,
+    pub platform_token: SecretString,
+    pub source_way: String,
+    pub source_app: String,
+    pub pay_method: String,
+}
+
+#[derive(Clone)]
+pub struct UpstreamConfig {
+    /// Base of the three ktapi calls; the call name is appended.
+    pub ktapi_url: Url,
+    /// The full ParTrade.ashx URL.
+    pub pay_url: Url,
+    pub ktapi: Credentials,
+    pub pay: Credentials,
+    pub pay_fixed: PayFixed,
+    pub connect_timeout: Duration,
+    /// Upper bound of one call; a caller's shorter deadline wins.
+    pub timeout: Duration,
+}
+
+/// A user's web OAuth token, as Kongtie returned it.
+#[derive(Debug, Clone)]
+pub struct WebAccessToken {
+    pub access_token: String,
+    pub expires_in_seconds: i64,
+    pub refresh_token: String,
+    pub openid: String,
+    pub scopes: Vec<String>,
+}
+
+/// A created JSAPI order.
+#[derive(Debug, Clone)]
+pub struct CreatedOrder {
+    pub params: wire::PayParams,
+    /// `ResponseText` as a JSON string.
+    pub response_text: String,
+}
+
+pub struct KongtieClient {
+    http: reqwest::Client,
+    config: UpstreamConfig,
+    ktapi_base: String,
+}
+
+impl KongtieClient {
+    pub fn new(config: UpstreamConfig) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_keepalive(Duration::from_secs(60))
+            .user_agent(concat!("kongtie-gateway/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Error::Internal(format!("building the HTTP client: {e}")))?;
+        let ktapi_base = config.ktapi_url.as_str().trim_end_matches('/').to_owned();
+        Ok(Self {
+            http,
+            config,
+            ktapi_base,
+        })
+    }
+
+    pub fn config(&self) -> &UpstreamConfig {
+        &self.config
+    }
+
+    pub async fn get_access_token(&self, deadline: Option<Duration>) -> Result<String> {
+        let body: wire::AccessTokenBody = self
+            .call(Endpoint::GetAccessToken, Vec::new(), deadline)
+            .await?;
+        non_empty(Endpoint::GetAccessToken, "AccessToken", body.access_token)
+    }
+
+    pub async fn get_jsapi_ticket(
+        &self,
+        access_token: &str,
+        deadline: Option<Duration>,
+    ) -> Result<String> {
+        let fields = vec![(wire::F_ACCESS_TOKEN, access_token.to_owned())];
+        let body: wire::JsApiTicketBody = self
+            .call(Endpoint::GetJsApiTicket, fields, deadline)
+            .await?;
+        non_empty(Endpoint::GetJsApiTicket, "JsApiTicket", body.js_api_ticket)
+    }
+
+    pub async fn exchange_code(
+        &self,
+        code: &str,
+        deadline: Option<Duration>,
+    ) -> Result<WebAccessToken> {
+        let ep = Endpoint::GetWeChatAccessToken;
+        let fields = vec![(wire::F_CODE, code.to_owned())];
+        let body: wire::WebAccessTokenBody = self.call(ep, fields, deadline).await?;
+        Ok(WebAccessToken {
+            access_token: non_empty(ep, "Access_token", body.access_token)?,
+            expires_in_seconds: body.expires_in,
+            refresh_token: body.refresh_token,
+            openid: non_empty(ep, "Openid", body.openid)?,
+            scopes: body
+                .scope
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        })
+    }
+
+    pub async fn create_order(
+        &self,
+        order: &NewOrder,
+        deadline: Option<Duration>,
+    ) -> Result<CreatedOrder> {
+        let ep = Endpoint::ParTrade;
+        let fixed = &self.config.pay_fixed;
+        let values = [
+            fixed.platform_app_id.clone(),
+            fixed.platform_token.expose_secret().to_owned(),
+            fixed.source_way.clone(),
+            fixed.source_app.clone(),
+            fixed.pay_method.clone(),
+            order.out_trade_id.as_str().to_owned(),
+            order.amount.yuan_text(),
+            order.openid.as_str().to_owned(),
+            beijing_compact(order.expires_at),
+        ];
+        let fields = wire::PAR_TRADE_FIELDS.into_iter().zip(values).collect();
+        let body: wire::TradeBody = self.call(ep, fields, deadline).await?;
+        let response_text = match body.response_text {
+            serde_json::Value::String(s) => s,
+            obj @ serde_json::Value::Object(_) => obj.to_string(),
+            _ => {
+                return Err(bad(
+                    ep,
+                    "ResponseText is neither a JSON string nor an object",
+                ));
+            }
+        };
+        let params: wire::PayParams = serde_json::from_str(&response_text).map_err(|e| {
+            bad(
+                ep,
+                format!(
+                    "ResponseText is not the pay parameters ({})",
+                    json_error(&e)
+                ),
+            )
+        })?;
+        Ok(CreatedOrder {
+            params,
+            response_text,
+        })
+    }
+
+    /// Signs and sends one call, returning its body once the head says
+    /// `0000`.
+    async fn call<B: DeserializeOwned>(
+        &self,
+        endpoint: Endpoint,
+        fields: Vec<(&'static str, String)>,
+        deadline: Option<Duration>,
+    ) -> Result<B> {
+        let (url, creds) = match endpoint {
+            Endpoint::ParTrade => (self.config.pay_url.to_string(), &self.config.pay),
+            ep => (
+                format!("{}/{}", self.ktapi_base, ep.name()),
+                &self.config.ktapi,
+            ),
+        };
+        let time_stamp = chrono::Utc::now().timestamp().to_string();
+        let mut pairs: Vec<(&str, &str)> = vec![
+            ("TimeStamp", &time_stamp),
+            ("SourceFrom", &creds.source_from),
+        ];
+        pairs.extend(fields.iter().map(|(k, v)| (*k, v.as_str())));
+        let sign = sign::sign(&pairs, &creds.token);
+        let request = wire::Request {
+            head: wire::RequestHead {
+                time_stamp,
+                source_from: creds.source_from.clone(),
+                sign,
+            },
+            body: fields
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v)))
+                .collect(),
+        };
+
+        let timeout = deadline.map_or(self.config.timeout, |d| d.min(self.config.timeout));
+        let started = std::time::Instant::now();
+        let response = self
+            .http
+            .post(url)
+            .json(&request)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| transport_error(endpoint, timeout, &e))?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| transport_error(endpoint, timeout, &e))?;
+        debug!(
+            endpoint = endpoint.name(),
+            status = status.as_u16(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "upstream call"
+        );
+
+        if status.is_server_error() || status.as_u16() == 429 {
+            return Err(Error::UpstreamUnavailable {
+                endpoint,
+                detail: format!("HTTP {status}"),
+            });
+        }
+        if !status.is_success() {
+            return Err(bad(endpoint, format!("HTTP {status}")));
+        }
+        if bytes.len() > MAX_RESPONSE_BYTES {
+            return Err(bad(
+                endpoint,
+                format!("answer of {} bytes is too large", bytes.len()),
+            ));
+        }
+        let envelope: wire::Response = serde_json::from_slice(&bytes).map_err(|e| {
+            bad(
+                endpoint,
+                format!("not a Kongtie response envelope ({})", json_error(&e)),
+            )
+        })?;
+        if envelope.head.code != wire::CODE_OK {
+            return Err(Error::UpstreamRejected {
+                endpoint,
+                code: envelope.head.code,
+                message: envelope.head.message,
+            });
+        }
+        let body = envelope
+            .body
+            .ok_or_else(|| bad(endpoint, "ResponseBody is missing"))?;
+        parse_body(endpoint, &body)
+    }
+}
+
+fn parse_body<B: DeserializeOwned>(endpoint: Endpoint, body: &RawValue) -> Result<B> {
+    serde_json::from_str(body.get()).map_err(|e| {
+        bad(
+            endpoint,
+            format!("ResponseBody has the wrong shape ({})", json_error(&e)),
+        )
+    })
+}
+
+/// Describes a JSON error without quoting the input: serde's messages can
+/// echo values, and values here may be tokens.
+fn json_error(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let kind = match e.classify() {
+        Category::Io => "I/O error",
+        Category::Syntax => "syntax error",
+        Category::Data => "missing field or wrong type",
+        Category::Eof => "truncated",
+    };
+    format!("{kind} at line {} column {}", e.line(), e.column())
+}
+
+fn bad(endpoint: Endpoint, what: impl Into<String>) -> Error {
+    Error::UpstreamBadResponse {
+        endpoint,
+        what: what.into(),
+    }
+}
+
+fn non_empty(endpoint: Endpoint, field: &str, value: String) -> Result<String> {
+    if value.is_empty() {
+        Err(bad(endpoint, format!("{field} is empty")))
+    } else {
+        Ok(value)
+    }
+}
+
+fn transport_error(endpoint: Endpoint, timeout: Duration, e: &reqwest::Error) -> Error {
+    if e.is_timeout() {
+        Error::UpstreamTimeout {
+            endpoint,
+            after: timeout,
+        }
+    } else if e.is_connect() {
+        Error::UpstreamUnavailable {
+            endpoint,
+            detail: "connection failed".into(),
+        }
+    } else {
+        let mut detail = String::from("request failed");
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            detail = format!("{detail}: {s}");
+            source = s.source();
+        }
+        Error::UpstreamUnavailable { endpoint, detail }
+    }
+}
