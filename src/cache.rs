@@ -119,13 +119,16 @@ impl TokenCache {
     }
 }
 
+/// When a memo entry was made, and its (possibly finished) request.
+type MemoEntry<V> = (Instant, Flight<V>);
+
 /// Remembers the answer to a one-shot request for a while, so asking again
 /// returns the first answer instead of repeating the request. Concurrent
 /// askers share one request. Answers we cannot be sure of (timeouts,
 /// unreachable upstream) are forgotten as soon as they arrive.
 pub struct Memo<K, V> {
     ttl: Duration,
-    entries: Arc<Mutex<HashMap<K, (Instant, Flight<V>)>>>,
+    entries: Arc<Mutex<HashMap<K, MemoEntry<V>>>>,
 }
 
 impl<K, V> Memo<K, V>

@@ -223,7 +223,7 @@ mod tests {
     fn js_sdk_signature_matches_wechats_published_example() {
         // The worked example of WeChat's JS-SDK documentation (appendix 1).
         let sig = js_sdk_signature(
-            "sM4AOVdWfPE4DxkXGEs8VLCPGGVi4C3VM0P37wVUCFvkVAy_90u5h9nbSlYy3-Sl-HhTdfl2fzFy1AOcHKP7qg",
+            "sM4AOVdWfPE4DxkXGEs8VMCPGGVi4C3VM0P37wVUCFvkVAy_90u5h9nbSlYy3-Sl-HhTdfl2fzFy1AOcHKP7qg",
             "Wm3WZYTPz0wzccnW",
             1414587457,
             "http://mp.weixin.qq.com?params=value",

@@ -21,7 +21,7 @@ async fn main() -> ExitCode {
         }
         Command::Sandbox(args) => {
             telemetry::init(args.log_format);
-            run_sandbox(args).await
+            run_sandbox(*args).await
         }
     };
     match result {

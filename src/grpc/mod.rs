@@ -11,9 +11,12 @@ pub use auth::AuthService;
 pub use payment::PaymentService;
 pub use ticket::TicketService;
 
-/// The caller's remaining time, from the `grpc-timeout` header.
+/// The time we may spend on a call: the caller's `grpc-timeout` less a
+/// margin, so that our DEADLINE_EXCEEDED, with its details, reaches the
+/// caller before its own timer fires.
 pub(crate) fn deadline<T>(request: &tonic::Request<T>) -> Option<Duration> {
-    parse_grpc_timeout(request.metadata().get("grpc-timeout")?.to_str().ok()?)
+    let timeout = parse_grpc_timeout(request.metadata().get("grpc-timeout")?.to_str().ok()?)?;
+    Some(timeout.saturating_sub((timeout / 10).min(Duration::from_millis(50))))
 }
 
 /// Parses `grpc-timeout`: at most 8 digits and a unit (H M S m u n).

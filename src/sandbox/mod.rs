@@ -86,6 +86,27 @@ pub struct SeenRequest {
     pub endpoint: Endpoint,
     pub source_from: String,
     pub sign_valid: bool,
+    /// The signed body fields as received, in signing order.
+    pub fields: Vec<(String, String)>,
+}
+
+impl SeenRequest {
+    /// A request answered by a fault before it was read.
+    fn unread(endpoint: Endpoint) -> Self {
+        Self {
+            endpoint,
+            source_from: String::new(),
+            sign_valid: false,
+            fields: Vec::new(),
+        }
+    }
+
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 struct Rotating {
@@ -336,21 +357,13 @@ async fn upstream(State(shared): State<Arc<Shared>>, body: Bytes, endpoint: Endp
     match fault {
         Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
         Some(Fault::Status(code)) => {
-            shared.lock().seen.push(SeenRequest {
-                endpoint,
-                source_from: String::new(),
-                sign_valid: false,
-            });
+            shared.lock().seen.push(SeenRequest::unread(endpoint));
             return StatusCode::from_u16(code)
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
                 .into_response();
         }
         Some(Fault::Garbage) => {
-            shared.lock().seen.push(SeenRequest {
-                endpoint,
-                source_from: String::new(),
-                sign_valid: false,
-            });
+            shared.lock().seen.push(SeenRequest::unread(endpoint));
             return (StatusCode::OK, "<html>502 Bad Gateway</html>").into_response();
         }
         None => {}
@@ -380,6 +393,10 @@ async fn upstream(State(shared): State<Arc<Shared>>, body: Bytes, endpoint: Endp
         endpoint,
         source_from: request.head.source_from.clone(),
         sign_valid,
+        fields: fields
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect(),
     });
     if !sign_valid {
         return refuse(endpoint, "sign error");

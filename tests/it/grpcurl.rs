@@ -1,0 +1,188 @@
+//! The command-line path: the real binary, driven by a real grpcurl (1.8,
+//! server reflection v1alpha) exactly as the README does.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use crate::helpers::grpcurl;
+
+/// The binary running `serve --sandbox` on free ports.
+struct Binary {
+    child: Child,
+    grpc: String,
+    sandbox: String,
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_binary() -> Binary {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kongtie-gateway"))
+        .args([
+            "serve",
+            "--sandbox",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--sandbox-addr",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the binary");
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (mut grpc, mut sandbox) = (None, None);
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        let addr = line
+            .split("addr=")
+            .nth(1)
+            .map(|s| s.split_whitespace().next().unwrap_or("").to_owned());
+        if line.contains("gRPC listening") {
+            grpc = addr;
+        } else if line.contains("sandbox upstream listening") {
+            sandbox = addr;
+        }
+        if grpc.is_some() && sandbox.is_some() {
+            break;
+        }
+    }
+    Binary {
+        child,
+        grpc: grpc.expect("the binary logs its gRPC address"),
+        sandbox: sandbox.expect("the binary logs its sandbox address"),
+    }
+}
+
+fn run_grpcurl(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(grpcurl())
+        .args(["-plaintext", "-max-time", "10"])
+        .args(args)
+        .output()
+        .expect("running grpcurl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn grpcurl_lists_every_service_through_reflection() {
+    let bin = start_binary();
+    let (ok, out, err) = run_grpcurl(&[&bin.grpc, "list"]);
+    assert!(ok, "{err}");
+    for service in [
+        "kongtie.v1.Auth",
+        "kongtie.v1.Ticket",
+        "kongtie.v1.Payment",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(
+            out.lines().any(|l| l == service),
+            "{service} missing from:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn grpcurl_drives_every_rpc_against_the_sandbox() {
+    let bin = start_binary();
+    let call = |method: &str, body: &str| {
+        let (ok, out, err) = run_grpcurl(&["-d", body, &bin.grpc, method]);
+        assert!(ok, "{method}: {err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let token = call("kongtie.v1.Auth/GetAccessToken", "{}");
+    assert!(token["accessToken"].as_str().unwrap().starts_with("SBXAT_"));
+    let ticket = call("kongtie.v1.Ticket/GetJsApiTicket", "{}");
+    assert!(ticket["ticket"].as_str().unwrap().starts_with("SBXTK_"));
+    let config = call(
+        "kongtie.v1.Ticket/SignJsSdkConfig",
+        r#"{"url": "https://shop.example.com/pay#top"}"#,
+    );
+    assert_eq!(config["signature"].as_str().unwrap().len(), 40);
+    let url = call(
+        "kongtie.v1.Auth/BuildAuthorizeUrl",
+        r#"{"redirect_uri": "https://shop.example.com/cb", "scope": "SCOPE_BASE", "state": "s1"}"#,
+    );
+    assert!(url["url"].as_str().unwrap().ends_with("#wechat_redirect"));
+    let order = call(
+        "kongtie.v1.Payment/CreateJsapiOrder",
+        r#"{"out_trade_id": "A1001", "amount_fen": 20, "openid": "oeQDZtzvDoD-OmTmyJH6rGAX8odc"}"#,
+    );
+    assert!(
+        order["payParams"]["package"]
+            .as_str()
+            .unwrap()
+            .starts_with("prepay_id=")
+    );
+
+    // An OAuth code from the sandbox-only endpoint, as the README does.
+    let issued = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-X",
+            "POST",
+            &format!("http://{}/sandbox/oauth/codes", bin.sandbox),
+        ])
+        .output();
+    let code = match issued {
+        Ok(out) if out.status.success() => serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .unwrap()["code"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+        _ => http_post_code(&bin.sandbox),
+    };
+    let web = call(
+        "kongtie.v1.Auth/ExchangeOAuthCode",
+        &format!(r#"{{"code": "{code}"}}"#),
+    );
+    assert_eq!(web["expiresInSeconds"], "7200");
+}
+
+#[test]
+fn grpcurl_shows_the_rich_error_details() {
+    let bin = start_binary();
+    let (ok, _, err) = run_grpcurl(&[
+        "-d",
+        r#"{"out_trade_id": "A-1", "amount_fen": 0, "openid": "o1"}"#,
+        &bin.grpc,
+        "kongtie.v1.Payment/CreateJsapiOrder",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("Code: InvalidArgument"), "{err}");
+    assert!(err.contains(r#""field":"out_trade_id""#), "{err}");
+    assert!(err.contains(r#""field":"amount_fen""#), "{err}");
+}
+
+/// Issues a sandbox OAuth code over a plain TCP HTTP/1.1 request, for
+/// machines without curl.
+fn http_post_code(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(
+        stream,
+        "POST /sandbox/oauth/codes HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let body = response.split("\r\n\r\n").nth(1).unwrap();
+    serde_json::from_str::<serde_json::Value>(body).unwrap()["code"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}

@@ -1,0 +1,10 @@
+//! Integration tests: the real service on port 0, the sandbox upstream on
+//! port 0, and real gRPC clients over real sockets.
+
+mod auth;
+mod grpcurl;
+mod helpers;
+mod payment;
+mod ticket;
+mod upstream_failures;
+mod validation;

@@ -1,0 +1,140 @@
+use chrono::{TimeZone, Utc};
+use kongtie_gateway::{
+    domain::{beijing, utc_to_timestamp},
+    proto::CreateJsapiOrderRequest,
+    upstream::{Endpoint, sign},
+};
+use md5::{Digest, Md5};
+use tonic::Code;
+
+use crate::helpers::*;
+
+fn order(id: &str, fen: i64) -> CreateJsapiOrderRequest {
+    CreateJsapiOrderRequest {
+        out_trade_id: id.into(),
+        amount_fen: fen,
+        openid: "oeQDZtzvDoD-OmTmyJH6rGAX8odc".into(),
+        expires_at: None,
+    }
+}
+
+#[tokio::test]
+async fn an_order_is_sent_as_exact_yuan_in_beijing_time_signed_with_the_pay_token() {
+    let app = spawn_app().await;
+    let expires = Utc::now() + chrono::Duration::hours(2);
+    let expires = Utc.timestamp_opt(expires.timestamp(), 0).unwrap();
+    let mut request = order("A20240001", 20);
+    request.expires_at = Some(utc_to_timestamp(expires));
+    let created = app
+        .payment()
+        .await
+        .create_jsapi_order(request)
+        .await
+        .unwrap()
+        .into_inner();
+
+    let params = created.pay_params.unwrap();
+    assert_eq!(params.app_id, APP_ID);
+    assert!(params.package.starts_with("prepay_id=wx"));
+    assert_eq!(params.sign_type, "MD5");
+    assert_eq!(params.pay_sign.len(), 32);
+    let text: serde_json::Value = serde_json::from_str(&created.response_text).unwrap();
+    assert_eq!(text["package"], params.package.as_str());
+
+    let seen = app.sandbox.requests();
+    assert_eq!(seen.len(), 1);
+    let sent = &seen[0];
+    assert_eq!(sent.endpoint, Endpoint::ParTrade);
+    assert!(
+        sent.sign_valid,
+        "ParTrade must be signed with the pay token"
+    );
+    assert_eq!(sent.source_from, "600");
+    assert_eq!(sent.field("PayAmount"), Some("0.20"));
+    assert_eq!(sent.field("OutTradeId"), Some("A20240001"));
+    assert_eq!(
+        sent.field("OrderTimeOut").unwrap(),
+        expires
+            .with_timezone(&beijing())
+            .format("%Y%m%d%H%M%S")
+            .to_string()
+    );
+    assert_eq!(
+        sent.field("PlatformAppId"),
+        Some("wssccaf9-2341-1234-87c1-6ababc10aab3")
+    );
+    assert_eq!(sent.field("SourceWay"), Some("20"));
+    assert_eq!(sent.field("PayMethod"), Some("22"));
+}
+
+#[tokio::test]
+async fn the_pay_token_is_not_the_ktapi_token() {
+    // Our own signature over what was sent, with each token: only the pay
+    // token reproduces it, so the sandbox's check is not vacuous.
+    let app = spawn_app().await;
+    app.payment()
+        .await
+        .create_jsapi_order(order("B1", 1))
+        .await
+        .unwrap();
+    let sent = &app.sandbox.requests()[0];
+    assert!(sent.sign_valid);
+    let mut pairs: Vec<(&str, &str)> = vec![("TimeStamp", "1"), ("SourceFrom", "600")];
+    pairs.extend(sent.fields.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let with_pay = sign::sign(&pairs, &PAY_TOKEN.into());
+    let with_ktapi = sign::sign(&pairs, &KTAPI_TOKEN.into());
+    assert_ne!(with_pay, with_ktapi);
+}
+
+#[tokio::test]
+async fn a_wrong_pay_token_is_refused_upstream_with_its_code_and_message() {
+    let app = spawn_app_with(&[], |c| c.upstream.pay.token = "not-the-pay-token".into()).await;
+    let status = app
+        .payment()
+        .await
+        .create_jsapi_order(order("C1", 100))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    let (reason, meta) = error_info(&status);
+    assert_eq!(reason, "UPSTREAM_REJECTED");
+    assert_eq!(meta["endpoint"], "ParTrade");
+    assert_eq!(meta["upstream_code"], "0001");
+    assert_eq!(meta["upstream_message"], "sign error");
+    assert!(!status.message().contains("not-the-pay-token"));
+}
+
+#[tokio::test]
+async fn the_sandboxs_pay_sign_is_wechats_formula() {
+    let app = spawn_app().await;
+    let p = app
+        .payment()
+        .await
+        .create_jsapi_order(order("D1", 1234))
+        .await
+        .unwrap()
+        .into_inner()
+        .pay_params
+        .unwrap();
+    let text = format!(
+        "appId={}&nonceStr={}&package={}&signType=MD5&timeStamp={}&key=sandboxmerchantkey0000000000000",
+        p.app_id, p.nonce_str, p.package, p.time_stamp
+    );
+    assert_eq!(p.pay_sign, hex::encode_upper(Md5::digest(text.as_bytes())));
+    assert_eq!(app.sandbox.requests()[0].field("PayAmount"), Some("12.34"));
+}
+
+#[tokio::test]
+async fn reusing_an_order_id_with_other_terms_is_refused() {
+    let app = spawn_app().await;
+    let mut client = app.payment().await;
+    client.create_jsapi_order(order("E1", 100)).await.unwrap();
+    // The same terms again: the same prepay, as WeChat does.
+    client.create_jsapi_order(order("E1", 100)).await.unwrap();
+    let status = client
+        .create_jsapi_order(order("E1", 200))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("OutTradeId already used"));
+}
