@@ -1,7 +1,7 @@
 //! Configuration: clap flags, each with an environment variable, checked at
 //! start-up so a bad value stops the process with a clear message.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use secrecy::SecretString;
@@ -9,7 +9,8 @@ use url::Url;
 
 use crate::{
     gateway::GatewaySettings,
-    sandbox::SandboxConfig,
+    notify::NotifySettings,
+    sandbox::{DEFAULT_RESEND_DELAYS, SandboxConfig},
     upstream::{Credentials, PayFixed, UpstreamConfig},
 };
 
@@ -68,6 +69,10 @@ pub struct KongtieArgs {
     /// ParTrade fixed value PayMethod.
     #[arg(long, env = "KONGTIE_PAY_METHOD", default_value = "22", value_parser = non_empty)]
     pub pay_method: String,
+    /// Token payment notifications are signed with (defaults to the pay
+    /// token).
+    #[arg(long, env = "KONGTIE_NOTIFY_TOKEN", hide_env_values = true, value_parser = secret)]
+    pub notify_token: Option<SecretString>,
 }
 
 impl KongtieArgs {
@@ -83,6 +88,10 @@ impl KongtieArgs {
             source_from: self.pay_source_from.clone(),
             token: self.pay_token.clone().unwrap_or_else(|| self.token.clone()),
         }
+    }
+
+    pub fn notify_token(&self) -> SecretString {
+        self.notify_token.clone().unwrap_or_else(|| self.pay().token)
     }
 
     pub fn pay_fixed(&self) -> PayFixed {
@@ -134,6 +143,21 @@ pub struct ServeArgs {
     /// Largest amount an order may have, in fen.
     #[arg(long, env = "KONGTIE_MAX_AMOUNT_FEN", default_value_t = 100_000_000, value_parser = clap::value_parser!(i64).range(1..=1_000_000_000_000))]
     pub max_amount_fen: i64,
+    /// Address of the payment notification listener.
+    #[arg(long, env = "KONGTIE_NOTIFY_ADDR", default_value = "127.0.0.1:8080")]
+    pub notify_addr: SocketAddr,
+    /// Path the notification listener answers on.
+    #[arg(long, env = "KONGTIE_NOTIFY_PATH", default_value = "/kongtie/payment-notify", value_parser = url_path)]
+    pub notify_path: String,
+    /// Largest notification body accepted, in bytes.
+    #[arg(long, env = "KONGTIE_NOTIFY_MAX_BODY_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(512..=16 << 20))]
+    pub notify_max_body_bytes: u64,
+    /// Directory of the local store.
+    #[arg(long, env = "KONGTIE_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Notification store URL (default: sqlite://DATA_DIR/notifications.db).
+    #[arg(long, env = "KONGTIE_STORE", value_parser = non_empty)]
+    pub store: Option<String>,
     /// Run the sandbox simulator in-process and point the gateway at it.
     #[arg(long, env = "KONGTIE_SANDBOX")]
     pub sandbox: bool,
@@ -155,6 +179,9 @@ pub struct SandboxArgs {
     /// The WeChat app id put into pay parameters.
     #[arg(long, env = "KONGTIE_WECHAT_APP_ID", default_value = SANDBOX_WECHAT_APP_ID, value_parser = non_empty)]
     pub wechat_app_id: String,
+    /// Where the simulator sends payment notifications.
+    #[arg(long, env = "KONGTIE_SANDBOX_NOTIFY_URL", default_value = "http://127.0.0.1:8080/kongtie/payment-notify", value_parser = http_url)]
+    pub notify_url: Url,
     /// Lifetime of a simulated access token or ticket, in seconds.
     #[arg(long, env = "KONGTIE_SANDBOX_TOKEN_LIFETIME_SECS", default_value_t = 7200, value_parser = clap::value_parser!(u64).range(1..))]
     pub token_lifetime_secs: u64,
@@ -185,6 +212,9 @@ pub fn sandbox_config(
         pay_fixed: kongtie.pay_fixed(),
         wechat_app_id,
         token_lifetime,
+        notify_url: None,
+        notify_token: kongtie.notify_token(),
+        resend_delays: DEFAULT_RESEND_DELAYS.to_vec(),
     }
 }
 
@@ -194,6 +224,10 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     pub upstream: UpstreamConfig,
     pub gateway: GatewaySettings,
+    pub notify_addr: SocketAddr,
+    pub notify: NotifySettings,
+    /// Where notifications are stored, e.g. `sqlite://data/notifications.db`.
+    pub store_url: String,
     /// Run this simulator in-process, on this address, and use it as the
     /// upstream.
     pub sandbox: Option<(SocketAddr, SandboxConfig)>,
@@ -232,6 +266,16 @@ impl ServeArgs {
                 max_amount_fen: self.max_amount_fen,
                 order_window: Duration::from_secs(self.order_ttl_secs),
             },
+            notify_addr: self.notify_addr,
+            notify: NotifySettings {
+                path: self.notify_path.clone(),
+                token: self.kongtie.notify_token(),
+                max_body_bytes: usize::try_from(self.notify_max_body_bytes).unwrap_or(usize::MAX),
+            },
+            store_url: self
+                .store
+                .clone()
+                .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("notifications.db").display())),
             sandbox,
         }
     }
@@ -247,6 +291,13 @@ fn secret(s: &str) -> Result<SecretString, String> {
 fn non_empty(s: &str) -> Result<String, String> {
     if s.trim().is_empty() {
         return Err("must not be empty".into());
+    }
+    Ok(s.to_owned())
+}
+
+fn url_path(s: &str) -> Result<String, String> {
+    if !s.starts_with('/') || s.contains(['?', '#', ' ']) {
+        return Err("must be a path starting with '/' (no query, fragment or space)".into());
     }
     Ok(s.to_owned())
 }
@@ -277,6 +328,7 @@ mod tests {
             ["kongtie-gateway", "serve", "--grpc-addr", "nowhere"],
             ["kongtie-gateway", "serve", "--cache-ttl-secs", "0"],
             ["kongtie-gateway", "serve", "--source-from", ""],
+            ["kongtie-gateway", "serve", "--notify-path", "no-slash"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?} accepted");
         }

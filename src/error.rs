@@ -46,6 +46,9 @@ pub enum Error {
     #[error("the caller's deadline of {}ms passed", .0.as_millis())]
     DeadlineExceeded(Duration),
 
+    #[error("the notification store is unavailable: {0}")]
+    Store(String),
+
     #[error("not configured: {0}")]
     NotConfigured(&'static str),
 
@@ -140,6 +143,10 @@ impl From<Error> for Status {
                 Code::Internal
             }
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Error::Store(_) => {
+                details.set_error_info("STORE_UNAVAILABLE", ERROR_DOMAIN, HashMap::new());
+                Code::Unavailable
+            }
             Error::NotConfigured(_) => {
                 details.set_error_info("NOT_CONFIGURED", ERROR_DOMAIN, HashMap::new());
                 Code::FailedPrecondition
@@ -147,6 +154,19 @@ impl From<Error> for Status {
             Error::Internal(_) => Code::Internal,
         };
         Status::with_error_details(code, message, details)
+    }
+}
+
+impl From<crate::store::StoreError> for Error {
+    fn from(e: crate::store::StoreError) -> Self {
+        use crate::store::StoreError;
+        match e {
+            StoreError::BeyondLast { requested, last } => Error::invalid(
+                "sequence",
+                format!("{requested} is beyond the last stored sequence {last}"),
+            ),
+            e @ (StoreError::Backend(_) | StoreError::Closed) => Error::Store(e.to_string()),
+        }
     }
 }
 

@@ -2,7 +2,9 @@
 //! official-account API.
 //!
 //! `grpc` is the face, `gateway` the domain, `upstream` the signed calls to
-//! Kongtie, `sandbox` a simulator of Kongtie, `startup` wires them together.
+//! Kongtie, `notify` the intake and fan-out of payment notifications,
+//! `store` their durable home, `sandbox` a simulator of Kongtie, `startup`
+//! wires them together.
 
 pub mod cache;
 pub mod config;
@@ -10,8 +12,10 @@ pub mod domain;
 pub mod error;
 pub mod gateway;
 pub mod grpc;
+pub mod notify;
 pub mod sandbox;
 pub mod startup;
+pub mod store;
 pub mod telemetry;
 pub mod upstream;
 

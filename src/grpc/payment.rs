@@ -1,25 +1,46 @@
-//! `kongtie.v1.Payment`.
+//! `kongtie.v1.Payment`: orders, and the notification stream.
 
-use std::sync::Arc;
+use std::{pin::Pin, sync::Arc};
 
 use chrono::Utc;
+use futures::{Stream, StreamExt, stream};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    domain::{AmountFen, NewOrder, OpenId, OutTradeId, Validator, timestamp_to_utc},
+    domain::{
+        AmountFen, NewOrder, OpenId, OutTradeId, Validator, optional, parse_consumer, timestamp_to_utc,
+        utc_to_timestamp,
+    },
+    error::Error,
     gateway::Gateway,
+    notify::{Subscription, run_subscription},
     proto::{self, payment_server::Payment},
+    store::{NotificationStore, StoredNotification},
 };
+
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1000;
 
 pub struct PaymentService {
     gateway: Arc<Gateway>,
+    store: Arc<dyn NotificationStore>,
+    /// Flips to true at shutdown, ending every subscription.
+    shutdown: watch::Receiver<bool>,
 }
 
 impl PaymentService {
-    pub fn new(gateway: Arc<Gateway>) -> Self {
-        Self { gateway }
+    pub fn new(gateway: Arc<Gateway>, store: Arc<dyn NotificationStore>, shutdown: watch::Receiver<bool>) -> Self {
+        Self {
+            gateway,
+            store,
+            shutdown,
+        }
     }
 }
+
+type NotificationStream = Pin<Box<dyn Stream<Item = Result<proto::PaymentNotification, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Payment for PaymentService {
@@ -33,10 +54,7 @@ impl Payment for PaymentService {
         let now = Utc::now();
         let mut v = Validator::default();
         let out_trade_id = v.field("out_trade_id", OutTradeId::parse(&req.out_trade_id));
-        let amount = v.field(
-            "amount_fen",
-            AmountFen::parse(req.amount_fen, settings.max_amount_fen),
-        );
+        let amount = v.field("amount_fen", AmountFen::parse(req.amount_fen, settings.max_amount_fen));
         let openid = v.field("openid", OpenId::parse(&req.openid));
         let expires_at = v.field(
             "expires_at",
@@ -60,9 +78,7 @@ impl Payment for PaymentService {
             })
         })?;
         let span = tracing::info_span!("create_order", out_trade_id = order.out_trade_id.as_str());
-        let created =
-            tracing::Instrument::instrument(self.gateway.create_order(&order, deadline), span)
-                .await?;
+        let created = tracing::Instrument::instrument(self.gateway.create_order(&order, deadline), span).await?;
         let p = created.params;
         Ok(Response::new(proto::CreateJsapiOrderResponse {
             pay_params: Some(proto::JsapiPayParams {
@@ -75,5 +91,103 @@ impl Payment for PaymentService {
             }),
             response_text: created.response_text,
         }))
+    }
+
+    type SubscribeNotificationsStream = NotificationStream;
+
+    async fn subscribe_notifications(
+        &self,
+        request: Request<proto::SubscribeNotificationsRequest>,
+    ) -> Result<Response<Self::SubscribeNotificationsStream>, Status> {
+        let req = request.into_inner();
+        let mut v = Validator::default();
+        let consumer = v.field("consumer", optional(&req.consumer, parse_consumer));
+        let order = v.field("out_trade_id", optional(&req.out_trade_id, OutTradeId::parse));
+        let (consumer, order) = v.finish(|| Some((consumer?, order?)))?;
+        let after = match (req.after_sequence, &consumer) {
+            (Some(after), _) => after,
+            (None, Some(consumer)) => self.store.acked(consumer).await.map_err(Error::from)?,
+            (None, None) => 0,
+        };
+        let (tx, rx) = mpsc::channel(crate::notify::STREAM_BUFFER);
+        let subscription = Subscription {
+            store: Arc::clone(&self.store),
+            after,
+            out_trade_id: order.map(|o| o.as_str().to_owned()),
+            shutdown: self.shutdown.clone(),
+        };
+        tokio::spawn(run_subscription(subscription, tx, to_proto));
+        // A subscription never ends normally: whatever ended it, the client
+        // should resubscribe, so a stream that closed without an error
+        // status (its buffer was full) still ends UNAVAILABLE.
+        let end = stream::once(async {
+            Err(Status::unavailable("the subscription ended; subscribe again to resume"))
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).chain(end))))
+    }
+
+    async fn ack_notifications(
+        &self,
+        request: Request<proto::AckNotificationsRequest>,
+    ) -> Result<Response<proto::AckNotificationsResponse>, Status> {
+        let req = request.get_ref();
+        let mut v = Validator::default();
+        let consumer = v.field("consumer", parse_consumer(&req.consumer));
+        let sequence = v.field(
+            "sequence",
+            if req.sequence == 0 {
+                Err("must be a stored sequence (1 or more)".to_owned())
+            } else {
+                Ok(req.sequence)
+            },
+        );
+        let (consumer, sequence) = v.finish(|| Some((consumer?, sequence?)))?;
+        let acked = self.store.ack(&consumer, sequence).await.map_err(Error::from)?;
+        Ok(Response::new(proto::AckNotificationsResponse { acked_sequence: acked }))
+    }
+
+    async fn list_notifications(
+        &self,
+        request: Request<proto::ListNotificationsRequest>,
+    ) -> Result<Response<proto::ListNotificationsResponse>, Status> {
+        let req = request.get_ref();
+        let mut v = Validator::default();
+        let order = v.field("out_trade_id", optional(&req.out_trade_id, OutTradeId::parse));
+        let page_size = v.field(
+            "page_size",
+            match req.page_size {
+                0 => Ok(DEFAULT_PAGE),
+                n if n > MAX_PAGE => Err(format!("must be at most {MAX_PAGE}, got {n}")),
+                n => Ok(n),
+            },
+        );
+        let (order, page_size) = v.finish(|| Some((order?, page_size?)))?;
+        let page = self
+            .store
+            .list(req.after_sequence, order.as_ref().map(OutTradeId::as_str), page_size as usize)
+            .await
+            .map_err(Error::from)?;
+        let next_after_sequence = page.last().map_or(req.after_sequence, |n| n.sequence);
+        Ok(Response::new(proto::ListNotificationsResponse {
+            notifications: page.iter().map(to_proto).collect(),
+            next_after_sequence,
+        }))
+    }
+}
+
+fn to_proto(n: &StoredNotification) -> proto::PaymentNotification {
+    proto::PaymentNotification {
+        sequence: n.sequence,
+        out_trade_id: n.out_trade_id.clone(),
+        trade_order_id: n.trade_order_id.clone(),
+        trade_bill_no: n.trade_bill_no.clone(),
+        trade_status: n.trade_status.clone(),
+        paid: n.trade_status == crate::upstream::wire::CODE_OK,
+        message: n.message.clone(),
+        trade_amount: n.trade_amount.clone(),
+        amount_fen: n.amount_fen,
+        trade_time: n.trade_time.clone(),
+        received_at: Some(utc_to_timestamp(n.received_at)),
+        receive_count: n.receive_count,
     }
 }

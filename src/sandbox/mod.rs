@@ -9,6 +9,9 @@
 //! Sandbox-only endpoints live under `/sandbox/`:
 //! - `POST /sandbox/oauth/codes` `{"openid"?, "scope"?}` issues a code;
 //! - `POST /sandbox/rotate` rotates the access token and the ticket now;
+//! - `POST /sandbox/orders/{out_trade_id}/pay` pays an order: the simulator
+//!   sends the signed payment notification to the notify URL and resends it
+//!   until it is answered `success`, 10 sends at most;
 //! - `GET /sandbox/stats` counts the calls per endpoint.
 
 use std::{
@@ -21,7 +24,7 @@ use std::{
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::State,
+    extract::{Path, State},
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -67,6 +70,40 @@ pub struct SandboxConfig {
     pub wechat_app_id: String,
     /// Lifetime of an access token or ticket before it rotates.
     pub token_lifetime: Duration,
+    /// Where payment notifications go (also settable once running).
+    pub notify_url: Option<Url>,
+    /// Token payment notifications are signed with.
+    pub notify_token: SecretString,
+    /// The wait before each send of a notification; its length is the
+    /// number of sends (Kongtie: 10 at most).
+    pub resend_delays: Vec<Duration>,
+}
+
+/// Kongtie's resend schedule is not documented; this one is quick enough
+/// for a demo and still ten sends.
+pub const DEFAULT_RESEND_DELAYS: [Duration; 10] = [
+    Duration::from_secs(0),
+    Duration::from_secs(2),
+    Duration::from_secs(5),
+    Duration::from_secs(10),
+    Duration::from_secs(30),
+    Duration::from_secs(60),
+    Duration::from_secs(120),
+    Duration::from_secs(300),
+    Duration::from_secs(600),
+    Duration::from_secs(1800),
+];
+
+/// One send of a payment notification and how it was answered.
+#[derive(Debug, Clone)]
+pub struct NotifyAttempt {
+    pub out_trade_id: String,
+    /// 1 for the first send.
+    pub attempt: usize,
+    /// HTTP status, or none when the request failed.
+    pub status: Option<u16>,
+    /// True when answered `200 success`.
+    pub acknowledged: bool,
 }
 
 /// Ways to make the simulator misbehave, for tests.
@@ -158,8 +195,19 @@ struct Grant {
 
 struct Order {
     amount_fen: i64,
+    /// `PayAmount` as it was sent, which the notification repeats.
+    pay_amount: String,
     openid: String,
     response_text: String,
+    /// Set once paid: a second pay trigger resends the same payment.
+    payment: Option<Payment>,
+}
+
+#[derive(Clone)]
+struct Payment {
+    trade_order_id: String,
+    trade_bill_no: String,
+    trade_time: String,
 }
 
 struct SimState {
@@ -169,10 +217,13 @@ struct SimState {
     orders: HashMap<String, Order>,
     seen: Vec<SeenRequest>,
     fault: Option<Fault>,
+    notify_url: Option<Url>,
+    notify_attempts: Vec<NotifyAttempt>,
 }
 
 struct Shared {
     config: SandboxConfig,
+    http: reqwest::Client,
     state: Mutex<SimState>,
 }
 
@@ -194,8 +245,14 @@ impl SandboxHandle {
     /// Serves the simulator on `listener` until the handle is dropped.
     pub fn spawn(config: SandboxConfig, listener: TcpListener) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(std::io::Error::other)?;
+        let notify_url = config.notify_url.clone();
         let shared = Arc::new(Shared {
             config,
+            http,
             state: Mutex::new(SimState {
                 access_token: Rotating::new("SBXAT"),
                 ticket: Rotating::new("SBXTK"),
@@ -203,6 +260,8 @@ impl SandboxHandle {
                 orders: HashMap::new(),
                 seen: Vec::new(),
                 fault: None,
+                notify_url,
+                notify_attempts: Vec::new(),
             }),
         });
         let (stop, stopped) = oneshot::channel::<()>();
@@ -250,6 +309,22 @@ impl SandboxHandle {
         let mut st = self.shared.lock();
         st.access_token.rotate();
         st.ticket.rotate();
+    }
+
+    /// Where payment notifications go from now on.
+    pub fn set_notify_url(&self, url: Url) {
+        self.shared.lock().notify_url = Some(url);
+    }
+
+    /// Pays an order (as `POST /sandbox/orders/{id}/pay` does); false when
+    /// there is no such order or no notify URL.
+    pub fn pay(&self, out_trade_id: &str) -> bool {
+        pay(&self.shared, out_trade_id).is_ok()
+    }
+
+    /// Every notification send so far, oldest first.
+    pub fn notify_attempts(&self) -> Vec<NotifyAttempt> {
+        self.shared.lock().notify_attempts.clone()
     }
 
     pub fn set_fault(&self, fault: Option<Fault>) {
@@ -307,6 +382,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route(PAY_PATH, post(|s, b| upstream(s, b, Endpoint::ParTrade)))
         .route("/sandbox/oauth/codes", post(new_code))
         .route("/sandbox/rotate", post(rotate))
+        .route("/sandbox/orders/{out_trade_id}/pay", post(pay_order))
         .route("/sandbox/stats", get(stats))
         .with_state(shared)
 }
@@ -536,8 +612,10 @@ fn create_order(shared: &Shared, fields: &[(&str, String)]) -> Response {
         out_trade_id.to_owned(),
         Order {
             amount_fen: amount.fen(),
+            pay_amount: get("PayAmount").to_owned(),
             openid: get("OpenId").to_owned(),
             response_text: response_text.clone(),
+            payment: None,
         },
     );
     answer(
@@ -638,7 +716,132 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
         calls.insert(ep.name().to_owned(), n.into());
     }
     let bad = st.seen.iter().filter(|r| !r.sign_valid).count();
-    Json(json!({"calls": calls, "bad_signatures": bad, "orders": st.orders.len()}))
+    let sends = st.notify_attempts.len();
+    let acknowledged = st.notify_attempts.iter().filter(|a| a.acknowledged).count();
+    Json(json!({
+        "calls": calls,
+        "bad_signatures": bad,
+        "orders": st.orders.len(),
+        "notify_sends": sends,
+        "notify_acknowledged": acknowledged,
+    }))
+}
+
+async fn pay_order(State(shared): State<Arc<Shared>>, Path(out_trade_id): Path<String>) -> Response {
+    match pay(&shared, &out_trade_id) {
+        Ok(started) => (StatusCode::ACCEPTED, Json(started)).into_response(),
+        Err((status, reason)) => (status, reason).into_response(),
+    }
+}
+
+/// What a pay trigger started.
+#[derive(Debug, Serialize)]
+struct PayStarted {
+    out_trade_id: String,
+    trade_order_id: String,
+    trade_amount: String,
+    notify_url: String,
+}
+
+/// Builds the signed notification of a paid order and starts sending it.
+fn pay(shared: &Arc<Shared>, out_trade_id: &str) -> Result<PayStarted, (StatusCode, &'static str)> {
+    let now = Utc::now();
+    let (amount, url, payment) = {
+        let mut st = shared.lock();
+        let url = st
+            .notify_url
+            .clone()
+            .ok_or((StatusCode::CONFLICT, "no notify URL configured"))?;
+        let order = st
+            .orders
+            .get_mut(out_trade_id)
+            .ok_or((StatusCode::NOT_FOUND, "no such order"))?;
+        let payment = order
+            .payment
+            .get_or_insert_with(|| Payment {
+                trade_order_id: format!("984_{}", rand::rng().random_range(10_000_000..100_000_000u64)),
+                trade_bill_no: format!(
+                    "{}{:020}",
+                    now.with_timezone(&beijing()).format("%Y%m%d"),
+                    rand::rng().random_range(0..100_000_000_000_000_000u64)
+                ),
+                trade_time: now.with_timezone(&beijing()).format("%Y/%-m/%-d %H:%M:%S").to_string(),
+            })
+            .clone();
+        (order.pay_amount.clone(), url, payment)
+    };
+    let values = [
+        "0000".to_owned(),
+        "SUCCESS".to_owned(),
+        out_trade_id.to_owned(),
+        amount.clone(),
+        payment.trade_order_id.clone(),
+        payment.trade_bill_no,
+        payment.trade_time,
+        now.timestamp().to_string(),
+    ];
+    let fields: Vec<(&str, &str)> = wire::NOTIFY_FIELDS
+        .iter()
+        .zip(&values)
+        .map(|(k, v)| (*k, v.as_str()))
+        .collect();
+    let body = signed_notification(&fields, &shared.config.notify_token);
+    tokio::spawn(send_until_acknowledged(
+        Arc::clone(shared),
+        out_trade_id.to_owned(),
+        url.clone(),
+        body,
+    ));
+    Ok(PayStarted {
+        out_trade_id: out_trade_id.to_owned(),
+        trade_order_id: payment.trade_order_id,
+        trade_amount: amount,
+        notify_url: url.to_string(),
+    })
+}
+
+/// A notification body: the fields and their `Sign`, as Kongtie sends it.
+pub fn signed_notification(fields: &[(&str, &str)], token: &SecretString) -> String {
+    let mut body = serde_json::Map::new();
+    for (k, v) in fields {
+        body.insert((*k).to_owned(), (*v).into());
+    }
+    body.insert("Sign".into(), crate::upstream::sign::sign(fields, token).into());
+    serde_json::Value::Object(body).to_string()
+}
+
+async fn send_until_acknowledged(shared: Arc<Shared>, out_trade_id: String, url: Url, body: String) {
+    let delays = shared.config.resend_delays.clone();
+    let sends = delays.len();
+    for (i, delay) in delays.into_iter().enumerate() {
+        tokio::time::sleep(delay).await;
+        let answer = shared
+            .http
+            .post(url.clone())
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await;
+        let (status, acknowledged) = match answer {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let text = resp.text().await.unwrap_or_default();
+                (Some(status), status == 200 && text.trim() == "success")
+            }
+            Err(_) => (None, false),
+        };
+        info!(out_trade_id, attempt = i + 1, status, acknowledged, "sandbox notify attempt");
+        shared.lock().notify_attempts.push(NotifyAttempt {
+            out_trade_id: out_trade_id.clone(),
+            attempt: i + 1,
+            status,
+            acknowledged,
+        });
+        if acknowledged {
+            return;
+        }
+    }
+    tracing::warn!(out_trade_id, sends, "sandbox gave up notifying");
 }
 
 fn random_alnum(len: usize) -> String {

@@ -186,10 +186,12 @@ async fn a_used_code_fails_clearly_and_is_sent_upstream_once() {
         .await
         .unwrap();
 
+    let other_dir = tempfile::tempdir().unwrap();
     let mut config = serve_args(&[]).config();
     config.upstream.ktapi_url = app.sandbox.ktapi_url();
-    let (other, _stop) = run_app(config).await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{other}"))
+    config.store_url = store_url(other_dir.path());
+    let other = run_app(config).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", other.grpc))
         .unwrap()
         .connect()
         .await

@@ -1,64 +1,12 @@
 //! The command-line path: the real binary, driven by a real grpcurl (1.8,
 //! server reflection v1alpha) exactly as the README does.
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
-use crate::helpers::grpcurl;
-
-/// The binary running `serve --sandbox` on free ports.
-struct Binary {
-    child: Child,
-    grpc: String,
-    sandbox: String,
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use crate::helpers::{Binary, grpcurl};
 
 fn start_binary() -> Binary {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kongtie-gateway"))
-        .args([
-            "serve",
-            "--sandbox",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--sandbox-addr",
-            "127.0.0.1:0",
-        ])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting the binary");
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (mut grpc, mut sandbox) = (None, None);
-    for line in stderr.lines() {
-        let line = line.unwrap();
-        let addr = line
-            .split("addr=")
-            .nth(1)
-            .map(|s| s.split_whitespace().next().unwrap_or("").to_owned());
-        if line.contains("gRPC listening") {
-            grpc = addr;
-        } else if line.contains("sandbox upstream listening") {
-            sandbox = addr;
-        }
-        if grpc.is_some() && sandbox.is_some() {
-            break;
-        }
-    }
-    Binary {
-        child,
-        grpc: grpc.expect("the binary logs its gRPC address"),
-        sandbox: sandbox.expect("the binary logs its sandbox address"),
-    }
+    Binary::start(&["serve", "--sandbox", "--sandbox-addr", "127.0.0.1:0"])
 }
 
 fn run_grpcurl(args: &[&str]) -> (bool, String, String) {
@@ -132,7 +80,7 @@ fn grpcurl_drives_every_rpc_against_the_sandbox() {
             "-s",
             "-X",
             "POST",
-            &format!("http://{}/sandbox/oauth/codes", bin.sandbox),
+            &format!("http://{}/sandbox/oauth/codes", bin.sandbox()),
         ])
         .output();
     let code = match issued {
@@ -141,7 +89,7 @@ fn grpcurl_drives_every_rpc_against_the_sandbox() {
             .as_str()
             .unwrap()
             .to_owned(),
-        _ => http_post_code(&bin.sandbox),
+        _ => http_post_code(&bin.sandbox()),
     };
     let web = call(
         "kongtie.v1.Auth/ExchangeOAuthCode",

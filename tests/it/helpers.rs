@@ -1,7 +1,12 @@
 //! Starting the service and the sandbox for a test, and reading statuses.
 
 use std::{
-    net::SocketAddr, path::PathBuf, process::Command as Process, sync::OnceLock, time::Duration,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command as Process, Stdio},
+    sync::{Arc, Mutex, OnceLock, mpsc},
+    time::Duration,
 };
 
 use clap::Parser;
@@ -33,6 +38,8 @@ pub fn serve_args(extra: &[&str]) -> ServeArgs {
         PAY_TOKEN,
         "--wechat-app-id",
         APP_ID,
+        "--notify-addr",
+        "127.0.0.1:0",
     ];
     args.extend_from_slice(extra);
     match Cli::try_parse_from(args)
@@ -48,14 +55,20 @@ pub fn serve_args(extra: &[&str]) -> ServeArgs {
 pub async fn spawn_sandbox() -> SandboxHandle {
     let args = serve_args(&[]);
     let config = sandbox_config(&args.kongtie, APP_ID.into(), Duration::from_secs(7200));
+    let mut config = config;
+    // Resend quickly: a test cannot wait Kongtie's minutes.
+    config.resend_delays = vec![Duration::from_millis(20); 10];
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     SandboxHandle::spawn(config, listener).unwrap()
 }
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    pub notify_url: String,
     pub sandbox: SandboxHandle,
-    _stop: oneshot::Sender<()>,
+    pub data_dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl TestApp {
@@ -77,6 +90,25 @@ impl TestApp {
     }
     pub async fn health(&self) -> HealthClient<Channel> {
         HealthClient::new(self.channel().await)
+    }
+
+    /// Stops the gateway gracefully and waits until it has.
+    pub async fn stop(&mut self) {
+        self.stop.take();
+        if let Some(done) = self.done.take() {
+            done.await.unwrap();
+        }
+    }
+
+    /// POSTs a notification body to the listener: (status, body).
+    pub async fn notify(&self, body: impl Into<String>) -> (u16, String) {
+        let resp = reqwest::Client::new()
+            .post(&self.notify_url)
+            .body(body.into())
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
     }
 
     /// True when the health service reports the whole server serving.
@@ -102,27 +134,55 @@ pub async fn spawn_app() -> TestApp {
 /// `tweak` edits the checked configuration.
 pub async fn spawn_app_with(extra: &[&str], tweak: impl FnOnce(&mut Config)) -> TestApp {
     let sandbox = spawn_sandbox().await;
+    let data_dir = tempfile::tempdir().unwrap();
     let mut config = serve_args(extra).config();
     config.upstream.ktapi_url = sandbox.ktapi_url();
     config.upstream.pay_url = sandbox.pay_url();
+    config.store_url = store_url(data_dir.path());
     tweak(&mut config);
-    let (addr, stop) = run_app(config).await;
+    let running = run_app(config).await;
+    sandbox.set_notify_url(running.notify_url.parse().unwrap());
     TestApp {
-        addr,
+        addr: running.grpc,
+        notify_url: running.notify_url,
         sandbox,
-        _stop: stop,
+        data_dir,
+        stop: Some(running.stop),
+        done: Some(running.done),
     }
 }
 
-/// Runs a gateway until the returned sender is dropped.
-pub async fn run_app(config: Config) -> (SocketAddr, oneshot::Sender<()>) {
+pub fn store_url(dir: &std::path::Path) -> String {
+    format!("sqlite://{}", dir.join("notifications.db").display())
+}
+
+pub struct Running {
+    pub grpc: SocketAddr,
+    pub notify_url: String,
+    /// Dropping it stops the gateway.
+    pub stop: oneshot::Sender<()>,
+    pub done: tokio::task::JoinHandle<()>,
+}
+
+/// Runs a gateway until `stop` is dropped.
+pub async fn run_app(config: Config) -> Running {
     let app = Application::build(config).await.unwrap();
-    let addr = app.grpc_addr();
+    let grpc = app.grpc_addr();
+    let notify_url = app.notify_url().to_string();
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(app.run_until(async move {
-        let _ = stopped.await;
-    }));
-    (addr, stop)
+    let done = tokio::spawn(async move {
+        app.run_until(async move {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    Running {
+        grpc,
+        notify_url,
+        stop,
+        done,
+    }
 }
 
 /// The fields named by a status's BadRequest violations.
@@ -168,4 +228,95 @@ pub fn grpcurl() -> PathBuf {
         local
     })
     .clone()
+}
+
+/// The real binary as a child process, on free ports and its own data
+/// directory unless the arguments say otherwise. Its log is kept.
+pub struct Binary {
+    pub child: Child,
+    pub grpc: String,
+    pub notify: String,
+    sandbox: Option<String>,
+    pub log: Arc<Mutex<Vec<String>>>,
+    _data: Option<tempfile::TempDir>,
+}
+
+impl Binary {
+    pub fn start(args: &[&str]) -> Binary {
+        let data = tempfile::tempdir().unwrap();
+        let dir = data.path().to_owned();
+        Self::start_in(args, &dir, Some(data))
+    }
+
+    /// Starts it with `dir` as its data directory.
+    pub fn start_in(args: &[&str], dir: &std::path::Path, keep: Option<tempfile::TempDir>) -> Binary {
+        let mut child = Process::new(env!("CARGO_BIN_EXE_kongtie-gateway"))
+            .args(args)
+            .args(["--grpc-addr", "127.0.0.1:0", "--notify-addr", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting the binary");
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let kept = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let addr = line
+                    .split("addr=")
+                    .nth(1)
+                    .and_then(|s| s.split_whitespace().next())
+                    .map(str::to_owned);
+                for (what, key) in [
+                    ("gRPC listening", "grpc"),
+                    ("notify listener listening", "notify"),
+                    ("sandbox upstream listening", "sandbox"),
+                ] {
+                    if line.contains(what) {
+                        let _ = tx.send((key, addr.clone().unwrap_or_default()));
+                    }
+                }
+                kept.lock().unwrap().push(line);
+            }
+        });
+        let (mut grpc, mut notify, mut sandbox) = (None, None, None);
+        while grpc.is_none() || notify.is_none() {
+            match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(("grpc", a)) => grpc = Some(a),
+                Ok(("notify", a)) => notify = Some(a),
+                Ok((_, a)) => sandbox = Some(a),
+                Err(_) => panic!("the binary did not start: {:?}", log.lock().unwrap()),
+            }
+        }
+        // The sandbox, when asked for, logs before the gRPC listener.
+        while let Ok((_, a)) = rx.try_recv() {
+            sandbox = Some(a);
+        }
+        Binary {
+            child,
+            grpc: grpc.unwrap(),
+            notify: notify.unwrap(),
+            sandbox,
+            log,
+            _data: keep,
+        }
+    }
+
+    pub fn sandbox(&self) -> String {
+        self.sandbox.clone().expect("started with --sandbox")
+    }
+
+    pub fn notify_url(&self) -> String {
+        format!("http://{}/kongtie/payment-notify", self.notify)
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

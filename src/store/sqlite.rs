@@ -1,0 +1,513 @@
+//! The SQLite backend: one writer thread that group-commits, WAL with
+//! `synchronous=FULL` so an acknowledged commit survives a power cut, and a
+//! small pool of read connections.
+//!
+//! Group commit: the writer takes every request queued while it was busy
+//! (up to [`MAX_BATCH`]) into one transaction, so a burst costs one fsync
+//! per batch rather than per notification, and answers each request only
+//! after that transaction commits. Being the only writer, it also hands out
+//! sequences: gapless, because a failed batch hands its numbers back.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    thread,
+};
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::{debug, error, info};
+
+use super::{IncomingNotification, NotificationStore, Recorded, StoreError, StoredNotification};
+
+/// Most requests committed in one transaction.
+const MAX_BATCH: usize = 512;
+/// Requests queued for the writer before callers wait.
+const QUEUE: usize = 4096;
+/// New events kept for live subscribers before a slow one lags.
+const LIVE_BUFFER: usize = 1024;
+const READERS: usize = 4;
+
+const MIGRATIONS: &[&str] = &["
+    CREATE TABLE notifications (
+        sequence            INTEGER PRIMARY KEY,
+        dedup_key           TEXT    NOT NULL UNIQUE,
+        out_trade_id        TEXT    NOT NULL,
+        trade_order_id      TEXT    NOT NULL,
+        trade_bill_no       TEXT    NOT NULL,
+        trade_status        TEXT    NOT NULL,
+        message             TEXT    NOT NULL,
+        trade_amount        TEXT    NOT NULL,
+        amount_fen          INTEGER,
+        trade_time          TEXT    NOT NULL,
+        time_stamp          TEXT    NOT NULL,
+        raw_body            TEXT    NOT NULL,
+        received_at_ms      INTEGER NOT NULL,
+        last_received_at_ms INTEGER NOT NULL,
+        receive_count       INTEGER NOT NULL
+    );
+    CREATE INDEX notifications_by_order ON notifications (out_trade_id, sequence);
+    CREATE TABLE consumers (
+        name           TEXT    PRIMARY KEY,
+        acked_sequence INTEGER NOT NULL,
+        updated_at_ms  INTEGER NOT NULL
+    );
+"];
+
+const SELECT_COLUMNS: &str = "sequence, out_trade_id, trade_order_id, trade_bill_no, trade_status, \
+     message, trade_amount, amount_fen, trade_time, received_at_ms, receive_count";
+
+enum WriteOp {
+    Record(IncomingNotification, oneshot::Sender<Result<Recorded, StoreError>>),
+    Ack(String, u64, oneshot::Sender<Result<u64, StoreError>>),
+}
+
+pub struct SqliteStore {
+    /// Taken on close: the writer stops once every sender is gone and the
+    /// queue is drained.
+    writes: Mutex<Option<mpsc::Sender<WriteOp>>>,
+    writer: Mutex<Option<thread::JoinHandle<()>>>,
+    /// Taken on close, so the live feed ends once the writer is done.
+    live: Mutex<Option<broadcast::Sender<Arc<StoredNotification>>>>,
+    readers: Arc<ReadPool>,
+}
+
+impl SqliteStore {
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let path = path.to_owned();
+        let (conn, last) = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || open_writer(&path)
+        })
+        .await
+        .map_err(|e| StoreError::Backend(e.to_string()))?
+        .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
+        info!(path = %path.display(), last_sequence = last, "notification store open");
+
+        let (writes, queue) = mpsc::channel(QUEUE);
+        let (live, _) = broadcast::channel(LIVE_BUFFER);
+        let writer = thread::Builder::new()
+            .name("store-writer".into())
+            .spawn({
+                let live = live.clone();
+                move || run_writer(conn, queue, live, last)
+            })
+            .map_err(|e| StoreError::Backend(format!("starting the writer: {e}")))?;
+        Ok(Self {
+            writes: Mutex::new(Some(writes)),
+            writer: Mutex::new(Some(writer)),
+            live: Mutex::new(Some(live)),
+            readers: Arc::new(ReadPool {
+                path,
+                idle: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    fn writer(&self) -> Result<mpsc::Sender<WriteOp>, StoreError> {
+        self.writes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(StoreError::Closed)
+    }
+
+    async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let readers = Arc::clone(&self.readers);
+        tokio::task::spawn_blocking(move || readers.with(f))
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))?
+    }
+}
+
+#[async_trait::async_trait]
+impl NotificationStore for SqliteStore {
+    async fn record(&self, notification: IncomingNotification) -> Result<Recorded, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.writer()?
+            .send(WriteOp::Record(notification, reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn list(
+        &self,
+        after: u64,
+        out_trade_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StoredNotification>, StoreError> {
+        let order = out_trade_id.map(str::to_owned);
+        self.read(move |conn| {
+            let after = to_sql(after);
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            match &order {
+                Some(id) => {
+                    let mut stmt = conn.prepare_cached(&format!(
+                        "SELECT {SELECT_COLUMNS} FROM notifications \
+                         WHERE out_trade_id = ?1 AND sequence > ?2 ORDER BY sequence LIMIT ?3"
+                    ))?;
+                    stmt.query_map(params![id, after, limit], row_to_stored)?.collect()
+                }
+                None => {
+                    let mut stmt = conn.prepare_cached(&format!(
+                        "SELECT {SELECT_COLUMNS} FROM notifications \
+                         WHERE sequence > ?1 ORDER BY sequence LIMIT ?2"
+                    ))?;
+                    stmt.query_map(params![after, limit], row_to_stored)?.collect()
+                }
+            }
+        })
+        .await
+    }
+
+    async fn last_sequence(&self) -> Result<u64, StoreError> {
+        self.read(|conn| {
+            conn.query_row("SELECT COALESCE(MAX(sequence), 0) FROM notifications", [], |r| {
+                r.get::<_, i64>(0)
+            })
+        })
+        .await
+        .map(from_sql)
+    }
+
+    async fn ack(&self, consumer: &str, sequence: u64) -> Result<u64, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.writer()?
+            .send(WriteOp::Ack(consumer.to_owned(), sequence, reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn acked(&self, consumer: &str) -> Result<u64, StoreError> {
+        let consumer = consumer.to_owned();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT acked_sequence FROM consumers WHERE name = ?1",
+                [consumer],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+        })
+        .await
+        .map(|v| v.map_or(0, from_sql))
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Arc<StoredNotification>> {
+        match &*self.live.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(live) => live.subscribe(),
+            None => broadcast::channel(1).1,
+        }
+    }
+
+    async fn close(&self) {
+        // The live feed ends when the writer drops its clone too.
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.writes.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(writer) = writer {
+            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        }
+    }
+}
+
+fn open_writer(path: &Path) -> rusqlite::Result<(Connection, u64)> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                Some(format!("creating {}: {e}", dir.display())),
+            )
+        })?;
+    }
+    let mut conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL: the WAL is synced at every commit, so an acknowledged
+    // notification survives a power cut, not only a process crash.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "busy_timeout", 5000)?;
+    migrate(&mut conn)?;
+    let last: i64 = conn.query_row("SELECT COALESCE(MAX(sequence), 0) FROM notifications", [], |r| r.get(0))?;
+    Ok((conn, from_sql(last)))
+}
+
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, migration) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(migration)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+        info!(version = i + 1, "store migrated");
+    }
+    Ok(())
+}
+
+enum Reply {
+    Record(oneshot::Sender<Result<Recorded, StoreError>>, Result<Recorded, StoreError>),
+    Ack(oneshot::Sender<Result<u64, StoreError>>, Result<u64, StoreError>),
+}
+
+impl Reply {
+    fn send(self, failed: Option<&str>) {
+        let err = |e: &str| StoreError::Backend(e.to_owned());
+        match self {
+            Reply::Record(tx, r) => {
+                let _ = tx.send(failed.map_or(r, |e| Err(err(e))));
+            }
+            Reply::Ack(tx, r) => {
+                let _ = tx.send(failed.map_or(r, |e| Err(err(e))));
+            }
+        }
+    }
+}
+
+fn run_writer(
+    mut conn: Connection,
+    mut queue: mpsc::Receiver<WriteOp>,
+    live: broadcast::Sender<Arc<StoredNotification>>,
+    mut last: u64,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = queue.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let size = batch.len();
+        let started = std::time::Instant::now();
+        match commit_batch(&mut conn, batch.drain(..), last) {
+            Ok((replies, events, new_last)) => {
+                last = new_last;
+                debug!(size, new = events.len(), elapsed_us = started.elapsed().as_micros() as u64, "batch committed");
+                for event in events {
+                    let _ = live.send(Arc::new(event));
+                }
+                for reply in replies {
+                    reply.send(None);
+                }
+            }
+            Err((replies, e)) => {
+                error!(size, error = %e, "batch failed; nothing of it was stored");
+                let message = e.to_string();
+                for reply in replies {
+                    reply.send(Some(&message));
+                }
+            }
+        }
+    }
+    info!("store writer stopped");
+}
+
+type BatchOutcome = Result<(Vec<Reply>, Vec<StoredNotification>, u64), (Vec<Reply>, rusqlite::Error)>;
+
+fn commit_batch(conn: &mut Connection, ops: impl Iterator<Item = WriteOp>, last: u64) -> BatchOutcome {
+    let mut replies = Vec::new();
+    let mut events = Vec::new();
+    let mut seq = last;
+    let tx = match conn.transaction() {
+        Ok(tx) => tx,
+        Err(e) => {
+            // Answer every request of the batch; none was applied.
+            return Err((ops.map(unapplied).collect(), e));
+        }
+    };
+    let mut failure = None;
+    for op in ops {
+        if failure.is_some() {
+            replies.push(unapplied(op));
+            continue;
+        }
+        match op {
+            WriteOp::Record(n, reply) => match record_one(&tx, &n, &mut seq) {
+                Ok((recorded, event)) => {
+                    events.extend(event);
+                    replies.push(Reply::Record(reply, Ok(recorded)));
+                }
+                Err(e) => {
+                    replies.push(Reply::Record(reply, Err(StoreError::Backend(e.to_string()))));
+                    failure = Some(e);
+                }
+            },
+            WriteOp::Ack(consumer, sequence, reply) => {
+                if sequence > seq {
+                    let err = StoreError::BeyondLast {
+                        requested: sequence,
+                        last: seq,
+                    };
+                    replies.push(Reply::Ack(reply, Err(err)));
+                    continue;
+                }
+                match ack_one(&tx, &consumer, sequence) {
+                    Ok(acked) => replies.push(Reply::Ack(reply, Ok(acked))),
+                    Err(e) => {
+                        replies.push(Reply::Ack(reply, Err(StoreError::Backend(e.to_string()))));
+                        failure = Some(e);
+                    }
+                }
+            }
+        }
+    }
+    if let Some(e) = failure {
+        drop(tx); // rolls back
+        return Err((replies, e));
+    }
+    match tx.commit() {
+        Ok(()) => Ok((replies, events, seq)),
+        Err(e) => Err((replies, e)),
+    }
+}
+
+fn unapplied(op: WriteOp) -> Reply {
+    let err = || StoreError::Backend("not applied".into());
+    match op {
+        WriteOp::Record(_, reply) => Reply::Record(reply, Err(err())),
+        WriteOp::Ack(_, _, reply) => Reply::Ack(reply, Err(err())),
+    }
+}
+
+fn record_one(
+    tx: &rusqlite::Transaction<'_>,
+    n: &IncomingNotification,
+    seq: &mut u64,
+) -> rusqlite::Result<(Recorded, Option<StoredNotification>)> {
+    let key = n.dedup_key();
+    let now_ms = n.received_at.timestamp_millis();
+    let existing: Option<(i64, i64)> = tx
+        .prepare_cached("SELECT sequence, receive_count FROM notifications WHERE dedup_key = ?1")?
+        .query_row([&key], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    if let Some((sequence, count)) = existing {
+        tx.prepare_cached(
+            "UPDATE notifications SET receive_count = receive_count + 1, last_received_at_ms = ?1 WHERE sequence = ?2",
+        )?
+        .execute(params![now_ms, sequence])?;
+        let receive_count = u32::try_from(count + 1).unwrap_or(u32::MAX);
+        return Ok((
+            Recorded::Repeat {
+                sequence: from_sql(sequence),
+                receive_count,
+            },
+            None,
+        ));
+    }
+    let sequence = *seq + 1;
+    tx.prepare_cached(
+        "INSERT INTO notifications (sequence, dedup_key, out_trade_id, trade_order_id, trade_bill_no, \
+         trade_status, message, trade_amount, amount_fen, trade_time, time_stamp, raw_body, \
+         received_at_ms, last_received_at_ms, receive_count) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13, 1)",
+    )?
+    .execute(params![
+        to_sql(sequence),
+        key,
+        n.out_trade_id,
+        n.trade_order_id,
+        n.trade_bill_no,
+        n.trade_status,
+        n.message,
+        n.trade_amount,
+        n.amount_fen,
+        n.trade_time,
+        n.time_stamp,
+        n.raw_body,
+        now_ms,
+    ])?;
+    *seq = sequence;
+    let stored = StoredNotification {
+        sequence,
+        out_trade_id: n.out_trade_id.clone(),
+        trade_order_id: n.trade_order_id.clone(),
+        trade_bill_no: n.trade_bill_no.clone(),
+        trade_status: n.trade_status.clone(),
+        message: n.message.clone(),
+        trade_amount: n.trade_amount.clone(),
+        amount_fen: n.amount_fen,
+        trade_time: n.trade_time.clone(),
+        received_at: from_ms(now_ms),
+        receive_count: 1,
+    };
+    Ok((Recorded::New { sequence }, Some(stored)))
+}
+
+fn ack_one(tx: &rusqlite::Transaction<'_>, consumer: &str, sequence: u64) -> rusqlite::Result<u64> {
+    tx.prepare_cached(
+        "INSERT INTO consumers (name, acked_sequence, updated_at_ms) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (name) DO UPDATE SET \
+           acked_sequence = MAX(acked_sequence, excluded.acked_sequence), \
+           updated_at_ms = excluded.updated_at_ms",
+    )?
+    .execute(params![consumer, to_sql(sequence), Utc::now().timestamp_millis()])?;
+    let acked: i64 = tx
+        .prepare_cached("SELECT acked_sequence FROM consumers WHERE name = ?1")?
+        .query_row([consumer], |r| r.get(0))?;
+    Ok(from_sql(acked))
+}
+
+fn row_to_stored(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredNotification> {
+    Ok(StoredNotification {
+        sequence: from_sql(r.get(0)?),
+        out_trade_id: r.get(1)?,
+        trade_order_id: r.get(2)?,
+        trade_bill_no: r.get(3)?,
+        trade_status: r.get(4)?,
+        message: r.get(5)?,
+        trade_amount: r.get(6)?,
+        amount_fen: r.get(7)?,
+        trade_time: r.get(8)?,
+        received_at: from_ms(r.get(9)?),
+        receive_count: u32::try_from(r.get::<_, i64>(10)?).unwrap_or(u32::MAX),
+    })
+}
+
+/// Sequences are u64 in the API and i64 in SQLite; they start at 1 and
+/// grow by one, so they never reach the sign bit.
+fn to_sql(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn from_sql(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn from_ms(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+struct ReadPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl ReadPool {
+    fn with<R>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R>) -> Result<R, StoreError> {
+        let conn = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => {
+                let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+                let c = Connection::open_with_flags(&self.path, flags).map_err(backend)?;
+                c.pragma_update(None, "busy_timeout", 5000).map_err(backend)?;
+                c
+            }
+        };
+        let result = f(&conn).map_err(backend);
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < READERS {
+            idle.push(conn);
+        }
+        result
+    }
+}
+
+fn backend(e: rusqlite::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
