@@ -91,7 +91,9 @@ impl KongtieArgs {
     }
 
     pub fn notify_token(&self) -> SecretString {
-        self.notify_token.clone().unwrap_or_else(|| self.pay().token)
+        self.notify_token
+            .clone()
+            .unwrap_or_else(|| self.pay().token)
     }
 
     pub fn pay_fixed(&self) -> PayFixed {
@@ -272,10 +274,12 @@ impl ServeArgs {
                 token: self.kongtie.notify_token(),
                 max_body_bytes: usize::try_from(self.notify_max_body_bytes).unwrap_or(usize::MAX),
             },
-            store_url: self
-                .store
-                .clone()
-                .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("notifications.db").display())),
+            store_url: self.store.clone().unwrap_or_else(|| {
+                format!(
+                    "sqlite://{}",
+                    self.data_dir.join("notifications.db").display()
+                )
+            }),
             sandbox,
         }
     }

@@ -115,13 +115,25 @@ impl fmt::Debug for OAuthCode {
 
 /// A durable consumer name: letters, digits, `.`, `_` and `-`, at most 64.
 pub fn parse_consumer(s: &str) -> Result<String, String> {
-    check_text(s, 64, |c| token_char(c) || c == '.', "letters, digits, '.', '_' and '-'")?;
+    check_text(
+        s,
+        64,
+        |c| token_char(c) || c == '.',
+        "letters, digits, '.', '_' and '-'",
+    )?;
     Ok(s.to_owned())
 }
 
 /// An optional field: empty means absent, anything else must parse.
-pub fn optional<T>(s: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Result<Option<T>, String> {
-    if s.is_empty() { Ok(None) } else { parse(s).map(Some) }
+pub fn optional<T>(
+    s: &str,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<Option<T>, String> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        parse(s).map(Some)
+    }
 }
 
 /// The OAuth `state`: optional, letters and digits, at most 128.

@@ -103,7 +103,10 @@ impl Application {
 
     /// Serves until `shutdown` completes; then ends the subscriptions, lets
     /// in-flight calls and notifications finish, and closes the store.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), BoxError> {
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), BoxError> {
         let (stopping_tx, stopping) = watch::channel(false);
         tokio::spawn(async move {
             shutdown.await;
@@ -114,20 +117,32 @@ impl Application {
         };
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter.set_serving::<AuthServer<AuthService>>().await;
-        health_reporter.set_serving::<TicketServer<TicketService>>().await;
-        health_reporter.set_serving::<PaymentServer<PaymentService>>().await;
+        health_reporter
+            .set_serving::<AuthServer<AuthService>>()
+            .await;
+        health_reporter
+            .set_serving::<TicketServer<TicketService>>()
+            .await;
+        health_reporter
+            .set_serving::<PaymentServer<PaymentService>>()
+            .await;
 
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(
+                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                )
                 // The rich error details, so grpcurl can print them.
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
-        let payment = PaymentService::new(Arc::clone(&self.gateway), Arc::clone(&self.store), stopping.clone());
+        let payment = PaymentService::new(
+            Arc::clone(&self.gateway),
+            Arc::clone(&self.store),
+            stopping.clone(),
+        );
 
         info!(addr = %self.grpc_addr, "gRPC listening");
         let grpc = Server::builder()
@@ -140,13 +155,19 @@ impl Application {
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
             .add_service(AuthServer::new(AuthService::new(Arc::clone(&self.gateway))))
-            .add_service(TicketServer::new(TicketService::new(Arc::clone(&self.gateway))))
+            .add_service(TicketServer::new(TicketService::new(Arc::clone(
+                &self.gateway,
+            ))))
             .add_service(PaymentServer::new(payment))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc_listener), stopped(stopping.clone()));
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(self.grpc_listener),
+                stopped(stopping.clone()),
+            );
 
         info!(addr = %self.notify_addr, path = %self.config.notify.path, "notify listener listening");
         let notify_app = notify::router(Arc::clone(&self.store), self.config.notify.clone());
-        let notify = axum::serve(self.notify_listener, notify_app).with_graceful_shutdown(stopped(stopping.clone()));
+        let notify = axum::serve(self.notify_listener, notify_app)
+            .with_graceful_shutdown(stopped(stopping.clone()));
 
         let (grpc, notify) = tokio::join!(grpc, async { notify.await });
         if let Some(sandbox) = self.sandbox {

@@ -10,8 +10,8 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     domain::{
-        AmountFen, NewOrder, OpenId, OutTradeId, Validator, optional, parse_consumer, timestamp_to_utc,
-        utc_to_timestamp,
+        AmountFen, NewOrder, OpenId, OutTradeId, Validator, optional, parse_consumer,
+        timestamp_to_utc, utc_to_timestamp,
     },
     error::Error,
     gateway::Gateway,
@@ -31,7 +31,11 @@ pub struct PaymentService {
 }
 
 impl PaymentService {
-    pub fn new(gateway: Arc<Gateway>, store: Arc<dyn NotificationStore>, shutdown: watch::Receiver<bool>) -> Self {
+    pub fn new(
+        gateway: Arc<Gateway>,
+        store: Arc<dyn NotificationStore>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
         Self {
             gateway,
             store,
@@ -40,7 +44,8 @@ impl PaymentService {
     }
 }
 
-type NotificationStream = Pin<Box<dyn Stream<Item = Result<proto::PaymentNotification, Status>> + Send>>;
+type NotificationStream =
+    Pin<Box<dyn Stream<Item = Result<proto::PaymentNotification, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Payment for PaymentService {
@@ -54,7 +59,10 @@ impl Payment for PaymentService {
         let now = Utc::now();
         let mut v = Validator::default();
         let out_trade_id = v.field("out_trade_id", OutTradeId::parse(&req.out_trade_id));
-        let amount = v.field("amount_fen", AmountFen::parse(req.amount_fen, settings.max_amount_fen));
+        let amount = v.field(
+            "amount_fen",
+            AmountFen::parse(req.amount_fen, settings.max_amount_fen),
+        );
         let openid = v.field("openid", OpenId::parse(&req.openid));
         let expires_at = v.field(
             "expires_at",
@@ -78,7 +86,9 @@ impl Payment for PaymentService {
             })
         })?;
         let span = tracing::info_span!("create_order", out_trade_id = order.out_trade_id.as_str());
-        let created = tracing::Instrument::instrument(self.gateway.create_order(&order, deadline), span).await?;
+        let created =
+            tracing::Instrument::instrument(self.gateway.create_order(&order, deadline), span)
+                .await?;
         let p = created.params;
         Ok(Response::new(proto::CreateJsapiOrderResponse {
             pay_params: Some(proto::JsapiPayParams {
@@ -102,7 +112,10 @@ impl Payment for PaymentService {
         let req = request.into_inner();
         let mut v = Validator::default();
         let consumer = v.field("consumer", optional(&req.consumer, parse_consumer));
-        let order = v.field("out_trade_id", optional(&req.out_trade_id, OutTradeId::parse));
+        let order = v.field(
+            "out_trade_id",
+            optional(&req.out_trade_id, OutTradeId::parse),
+        );
         let (consumer, order) = v.finish(|| Some((consumer?, order?)))?;
         let after = match (req.after_sequence, &consumer) {
             (Some(after), _) => after,
@@ -121,7 +134,9 @@ impl Payment for PaymentService {
         // should resubscribe, so a stream that closed without an error
         // status (its buffer was full) still ends UNAVAILABLE.
         let end = stream::once(async {
-            Err(Status::unavailable("the subscription ended; subscribe again to resume"))
+            Err(Status::unavailable(
+                "the subscription ended; subscribe again to resume",
+            ))
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx).chain(end))))
     }
@@ -142,8 +157,14 @@ impl Payment for PaymentService {
             },
         );
         let (consumer, sequence) = v.finish(|| Some((consumer?, sequence?)))?;
-        let acked = self.store.ack(&consumer, sequence).await.map_err(Error::from)?;
-        Ok(Response::new(proto::AckNotificationsResponse { acked_sequence: acked }))
+        let acked = self
+            .store
+            .ack(&consumer, sequence)
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(proto::AckNotificationsResponse {
+            acked_sequence: acked,
+        }))
     }
 
     async fn list_notifications(
@@ -152,7 +173,10 @@ impl Payment for PaymentService {
     ) -> Result<Response<proto::ListNotificationsResponse>, Status> {
         let req = request.get_ref();
         let mut v = Validator::default();
-        let order = v.field("out_trade_id", optional(&req.out_trade_id, OutTradeId::parse));
+        let order = v.field(
+            "out_trade_id",
+            optional(&req.out_trade_id, OutTradeId::parse),
+        );
         let page_size = v.field(
             "page_size",
             match req.page_size {
@@ -164,7 +188,11 @@ impl Payment for PaymentService {
         let (order, page_size) = v.finish(|| Some((order?, page_size?)))?;
         let page = self
             .store
-            .list(req.after_sequence, order.as_ref().map(OutTradeId::as_str), page_size as usize)
+            .list(
+                req.after_sequence,
+                order.as_ref().map(OutTradeId::as_str),
+                page_size as usize,
+            )
             .await
             .map_err(Error::from)?;
         let next_after_sequence = page.last().map_or(req.after_sequence, |n| n.sequence);

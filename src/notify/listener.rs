@@ -83,7 +83,11 @@ async fn receive(State(state): State<Arc<ListenerState>>, body: Bytes) -> Respon
             }
             Err(e) => {
                 error!(error = %e, "notification not stored; Kongtie will resend");
-                (StatusCode::SERVICE_UNAVAILABLE, "store unavailable, send again").into_response()
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store unavailable, send again",
+                )
+                    .into_response()
             }
         }
     }
@@ -116,7 +120,9 @@ fn verify(body: &[u8], token: &SecretString) -> Result<IncomingNotification, Ref
     let object: HashMap<String, Box<RawValue>> =
         serde_json::from_slice(body).map_err(|_| bad("body is not a JSON object"))?;
     let text = |name: &str| -> Result<String, Refusal> {
-        let raw = object.get(name).ok_or_else(|| bad(format!("missing field {name}")))?;
+        let raw = object
+            .get(name)
+            .ok_or_else(|| bad(format!("missing field {name}")))?;
         raw_text(raw).ok_or_else(|| bad(format!("field {name} must be a string or a number")))
     };
     // Step 2: every signed field and the signature are present.
@@ -138,12 +144,22 @@ fn verify(body: &[u8], token: &SecretString) -> Result<IncomingNotification, Ref
             reason: "bad signature".into(),
         });
     }
-    let [trade_status, message, out_trade_id, trade_amount, trade_order_id, trade_bill_no, trade_time, time_stamp] =
-        <[String; 8]>::try_from(values).map_err(|_| bad("wrong number of fields"))?;
+    let [
+        trade_status,
+        message,
+        out_trade_id,
+        trade_amount,
+        trade_order_id,
+        trade_bill_no,
+        trade_time,
+        time_stamp,
+    ] = <[String; 8]>::try_from(values).map_err(|_| bad("wrong number of fields"))?;
     if out_trade_id.is_empty() {
         return Err(bad("OutTradeId is empty"));
     }
-    let amount_fen = AmountFen::from_yuan_text(&trade_amount).ok().map(AmountFen::fen);
+    let amount_fen = AmountFen::from_yuan_text(&trade_amount)
+        .ok()
+        .map(AmountFen::fen);
     Ok(IncomingNotification {
         trade_status,
         message,
@@ -187,7 +203,9 @@ mod tests {
     #[test]
     fn the_documents_example_verifies_and_keeps_its_text() {
         let token = "#wugf543sxcv5*$#";
-        let n = verify(signed(&EXAMPLE, token).as_bytes(), &token.into()).ok().unwrap();
+        let n = verify(signed(&EXAMPLE, token).as_bytes(), &token.into())
+            .ok()
+            .unwrap();
         assert_eq!(n.trade_amount, "0.20");
         assert_eq!(n.amount_fen, Some(20));
         assert_eq!(n.trade_time, "2018/3/2 10:00:39");
@@ -219,11 +237,26 @@ mod tests {
     #[test]
     fn malformed_bodies_are_refused_with_a_reason() {
         let token = SecretString::from("t");
-        assert_eq!(verify(b"not json", &token).err().unwrap().reason, "body is not a JSON object");
-        assert_eq!(verify(b"[1]", &token).err().unwrap().reason, "body is not a JSON object");
+        assert_eq!(
+            verify(b"not json", &token).err().unwrap().reason,
+            "body is not a JSON object"
+        );
+        assert_eq!(
+            verify(b"[1]", &token).err().unwrap().reason,
+            "body is not a JSON object"
+        );
         let missing = signed(&EXAMPLE[..7], "t");
-        assert_eq!(verify(missing.as_bytes(), &token).err().unwrap().reason, "missing field TimeStamp");
+        assert_eq!(
+            verify(missing.as_bytes(), &token).err().unwrap().reason,
+            "missing field TimeStamp"
+        );
         let nested = signed(&EXAMPLE, "t").replace(r#""SUCCESS""#, r#"{"a":1}"#);
-        assert!(verify(nested.as_bytes(), &token).err().unwrap().reason.contains("Message"));
+        assert!(
+            verify(nested.as_bytes(), &token)
+                .err()
+                .unwrap()
+                .reason
+                .contains("Message")
+        );
     }
 }

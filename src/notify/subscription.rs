@@ -47,7 +47,9 @@ pub async fn run_subscription<T: Send + 'static>(
     let end = follow(&sub, &out, &convert, &mut shutdown).await;
     let status = match end {
         End::ClientGone => return,
-        End::ShuttingDown => Status::unavailable("the server is shutting down; subscribe again to resume"),
+        End::ShuttingDown => {
+            Status::unavailable("the server is shutting down; subscribe again to resume")
+        }
         End::Store(e) => {
             tracing::error!(error = %e, "subscription ended by a store failure");
             Status::unavailable("the notification store failed; subscribe again to resume")

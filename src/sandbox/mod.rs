@@ -727,7 +727,10 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn pay_order(State(shared): State<Arc<Shared>>, Path(out_trade_id): Path<String>) -> Response {
+async fn pay_order(
+    State(shared): State<Arc<Shared>>,
+    Path(out_trade_id): Path<String>,
+) -> Response {
     match pay(&shared, &out_trade_id) {
         Ok(started) => (StatusCode::ACCEPTED, Json(started)).into_response(),
         Err((status, reason)) => (status, reason).into_response(),
@@ -759,13 +762,19 @@ fn pay(shared: &Arc<Shared>, out_trade_id: &str) -> Result<PayStarted, (StatusCo
         let payment = order
             .payment
             .get_or_insert_with(|| Payment {
-                trade_order_id: format!("984_{}", rand::rng().random_range(10_000_000..100_000_000u64)),
+                trade_order_id: format!(
+                    "984_{}",
+                    rand::rng().random_range(10_000_000..100_000_000u64)
+                ),
                 trade_bill_no: format!(
                     "{}{:020}",
                     now.with_timezone(&beijing()).format("%Y%m%d"),
                     rand::rng().random_range(0..100_000_000_000_000_000u64)
                 ),
-                trade_time: now.with_timezone(&beijing()).format("%Y/%-m/%-d %H:%M:%S").to_string(),
+                trade_time: now
+                    .with_timezone(&beijing())
+                    .format("%Y/%-m/%-d %H:%M:%S")
+                    .to_string(),
             })
             .clone();
         (order.pay_amount.clone(), url, payment)
@@ -806,11 +815,19 @@ pub fn signed_notification(fields: &[(&str, &str)], token: &SecretString) -> Str
     for (k, v) in fields {
         body.insert((*k).to_owned(), (*v).into());
     }
-    body.insert("Sign".into(), crate::upstream::sign::sign(fields, token).into());
+    body.insert(
+        "Sign".into(),
+        crate::upstream::sign::sign(fields, token).into(),
+    );
     serde_json::Value::Object(body).to_string()
 }
 
-async fn send_until_acknowledged(shared: Arc<Shared>, out_trade_id: String, url: Url, body: String) {
+async fn send_until_acknowledged(
+    shared: Arc<Shared>,
+    out_trade_id: String,
+    url: Url,
+    body: String,
+) {
     let delays = shared.config.resend_delays.clone();
     let sends = delays.len();
     for (i, delay) in delays.into_iter().enumerate() {
@@ -830,7 +847,13 @@ async fn send_until_acknowledged(shared: Arc<Shared>, out_trade_id: String, url:
             }
             Err(_) => (None, false),
         };
-        info!(out_trade_id, attempt = i + 1, status, acknowledged, "sandbox notify attempt");
+        info!(
+            out_trade_id,
+            attempt = i + 1,
+            status,
+            acknowledged,
+            "sandbox notify attempt"
+        );
         shared.lock().notify_attempts.push(NotifyAttempt {
             out_trade_id: out_trade_id.clone(),
             attempt: i + 1,

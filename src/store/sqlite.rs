@@ -59,7 +59,10 @@ const SELECT_COLUMNS: &str = "sequence, out_trade_id, trade_order_id, trade_bill
      message, trade_amount, amount_fen, trade_time, received_at_ms, receive_count";
 
 enum WriteOp {
-    Record(IncomingNotification, oneshot::Sender<Result<Recorded, StoreError>>),
+    Record(
+        Box<IncomingNotification>,
+        oneshot::Sender<Result<Recorded, StoreError>>,
+    ),
     Ack(String, u64, oneshot::Sender<Result<u64, StoreError>>),
 }
 
@@ -129,7 +132,7 @@ impl NotificationStore for SqliteStore {
     async fn record(&self, notification: IncomingNotification) -> Result<Recorded, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.writer()?
-            .send(WriteOp::Record(notification, reply))
+            .send(WriteOp::Record(Box::new(notification), reply))
             .await
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
@@ -151,14 +154,16 @@ impl NotificationStore for SqliteStore {
                         "SELECT {SELECT_COLUMNS} FROM notifications \
                          WHERE out_trade_id = ?1 AND sequence > ?2 ORDER BY sequence LIMIT ?3"
                     ))?;
-                    stmt.query_map(params![id, after, limit], row_to_stored)?.collect()
+                    stmt.query_map(params![id, after, limit], row_to_stored)?
+                        .collect()
                 }
                 None => {
                     let mut stmt = conn.prepare_cached(&format!(
                         "SELECT {SELECT_COLUMNS} FROM notifications \
                          WHERE sequence > ?1 ORDER BY sequence LIMIT ?2"
                     ))?;
-                    stmt.query_map(params![after, limit], row_to_stored)?.collect()
+                    stmt.query_map(params![after, limit], row_to_stored)?
+                        .collect()
                 }
             }
         })
@@ -167,9 +172,11 @@ impl NotificationStore for SqliteStore {
 
     async fn last_sequence(&self) -> Result<u64, StoreError> {
         self.read(|conn| {
-            conn.query_row("SELECT COALESCE(MAX(sequence), 0) FROM notifications", [], |r| {
-                r.get::<_, i64>(0)
-            })
+            conn.query_row(
+                "SELECT COALESCE(MAX(sequence), 0) FROM notifications",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
         })
         .await
         .map(from_sql)
@@ -232,7 +239,11 @@ fn open_writer(path: &Path) -> rusqlite::Result<(Connection, u64)> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "busy_timeout", 5000)?;
     migrate(&mut conn)?;
-    let last: i64 = conn.query_row("SELECT COALESCE(MAX(sequence), 0) FROM notifications", [], |r| r.get(0))?;
+    let last: i64 = conn.query_row(
+        "SELECT COALESCE(MAX(sequence), 0) FROM notifications",
+        [],
+        |r| r.get(0),
+    )?;
     Ok((conn, from_sql(last)))
 }
 
@@ -249,8 +260,14 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 }
 
 enum Reply {
-    Record(oneshot::Sender<Result<Recorded, StoreError>>, Result<Recorded, StoreError>),
-    Ack(oneshot::Sender<Result<u64, StoreError>>, Result<u64, StoreError>),
+    Record(
+        oneshot::Sender<Result<Recorded, StoreError>>,
+        Result<Recorded, StoreError>,
+    ),
+    Ack(
+        oneshot::Sender<Result<u64, StoreError>>,
+        Result<u64, StoreError>,
+    ),
 }
 
 impl Reply {
@@ -287,7 +304,12 @@ fn run_writer(
         match commit_batch(&mut conn, batch.drain(..), last) {
             Ok((replies, events, new_last)) => {
                 last = new_last;
-                debug!(size, new = events.len(), elapsed_us = started.elapsed().as_micros() as u64, "batch committed");
+                debug!(
+                    size,
+                    new = events.len(),
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "batch committed"
+                );
                 for event in events {
                     let _ = live.send(Arc::new(event));
                 }
@@ -307,9 +329,14 @@ fn run_writer(
     info!("store writer stopped");
 }
 
-type BatchOutcome = Result<(Vec<Reply>, Vec<StoredNotification>, u64), (Vec<Reply>, rusqlite::Error)>;
+type BatchOutcome =
+    Result<(Vec<Reply>, Vec<StoredNotification>, u64), (Vec<Reply>, rusqlite::Error)>;
 
-fn commit_batch(conn: &mut Connection, ops: impl Iterator<Item = WriteOp>, last: u64) -> BatchOutcome {
+fn commit_batch(
+    conn: &mut Connection,
+    ops: impl Iterator<Item = WriteOp>,
+    last: u64,
+) -> BatchOutcome {
     let mut replies = Vec::new();
     let mut events = Vec::new();
     let mut seq = last;
@@ -333,7 +360,10 @@ fn commit_batch(conn: &mut Connection, ops: impl Iterator<Item = WriteOp>, last:
                     replies.push(Reply::Record(reply, Ok(recorded)));
                 }
                 Err(e) => {
-                    replies.push(Reply::Record(reply, Err(StoreError::Backend(e.to_string()))));
+                    replies.push(Reply::Record(
+                        reply,
+                        Err(StoreError::Backend(e.to_string())),
+                    ));
                     failure = Some(e);
                 }
             },
@@ -445,7 +475,11 @@ fn ack_one(tx: &rusqlite::Transaction<'_>, consumer: &str, sequence: u64) -> rus
            acked_sequence = MAX(acked_sequence, excluded.acked_sequence), \
            updated_at_ms = excluded.updated_at_ms",
     )?
-    .execute(params![consumer, to_sql(sequence), Utc::now().timestamp_millis()])?;
+    .execute(params![
+        consumer,
+        to_sql(sequence),
+        Utc::now().timestamp_millis()
+    ])?;
     let acked: i64 = tx
         .prepare_cached("SELECT acked_sequence FROM consumers WHERE name = ?1")?
         .query_row([consumer], |r| r.get(0))?;
@@ -495,7 +529,8 @@ impl ReadPool {
             None => {
                 let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
                 let c = Connection::open_with_flags(&self.path, flags).map_err(backend)?;
-                c.pragma_update(None, "busy_timeout", 5000).map_err(backend)?;
+                c.pragma_update(None, "busy_timeout", 5000)
+                    .map_err(backend)?;
                 c
             }
         };

@@ -96,6 +96,19 @@ fn grpcurl_drives_every_rpc_against_the_sandbox() {
         &format!(r#"{{"code": "{code}"}}"#),
     );
     assert_eq!(web["expiresInSeconds"], "7200");
+
+    // The log of all that holds no secret.
+    let log = bin.log.lock().unwrap().join("\n");
+    assert!(log.contains("gRPC listening"), "the log was captured");
+    for secret in [
+        token["accessToken"].as_str().unwrap(),
+        ticket["ticket"].as_str().unwrap(),
+        web["accessToken"].as_str().unwrap(),
+        &code,
+        "#wugf543sxcv5*$#",
+    ] {
+        assert!(!log.contains(secret), "a secret is in the log");
+    }
 }
 
 #[test]

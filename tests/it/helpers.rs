@@ -66,6 +66,7 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub notify_url: String,
     pub sandbox: SandboxHandle,
+    /// Where the store lives; a test may start another gateway on it.
     pub data_dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
@@ -249,7 +250,11 @@ impl Binary {
     }
 
     /// Starts it with `dir` as its data directory.
-    pub fn start_in(args: &[&str], dir: &std::path::Path, keep: Option<tempfile::TempDir>) -> Binary {
+    pub fn start_in(
+        args: &[&str],
+        dir: &std::path::Path,
+        keep: Option<tempfile::TempDir>,
+    ) -> Binary {
         let mut child = Process::new(env!("CARGO_BIN_EXE_kongtie-gateway"))
             .args(args)
             .args(["--grpc-addr", "127.0.0.1:0", "--notify-addr", "127.0.0.1:0"])

@@ -2,8 +2,10 @@
 //! port 0, and real gRPC clients over real sockets.
 
 mod auth;
+mod crash;
 mod grpcurl;
 mod helpers;
+mod notifications;
 mod payment;
 mod ticket;
 mod upstream_failures;

@@ -1,0 +1,516 @@
+//! Payment notifications end to end: signed POSTs to the real listener,
+//! the SQLite store, and gRPC subscribers over real sockets.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use kongtie_gateway::{
+    proto::{
+        AckNotificationsRequest, CreateJsapiOrderRequest, ListNotificationsRequest,
+        PaymentNotification, SubscribeNotificationsRequest,
+    },
+    sandbox::signed_notification,
+};
+use secrecy::SecretString;
+use tonic::{Code, Streaming};
+
+use crate::helpers::*;
+
+/// The document's example notification, with a chosen order id and
+/// TimeStamp.
+fn example(out_trade_id: &str, time_stamp: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("TradeStatus", "0000".into()),
+        ("Message", "SUCCESS".into()),
+        ("OutTradeId", out_trade_id.into()),
+        ("TradeAmount", "0.20".into()),
+        ("TradeOrderId", format!("984_{out_trade_id}")),
+        ("TradeBillNo", "2018030221001004080206230140".into()),
+        ("TradeTime", "2018/3/2 10:00:39".into()),
+        ("TimeStamp", time_stamp.into()),
+    ]
+}
+
+fn signed(fields: &[(&'static str, String)], token: &str) -> String {
+    let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    signed_notification(&pairs, &SecretString::from(token))
+}
+
+/// Signed with the token the gateway verifies notifications with (the pay
+/// token, by default).
+fn good(out_trade_id: &str) -> String {
+    signed(&example(out_trade_id, "1522233465"), PAY_TOKEN)
+}
+
+async fn subscribe(
+    app: &TestApp,
+    request: SubscribeNotificationsRequest,
+) -> Streaming<PaymentNotification> {
+    app.payment()
+        .await
+        .subscribe_notifications(request)
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn next(stream: &mut Streaming<PaymentNotification>) -> PaymentNotification {
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("a notification within 10 s")
+        .expect("the stream is open")
+        .expect("not an error")
+}
+
+async fn all_stored(app: &TestApp) -> Vec<PaymentNotification> {
+    app.payment()
+        .await
+        .list_notifications(ListNotificationsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .notifications
+}
+
+#[tokio::test]
+async fn the_documents_example_is_answered_success_and_delivered() {
+    let app = spawn_app().await;
+    let mut stream = subscribe(&app, SubscribeNotificationsRequest::default()).await;
+    assert_eq!(app.notify(good("4333451")).await, (200, "success".into()));
+
+    let n = next(&mut stream).await;
+    assert_eq!(n.sequence, 1);
+    assert_eq!(n.out_trade_id, "4333451");
+    assert_eq!(n.trade_order_id, "984_4333451");
+    assert_eq!(n.trade_bill_no, "2018030221001004080206230140");
+    assert_eq!(n.trade_status, "0000");
+    assert!(n.paid);
+    assert_eq!(n.message, "SUCCESS");
+    assert_eq!(n.trade_amount, "0.20");
+    assert_eq!(n.amount_fen, Some(20));
+    assert_eq!(n.trade_time, "2018/3/2 10:00:39");
+    assert_eq!(n.receive_count, 1);
+    assert!(n.received_at.is_some());
+}
+
+#[tokio::test]
+async fn a_changed_field_or_a_wrong_sign_is_refused_and_delivered_to_no_one() {
+    let app = spawn_app().await;
+    let mut stream = subscribe(&app, SubscribeNotificationsRequest::default()).await;
+
+    let tampered = good("4333451").replace(r#""0.20""#, r#""200.00""#);
+    let (status, reason) = app.notify(tampered).await;
+    assert_eq!((status, reason.as_str()), (401, "bad signature"));
+    let wrong_token = signed(&example("4333451", "1522233465"), "not-the-token");
+    assert_eq!(app.notify(wrong_token).await.0, 401);
+    let mut bad_sign: serde_json::Value = serde_json::from_str(&good("4333451")).unwrap();
+    bad_sign["Sign"] = "b93a80c08533fcbb201ded64815b4900".into();
+    assert_eq!(app.notify(bad_sign.to_string()).await.0, 401);
+
+    assert!(all_stored(&app).await.is_empty());
+    // The next good one is the first event anyone sees.
+    app.notify(good("OK1")).await;
+    assert_eq!(next(&mut stream).await.out_trade_id, "OK1");
+}
+
+#[tokio::test]
+async fn malformed_oversized_and_non_post_requests_are_refused_and_store_nothing() {
+    let app = spawn_app().await;
+    assert_eq!(
+        app.notify("not json").await,
+        (400, "body is not a JSON object".into())
+    );
+    let mut missing: serde_json::Value = serde_json::from_str(&good("A1")).unwrap();
+    missing.as_object_mut().unwrap().remove("TradeBillNo");
+    assert_eq!(
+        app.notify(missing.to_string()).await,
+        (400, "missing field TradeBillNo".into())
+    );
+    let big = format!(r#"{{"pad": "{}"}}"#, "x".repeat(70_000));
+    assert_eq!(app.notify(big).await.0, 413);
+    let get = reqwest::get(&app.notify_url).await.unwrap();
+    assert_eq!(get.status().as_u16(), 405);
+    assert!(all_stored(&app).await.is_empty());
+}
+
+#[tokio::test]
+async fn ten_sends_of_one_notification_are_one_event_received_ten_times() {
+    let app = spawn_app().await;
+    for i in 0..10 {
+        // Resends may carry a new TimeStamp, hence a new Sign.
+        let body = signed(&example("R1", &format!("15222334{i:02}")), PAY_TOKEN);
+        assert_eq!(app.notify(body).await, (200, "success".into()));
+    }
+    let stored = all_stored(&app).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].sequence, 1);
+    assert_eq!(stored[0].receive_count, 10);
+}
+
+#[tokio::test]
+async fn concurrent_repeats_race_into_one_event() {
+    let app = std::sync::Arc::new(spawn_app().await);
+    let sends: Vec<_> = (0..20)
+        .map(|i| {
+            let app = std::sync::Arc::clone(&app);
+            tokio::spawn(async move {
+                let body = signed(
+                    &example("RACE1", &format!("{}", 1_600_000_000 + i)),
+                    PAY_TOKEN,
+                );
+                app.notify(body).await
+            })
+        })
+        .collect();
+    for send in sends {
+        assert_eq!(send.await.unwrap().1, "success");
+    }
+    let stored = all_stored(&app).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].receive_count, 20);
+}
+
+#[tokio::test]
+async fn an_offline_subscriber_resumes_from_its_consumer_position_or_after_sequence() {
+    let app = spawn_app().await;
+    for i in 1..=5 {
+        app.notify(good(&format!("OFF{i}"))).await;
+    }
+    let mut payment = app.payment().await;
+    let acked = payment
+        .ack_notifications(AckNotificationsRequest {
+            consumer: "orders-service".into(),
+            sequence: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acked.acked_sequence, 2);
+    // Acknowledgements are cumulative: going back is a no-op.
+    let acked = payment
+        .ack_notifications(AckNotificationsRequest {
+            consumer: "orders-service".into(),
+            sequence: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acked.acked_sequence, 2);
+
+    let mut by_consumer = subscribe(
+        &app,
+        SubscribeNotificationsRequest {
+            consumer: "orders-service".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut by_sequence = subscribe(
+        &app,
+        SubscribeNotificationsRequest {
+            after_sequence: Some(4),
+            consumer: "orders-service".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    for expected in 3..=5 {
+        assert_eq!(next(&mut by_consumer).await.sequence, expected);
+    }
+    assert_eq!(next(&mut by_sequence).await.sequence, 5);
+    // Then live, with no gap at the switch.
+    app.notify(good("OFF6")).await;
+    assert_eq!(next(&mut by_consumer).await.sequence, 6);
+    assert_eq!(next(&mut by_sequence).await.sequence, 6);
+}
+
+#[tokio::test]
+async fn a_subscription_can_follow_one_order() {
+    let app = spawn_app().await;
+    app.notify(good("X1")).await;
+    app.notify(good("Y1")).await;
+    let mut stream = subscribe(
+        &app,
+        SubscribeNotificationsRequest {
+            out_trade_id: "Y1".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(next(&mut stream).await.out_trade_id, "Y1");
+    app.notify(good("X2")).await;
+    app.notify(
+        good("Y1")
+            .replace("0.20", "0.30")
+            .replace("1522233465", "1"),
+    )
+    .await; // bad sign: ignored
+    let y_again = signed(
+        &[
+            ("TradeStatus", "0001".into()),
+            ("Message", "FAILED".into()),
+            ("OutTradeId", "Y1".into()),
+            ("TradeAmount", "0.20".into()),
+            ("TradeOrderId", "984_Y1".into()),
+            ("TradeBillNo", "2".into()),
+            ("TradeTime", "2018/3/2 10:00:40".into()),
+            ("TimeStamp", "1".into()),
+        ],
+        PAY_TOKEN,
+    );
+    app.notify(y_again).await;
+    let n = next(&mut stream).await;
+    assert_eq!(
+        (n.out_trade_id.as_str(), n.sequence, n.paid),
+        ("Y1", 4, false)
+    );
+}
+
+#[tokio::test]
+async fn list_pages_through_everything_in_order() {
+    let app = spawn_app().await;
+    for i in 0..25 {
+        app.notify(good(&format!("P{i}"))).await;
+    }
+    let mut payment = app.payment().await;
+    let mut after = 0;
+    let mut seen = Vec::new();
+    loop {
+        let page = payment
+            .list_notifications(ListNotificationsRequest {
+                after_sequence: after,
+                page_size: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if page.notifications.is_empty() {
+            assert_eq!(page.next_after_sequence, after);
+            break;
+        }
+        seen.extend(page.notifications.iter().map(|n| n.sequence));
+        after = page.next_after_sequence;
+    }
+    assert_eq!(seen, (1..=25).collect::<Vec<u64>>());
+}
+
+#[tokio::test]
+async fn bad_subscription_ack_and_list_requests_name_their_fields() {
+    let app = spawn_app().await;
+    app.notify(good("V1")).await;
+    let mut payment = app.payment().await;
+    let status = payment
+        .ack_notifications(AckNotificationsRequest {
+            consumer: "orders".into(),
+            sequence: 99,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&status), ["sequence"]);
+    let status = payment
+        .ack_notifications(AckNotificationsRequest {
+            consumer: "bad name!".into(),
+            sequence: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), ["consumer", "sequence"]);
+    let status = payment
+        .subscribe_notifications(SubscribeNotificationsRequest {
+            consumer: "x".repeat(65),
+            out_trade_id: "no-dashes".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), ["consumer", "out_trade_id"]);
+    let status = payment
+        .list_notifications(ListNotificationsRequest {
+            page_size: 1001,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), ["page_size"]);
+}
+
+#[tokio::test]
+async fn the_sandbox_pays_an_order_and_the_subscriber_sees_it() {
+    let app = spawn_app().await;
+    let mut stream = subscribe(&app, SubscribeNotificationsRequest::default()).await;
+    app.payment()
+        .await
+        .create_jsapi_order(CreateJsapiOrderRequest {
+            out_trade_id: "SBX1".into(),
+            amount_fen: 1234,
+            openid: "oUser".into(),
+            expires_at: None,
+        })
+        .await
+        .unwrap();
+    assert!(app.sandbox.pay("SBX1"));
+    let n = next(&mut stream).await;
+    assert_eq!(n.out_trade_id, "SBX1");
+    assert_eq!(n.trade_amount, "12.34");
+    assert_eq!(n.amount_fen, Some(1234));
+    assert!(n.paid);
+    let attempts = app.sandbox.notify_attempts();
+    assert_eq!(attempts.len(), 1);
+    assert!(attempts[0].acknowledged);
+
+    // Paying again resends the same payment: one event, counted twice.
+    assert!(app.sandbox.pay("SBX1"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stored = all_stored(&app).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].receive_count, 2);
+}
+
+#[tokio::test]
+async fn the_sandbox_resends_until_answered_success_ten_sends_at_most() {
+    let app = spawn_app().await;
+    app.payment()
+        .await
+        .create_jsapi_order(CreateJsapiOrderRequest {
+            out_trade_id: "SBX2".into(),
+            amount_fen: 1,
+            openid: "oUser".into(),
+            expires_at: None,
+        })
+        .await
+        .unwrap();
+    // A URL that answers 404: never `success`.
+    app.sandbox
+        .set_notify_url(format!("{}-wrong", app.notify_url).parse().unwrap());
+    assert!(app.sandbox.pay("SBX2"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let attempts = app.sandbox.notify_attempts();
+    assert_eq!(attempts.len(), 10);
+    assert!(
+        attempts
+            .iter()
+            .all(|a| !a.acknowledged && a.status == Some(404))
+    );
+    assert!(all_stored(&app).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_thousand_subscribers_each_get_every_notification_and_a_stalled_one_holds_no_one_back() {
+    let app = std::sync::Arc::new(spawn_app().await);
+    // A subscriber that never reads.
+    let _stalled = subscribe(&app, SubscribeNotificationsRequest::default()).await;
+
+    // Many streams share a few connections, as real clients would.
+    let mut channels = Vec::new();
+    for _ in 0..10 {
+        channels.push(app.channel().await);
+    }
+    const SUBSCRIBERS: usize = 1000;
+    const BURST: u64 = 200;
+    let mut streams = Vec::with_capacity(SUBSCRIBERS);
+    for i in 0..SUBSCRIBERS {
+        let mut client =
+            kongtie_gateway::proto::payment_client::PaymentClient::new(channels[i % 10].clone());
+        streams.push(
+            client
+                .subscribe_notifications(SubscribeNotificationsRequest::default())
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    let readers: Vec<_> = streams
+        .into_iter()
+        .map(|mut s| {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                while got.len() < BURST as usize {
+                    match tokio::time::timeout(Duration::from_secs(60), s.next()).await {
+                        Ok(Some(Ok(n))) => got.push(n.sequence),
+                        other => panic!("stream ended early: {other:?}"),
+                    }
+                }
+                got
+            })
+        })
+        .collect();
+    let senders: Vec<_> = (0..BURST)
+        .map(|i| {
+            let app = std::sync::Arc::clone(&app);
+            tokio::spawn(async move { app.notify(good(&format!("B{i}"))).await })
+        })
+        .collect();
+    for s in senders {
+        assert_eq!(s.await.unwrap().1, "success");
+    }
+    for r in readers {
+        assert_eq!(r.await.unwrap(), (1..=BURST).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test]
+async fn a_subscriber_that_falls_far_behind_catches_up_from_the_store_in_order() {
+    let app = std::sync::Arc::new(spawn_app().await);
+    let mut stalled = subscribe(&app, SubscribeNotificationsRequest::default()).await;
+    // More events than the live feed holds, while the subscriber reads
+    // nothing: it must lag, then fill the gap from the store.
+    const EVENTS: u64 = 1500;
+    let senders: Vec<_> = (0..8)
+        .map(|w| {
+            let app = std::sync::Arc::clone(&app);
+            tokio::spawn(async move {
+                for i in (w..EVENTS).step_by(8) {
+                    assert_eq!(app.notify(good(&format!("L{i}"))).await.1, "success");
+                }
+            })
+        })
+        .collect();
+    for s in senders {
+        s.await.unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < EVENTS as usize {
+        got.push(next(&mut stalled).await.sequence);
+    }
+    assert_eq!(got, (1..=EVENTS).collect::<Vec<_>>());
+    // And it is live again afterwards.
+    app.notify(good("AFTER")).await;
+    assert_eq!(next(&mut stalled).await.sequence, EVENTS + 1);
+}
+
+#[tokio::test]
+async fn notifications_and_positions_survive_a_restart_and_sequences_continue() {
+    let mut app = spawn_app().await;
+    app.notify(good("S1")).await;
+    app.notify(good("S2")).await;
+    app.payment()
+        .await
+        .ack_notifications(AckNotificationsRequest {
+            consumer: "c1".into(),
+            sequence: 1,
+        })
+        .await
+        .unwrap();
+    app.stop().await;
+
+    let store = store_url(app.data_dir.path());
+    let again = spawn_app_with(&[], |c| c.store_url = store).await;
+    assert_eq!(all_stored(&again).await.len(), 2);
+    again.notify(good("S3")).await;
+    let mut stream = subscribe(
+        &again,
+        SubscribeNotificationsRequest {
+            consumer: "c1".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(next(&mut stream).await.out_trade_id, "S2");
+    let n = next(&mut stream).await;
+    assert_eq!((n.out_trade_id.as_str(), n.sequence), ("S3", 3));
+}
