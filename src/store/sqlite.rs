@@ -28,6 +28,7 @@ const QUEUE: usize = 4096;
 /// New events kept for live subscribers before a slow one lags.
 const LIVE_BUFFER: usize = 1024;
 const READERS: usize = 4;
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 const MIGRATIONS: &[&str] = &["
     CREATE TABLE notifications (
@@ -88,13 +89,24 @@ impl SqliteStore {
         .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
         info!(path = %path.display(), last_sequence = last, "notification store open");
 
+        let checkpointer = Connection::open(&path)
+            .and_then(|c| c.pragma_update(None, "busy_timeout", 5000).map(|()| c))
+            .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
         let (writes, queue) = mpsc::channel(QUEUE);
         let (live, _) = broadcast::channel(LIVE_BUFFER);
+        let (stop_checkpoints, checkpoint_stop) = std::sync::mpsc::channel::<()>();
+        thread::Builder::new()
+            .name("store-checkpoint".into())
+            .spawn(move || run_checkpointer(checkpointer, checkpoint_stop))
+            .map_err(|e| StoreError::Backend(format!("starting the checkpointer: {e}")))?;
         let writer = thread::Builder::new()
             .name("store-writer".into())
             .spawn({
                 let live = live.clone();
-                move || run_writer(conn, queue, live, last)
+                move || {
+                    run_writer(conn, queue, live, last);
+                    drop(stop_checkpoints);
+                }
             })
             .map_err(|e| StoreError::Backend(format!("starting the writer: {e}")))?;
         Ok(Self {
@@ -238,6 +250,9 @@ fn open_writer(path: &Path) -> rusqlite::Result<(Connection, u64)> {
     // notification survives a power cut, not only a process crash.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "busy_timeout", 5000)?;
+    // Checkpoints run on their own thread (see `run_checkpointer`), not in
+    // the middle of a commit that callers are waiting for.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     migrate(&mut conn)?;
     let last: i64 = conn.query_row(
         "SELECT COALESCE(MAX(sequence), 0) FROM notifications",
@@ -245,6 +260,22 @@ fn open_writer(path: &Path) -> rusqlite::Result<(Connection, u64)> {
         |r| r.get(0),
     )?;
     Ok((conn, from_sql(last)))
+}
+
+/// Copies the WAL back into the database now and then, without blocking
+/// the writer (PASSIVE), until the writer stops.
+fn run_checkpointer(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
+    loop {
+        match stop.recv_timeout(CHECKPOINT_EVERY) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            _ => break,
+        }
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "checkpoint failed");
+        }
+    }
+    // A last full checkpoint leaves a small WAL behind.
+    let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
 }
 
 fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {

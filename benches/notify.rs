@@ -1,0 +1,361 @@
+//! Notification benchmarks, each beside a baseline measured in the same run
+//! (this machine is shared and noisy: read the ratios).
+//!
+//! 1. Intake rate: durable notify intake against a bare axum handler that
+//!    just answers `success`, driven by the same load generator.
+//! 2. Latency from `success` to a subscriber's receipt, p50/p99, with 100
+//!    subscribers, beside the round trip of one POST to the bare handler.
+//! 3. Memory per idle subscriber, from the binary's RSS.
+//!
+//! Run: `cargo bench --bench notify` (KONGTIE_BENCH_SECS sets the length of
+//! each intake round, default 5; KONGTIE_BENCH_CONNECTIONS the load
+//! generator's connections, default 64).
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{Router, body::Bytes, routing::post};
+use clap::Parser;
+use futures::StreamExt;
+use kongtie_gateway::{
+    config::{Cli, Command as Cmd, DOCUMENT_TOKEN},
+    proto::{SubscribeNotificationsRequest, payment_client::PaymentClient},
+    sandbox::signed_notification,
+    startup::Application,
+};
+use secrecy::SecretString;
+use tokio::{net::TcpListener, sync::oneshot};
+
+fn connections() -> usize {
+    std::env::var("KONGTIE_BENCH_CONNECTIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(64)
+}
+
+fn body(n: u64) -> String {
+    let id = format!("B{n}");
+    let fields = [
+        ("TradeStatus", "0000"),
+        ("Message", "SUCCESS"),
+        ("OutTradeId", id.as_str()),
+        ("TradeAmount", "0.20"),
+        ("TradeOrderId", id.as_str()),
+        ("TradeBillNo", id.as_str()),
+        ("TradeTime", "2018/3/2 10:00:39"),
+        ("TimeStamp", "1522233465"),
+    ];
+    signed_notification(&fields, &SecretString::from(DOCUMENT_TOKEN))
+}
+
+/// The load generator: `connections()` keep-alive connections, each posting
+/// distinct signed notifications back to back for `secs`. Returns answers
+/// of `200 success` per second.
+async fn drive(url: &str, secs: f64, first: &AtomicU64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let ok = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..connections())
+        .map(|_| {
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .build()
+                .unwrap();
+            let (url, ok) = (url.to_owned(), Arc::clone(&ok));
+            let start = first.fetch_add(10_000_000, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut n = start;
+                while Instant::now() < deadline {
+                    n += 1;
+                    let resp = client.post(&url).body(body(n)).send().await.unwrap();
+                    let success = resp.status().as_u16() == 200;
+                    if success && resp.text().await.unwrap() == "success" {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    ok.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn bare_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().route("/notify", post(|_: Bytes| async { "success" }));
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+struct Gateway {
+    grpc: SocketAddr,
+    notify_url: String,
+    _stop: oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+async fn gateway() -> Gateway {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "kongtie-gateway",
+        "serve",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--notify-addr",
+        "127.0.0.1:0",
+    ];
+    let Cmd::Serve(args) = Cli::try_parse_from(args).unwrap().command else {
+        unreachable!()
+    };
+    let mut config = args.config();
+    config.store_url = format!("sqlite://{}", dir.path().join("n.db").display());
+    let app = Application::build(config).await.unwrap();
+    let (grpc, notify_url) = (app.grpc_addr(), app.notify_url().to_string());
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(app.run_until(async move {
+        let _ = stopped.await;
+    }));
+    Gateway {
+        grpc,
+        notify_url,
+        _stop: stop,
+        _dir: dir,
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+async fn intake(secs: f64) {
+    println!(
+        "## Intake rate ({} connections, {secs} s a round)",
+        connections()
+    );
+    let bare = format!("http://{}/notify", bare_server().await);
+    let ids = AtomicU64::new(0);
+    let mut ratios = Vec::new();
+    for round in 1..=3 {
+        let gw = gateway().await;
+        let base = drive(&bare, secs, &ids).await;
+        let durable = drive(&gw.notify_url, secs, &ids).await;
+        ratios.push(durable / base);
+        println!(
+            "round {round}: bare axum {base:>8.0}/s   durable intake {durable:>8.0}/s   ratio {:.2}",
+            durable / base
+        );
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!("median ratio durable/bare: {:.2}\n", ratios[1]);
+}
+
+async fn latency() {
+    const SUBSCRIBERS: usize = 100;
+    const EVENTS: usize = 500;
+    println!(
+        "## Latency, `success` to subscriber receipt ({SUBSCRIBERS} subscribers, {EVENTS} notifications, one at a time)"
+    );
+    let gw = gateway().await;
+    let mut receivers = Vec::new();
+    for _ in 0..SUBSCRIBERS {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", gw.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut stream = PaymentClient::new(channel)
+            .subscribe_notifications(SubscribeNotificationsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        receivers.push(tokio::spawn(async move {
+            let mut seen = Vec::with_capacity(EVENTS);
+            while seen.len() < EVENTS {
+                let n = stream.next().await.unwrap().unwrap();
+                seen.push((n.sequence, Instant::now()));
+            }
+            seen
+        }));
+    }
+    let client = reqwest::Client::new();
+    let mut posted = Vec::with_capacity(EVENTS);
+    let mut answered = Vec::with_capacity(EVENTS);
+    for n in 0..EVENTS as u64 {
+        posted.push(Instant::now());
+        let resp = client
+            .post(&gw.notify_url)
+            .body(body(n))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.text().await.unwrap(), "success");
+        answered.push(Instant::now());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Signed: an event is published at commit, so a subscriber often has it
+    // before the HTTP answer reaches Kongtie (a negative latency).
+    let signed_ms = |from: Instant, to: Instant| match to.checked_duration_since(from) {
+        Some(d) => ms(d),
+        None => -ms(from.duration_since(to)),
+    };
+    let mut after_success = Vec::new();
+    let mut after_post = Vec::new();
+    for r in receivers {
+        for (sequence, at) in r.await.unwrap() {
+            let i = sequence as usize - 1;
+            after_success.push(signed_ms(answered[i], at));
+            after_post.push(signed_ms(posted[i], at));
+        }
+    }
+    after_success.sort_by(f64::total_cmp);
+    after_post.sort_by(f64::total_cmp);
+    let pct = |v: &[f64], p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+
+    let bare = format!("http://{}/notify", bare_server().await);
+    let mut rtt = Vec::new();
+    for n in 0..EVENTS as u64 {
+        let started = Instant::now();
+        client
+            .post(&bare)
+            .body(body(n))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        rtt.push(started.elapsed());
+    }
+    rtt.sort();
+    let (b50, b99) = (ms(percentile(&rtt, 0.5)), ms(percentile(&rtt, 0.99)));
+    println!(
+        "`success` answered -> subscriber receipt: p50 {:.3} ms, p99 {:.3} ms ({} receipts)",
+        pct(&after_success, 0.5),
+        pct(&after_success, 0.99),
+        after_success.len()
+    );
+    let (e50, e99) = (pct(&after_post, 0.5), pct(&after_post, 0.99));
+    println!("POST sent -> subscriber receipt:        p50 {e50:.3} ms, p99 {e99:.3} ms");
+    println!("baseline, POST round trip to the bare handler: p50 {b50:.3} ms, p99 {b99:.3} ms");
+    println!(
+        "ratio (sent -> receipt) / bare round trip: p50 {:.1}, p99 {:.1}\n",
+        e50 / b50,
+        e99 / b99
+    );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+async fn memory() {
+    const IDLE: usize = 1000;
+    println!(
+        "## Memory per idle subscriber ({IDLE} subscriptions over 10 connections, the release binary)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kongtie-gateway"))
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--notify-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let grpc = loop {
+        let line = lines.next().unwrap().unwrap();
+        if line.contains("gRPC listening") {
+            break line.split("addr=").nth(1).unwrap().trim().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let pid = child.id();
+    // Warm up one subscription so lazily built state is in the baseline.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let warm = PaymentClient::new(channel.clone())
+        .subscribe_notifications(SubscribeNotificationsRequest::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(pid);
+    let mut streams = vec![warm];
+    let mut channels = vec![channel];
+    for _ in 1..10 {
+        channels.push(
+            tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        );
+    }
+    for i in 0..IDLE {
+        streams.push(
+            PaymentClient::new(channels[i % 10].clone())
+                .subscribe_notifications(SubscribeNotificationsRequest::default())
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_kib(pid);
+    println!("binary RSS with 1 subscriber: {before} KiB (the baseline)");
+    println!("binary RSS with {} subscribers: {after} KiB", IDLE + 1);
+    println!(
+        "per idle subscriber: {:.1} KiB ({:.1}% of the baseline process per 1000 subscribers)\n",
+        after.saturating_sub(before) as f64 / IDLE as f64,
+        after.saturating_sub(before) as f64 / before as f64 * 100.0
+    );
+    drop(streams);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing else is taken.
+    let secs: f64 = std::env::var("KONGTIE_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5.0);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        intake(secs).await;
+        latency().await;
+        memory().await;
+    });
+}
