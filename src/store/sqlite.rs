@@ -15,6 +15,8 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
+use std::sync::mpsc::RecvTimeoutError;
+
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, error, info};
@@ -265,11 +267,7 @@ fn open_writer(path: &Path) -> rusqlite::Result<(Connection, u64)> {
 /// Copies the WAL back into the database now and then, without blocking
 /// the writer (PASSIVE), until the writer stops.
 fn run_checkpointer(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
-    loop {
-        match stop.recv_timeout(CHECKPOINT_EVERY) {
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            _ => break,
-        }
+    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::warn!(error = %e, "checkpoint failed");
         }
