@@ -114,6 +114,8 @@ async fn gateway() -> Gateway {
         "127.0.0.1:0",
         "--notify-addr",
         "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
     ];
     let Cmd::Serve(args) = Cli::try_parse_from(args).unwrap().command else {
         unreachable!()
@@ -281,6 +283,8 @@ async fn memory() {
             "--grpc-addr",
             "127.0.0.1:0",
             "--notify-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
             "127.0.0.1:0",
             "--data-dir",
         ])

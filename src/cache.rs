@@ -143,16 +143,18 @@ where
         }
     }
 
-    pub async fn get_or_run<Fut>(&self, key: K, run: impl FnOnce() -> Fut) -> Result<V>
+    /// The remembered (or shared in-flight) answer for `key`, else runs
+    /// `run`; says whether the answer was already there.
+    pub async fn get_or_run<Fut>(&self, key: K, run: impl FnOnce() -> Fut) -> (Result<V>, bool)
     where
         Fut: Future<Output = Result<V>> + Send + 'static,
     {
-        let flight = {
+        let (flight, hit) = {
             let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
             entries.retain(|_, (at, _)| now.duration_since(*at) < self.ttl);
             match entries.get(&key) {
-                Some((_, flight)) => flight.clone(),
+                Some((_, flight)) => (flight.clone(), true),
                 None => {
                     let fut = run();
                     let map = Arc::clone(&self.entries);
@@ -167,11 +169,11 @@ where
                         result
                     });
                     entries.insert(key, (now, flight.clone()));
-                    flight
+                    (flight, false)
                 }
             }
         };
-        flight.await
+        (flight.await, hit)
     }
 }
 

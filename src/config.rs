@@ -4,6 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
 use secrecy::SecretString;
 use url::Url;
 
@@ -160,6 +161,55 @@ pub struct ServeArgs {
     /// Notification store URL (default: sqlite://DATA_DIR/notifications.db).
     #[arg(long, env = "KONGTIE_STORE", value_parser = non_empty)]
     pub store: Option<String>,
+    /// How long a notification request may take, store commit included, in
+    /// milliseconds.
+    #[arg(long, env = "KONGTIE_NOTIFY_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub notify_timeout_ms: u64,
+    /// Notification requests handled at once; more get 503.
+    #[arg(long, env = "KONGTIE_NOTIFY_MAX_CONCURRENCY", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub notify_max_concurrency: u64,
+    /// Source networks allowed to notify, comma-separated CIDRs (default:
+    /// any).
+    #[arg(long, env = "KONGTIE_NOTIFY_ALLOW", value_delimiter = ',')]
+    pub notify_allow: Vec<IpNet>,
+    /// Proxies whose X-Forwarded-For is believed, comma-separated CIDRs.
+    #[arg(long, env = "KONGTIE_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<IpNet>,
+    /// Refuse notifications whose TimeStamp is further than this many
+    /// seconds from now (default: off; resends may carry the first one).
+    #[arg(long, env = "KONGTIE_NOTIFY_MAX_AGE_SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub notify_max_age_secs: Option<u64>,
+    /// API keys callers send as `authorization: Bearer <key>`,
+    /// comma-separated.
+    #[arg(long, env = "KONGTIE_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+    /// A file of API keys, one per line (`#` starts a comment).
+    #[arg(long, env = "KONGTIE_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Serve gRPC without API keys on a non-loopback address.
+    #[arg(long, env = "KONGTIE_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
+    /// PEM certificate chain for gRPC over TLS (with --tls-key).
+    #[arg(long, env = "KONGTIE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for gRPC over TLS (with --tls-cert).
+    #[arg(long, env = "KONGTIE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: require client certificates signed by them
+    /// (mutual TLS).
+    #[arg(long, env = "KONGTIE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Address of the admin listener (/metrics, /healthz, /readyz).
+    #[arg(long, env = "KONGTIE_ADMIN_ADDR", default_value = "127.0.0.1:9090")]
+    pub admin_addr: SocketAddr,
+    /// After SIGTERM or SIGINT, how long in-flight work may take, in
+    /// seconds.
+    #[arg(long, env = "KONGTIE_SHUTDOWN_GRACE_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub shutdown_grace_secs: u64,
+    /// gRPC connections (and subscriptions) are retired after about this
+    /// many seconds, so clients rebalance across replicas; 0 turns it off.
+    #[arg(long, env = "KONGTIE_MAX_CONNECTION_AGE_SECS", default_value_t = 1800)]
+    pub max_connection_age_secs: u64,
     /// Run the sandbox simulator in-process and point the gateway at it.
     #[arg(long, env = "KONGTIE_SANDBOX")]
     pub sandbox: bool,
@@ -221,6 +271,22 @@ pub fn sandbox_config(
 }
 
 /// Everything the gateway needs, checked.
+/// Who may call the gRPC API, and over what.
+#[derive(Debug, Clone, Default)]
+pub struct AccessConfig {
+    pub api_keys: Vec<SecretString>,
+    pub api_keys_file: Option<PathBuf>,
+    pub allow_unauthenticated: bool,
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
 #[derive(Clone)]
 pub struct Config {
     pub grpc_addr: SocketAddr,
@@ -230,6 +296,10 @@ pub struct Config {
     pub notify: NotifySettings,
     /// Where notifications are stored, e.g. `sqlite://data/notifications.db`.
     pub store_url: String,
+    pub admin_addr: SocketAddr,
+    pub access: AccessConfig,
+    pub shutdown_grace: Duration,
+    pub max_connection_age: Option<Duration>,
     /// Run this simulator in-process, on this address, and use it as the
     /// upstream.
     pub sandbox: Option<(SocketAddr, SandboxConfig)>,
@@ -273,7 +343,26 @@ impl ServeArgs {
                 path: self.notify_path.clone(),
                 token: self.kongtie.notify_token(),
                 max_body_bytes: usize::try_from(self.notify_max_body_bytes).unwrap_or(usize::MAX),
+                request_timeout: Duration::from_millis(self.notify_timeout_ms),
+                max_concurrency: usize::try_from(self.notify_max_concurrency).unwrap_or(usize::MAX),
+                allow: self.notify_allow.clone(),
+                trusted_proxies: self.trusted_proxies.clone(),
+                max_age: self.notify_max_age_secs.map(Duration::from_secs),
             },
+            admin_addr: self.admin_addr,
+            access: AccessConfig {
+                api_keys: self.api_keys.iter().map(|k| SecretString::from(k.as_str())).collect(),
+                api_keys_file: self.api_keys_file.clone(),
+                allow_unauthenticated: self.allow_unauthenticated,
+                tls: self.tls_cert.clone().zip(self.tls_key.clone()).map(|(cert, key)| TlsFiles {
+                    cert,
+                    key,
+                    client_ca: self.tls_client_ca.clone(),
+                }),
+            },
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            max_connection_age: (self.max_connection_age_secs > 0)
+                .then(|| Duration::from_secs(self.max_connection_age_secs)),
             store_url: self.store.clone().unwrap_or_else(|| {
                 format!(
                     "sqlite://{}",
@@ -333,6 +422,8 @@ mod tests {
             ["kongtie-gateway", "serve", "--cache-ttl-secs", "0"],
             ["kongtie-gateway", "serve", "--source-from", ""],
             ["kongtie-gateway", "serve", "--notify-path", "no-slash"],
+            ["kongtie-gateway", "serve", "--notify-allow", "10.0.0.0/33"],
+            ["kongtie-gateway", "serve", "--tls-cert", "cert.pem"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?} accepted");
         }

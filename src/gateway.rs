@@ -12,6 +12,7 @@ use crate::{
     cache::{Fetched, Memo, TokenCache},
     domain::{NewOrder, OAuthCode},
     error::{Error, Result},
+    metrics::Metrics,
     upstream::{CreatedOrder, KongtieClient, WebAccessToken},
 };
 
@@ -70,6 +71,7 @@ pub struct JsSdkConfig {
 
 pub struct Gateway {
     client: Arc<KongtieClient>,
+    metrics: Arc<Metrics>,
     settings: GatewaySettings,
     access_token: Arc<TokenCache>,
     ticket: TokenCache,
@@ -77,7 +79,7 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(client: KongtieClient, settings: GatewaySettings) -> Self {
+    pub fn new(client: KongtieClient, settings: GatewaySettings, metrics: Arc<Metrics>) -> Self {
         let client = Arc::new(client);
         let c = Arc::clone(&client);
         let access_token = Arc::new(TokenCache::new(settings.token_ttl, move || {
@@ -94,6 +96,7 @@ impl Gateway {
         });
         Self {
             client,
+            metrics,
             codes: Memo::new(CODE_MEMO_TTL),
             settings,
             access_token,
@@ -136,7 +139,13 @@ impl Gateway {
         let client = Arc::clone(&self.client);
         let key = code.clone();
         let run = move || async move { client.exchange_code(code.as_str(), deadline).await };
-        within(deadline, self.codes.get_or_run(key, run)).await
+        let metrics = Arc::clone(&self.metrics);
+        within(deadline, async move {
+            let (answer, hit) = self.codes.get_or_run(key, run).await;
+            metrics.cache_lookup("oauth_code", hit);
+            answer
+        })
+        .await
     }
 
     pub fn authorize_url(

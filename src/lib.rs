@@ -6,12 +6,15 @@
 //! `store` their durable home, `sandbox` a simulator of Kongtie, `startup`
 //! wires them together.
 
+pub mod admin;
+pub mod api_keys;
 pub mod cache;
 pub mod config;
 pub mod domain;
 pub mod error;
 pub mod gateway;
 pub mod grpc;
+pub mod metrics;
 pub mod notify;
 pub mod sandbox;
 pub mod startup;

@@ -1,19 +1,23 @@
-//! Wiring: binds the listeners, opens the store, builds the services, serves
-//! until told to stop. Tests build an [`Application`] on port 0 and read
-//! back the ports.
+//! Wiring: opens the store, binds the listeners, builds the services, serves
+//! until told to stop, then shuts down in order. Tests build an
+//! [`Application`] on port 0 and read back the ports.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use secrecy::ExposeSecret;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
-use tracing::info;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tracing::{info, warn};
 use url::Url;
 
 use crate::{
-    config::Config,
+    admin,
+    api_keys::ApiKeys,
+    config::{AccessConfig, Config},
     gateway::Gateway,
     grpc::{AuthService, PaymentService, TicketService},
+    metrics::Metrics,
     notify,
     proto::{auth_server::AuthServer, payment_server::PaymentServer, ticket_server::TicketServer},
     sandbox::SandboxHandle,
@@ -29,29 +33,48 @@ pub struct Application {
     notify_listener: TcpListener,
     notify_addr: SocketAddr,
     notify_url: Url,
+    admin_listener: TcpListener,
+    admin_addr: SocketAddr,
+    api_keys: ApiKeys,
+    tls: Option<ServerTlsConfig>,
     config: Config,
+    metrics: Arc<Metrics>,
     gateway: Arc<Gateway>,
     store: Arc<dyn NotificationStore>,
     sandbox: Option<SandboxHandle>,
 }
 
 impl Application {
-    /// Opens the store, binds every listener (port 0 picks a free port)
-    /// and, with a sandbox configured, starts it and points the upstream
-    /// URLs at it and its notifications at us.
+    /// Checks who may call, opens the store, binds every listener (port 0
+    /// picks a free port) and, with a sandbox configured, starts it and
+    /// points the upstream URLs at it and its notifications at us.
     pub async fn build(mut config: Config) -> Result<Self, BoxError> {
-        let store = store::open(&config.store_url).await?;
-        let notify_listener = TcpListener::bind(config.notify_addr)
-            .await
-            .map_err(|e| format!("binding the notify listener on {}: {e}", config.notify_addr))?;
+        let api_keys = load_api_keys(&config.access)?;
+        let grpc_ip = config.grpc_addr.ip();
+        if api_keys.is_empty() {
+            if !grpc_ip.is_loopback() && !config.access.allow_unauthenticated {
+                return Err(format!(
+                    "refusing to serve gRPC on {} without API keys: set KONGTIE_API_KEYS or \
+                     KONGTIE_API_KEYS_FILE, or pass --allow-unauthenticated",
+                    config.grpc_addr
+                )
+                .into());
+            }
+            warn!(addr = %config.grpc_addr, "no API keys configured: every gRPC caller is let in");
+        }
+        let tls = load_tls(&config.access).await?;
+
+        let metrics = Metrics::new();
+        let store = store::open(&config.store_url, Some(Arc::clone(&metrics))).await?;
+        let notify_listener = bind(config.notify_addr, "the notify listener").await?;
         let notify_addr = notify_listener.local_addr()?;
         let notify_url = Url::parse(&format!("http://{notify_addr}{}", config.notify.path))?;
+        let admin_listener = bind(config.admin_addr, "the admin listener").await?;
+        let admin_addr = admin_listener.local_addr()?;
 
         let sandbox = match config.sandbox.take() {
             Some((addr, mut sandbox_config)) => {
-                let listener = TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| format!("binding the sandbox on {addr}: {e}"))?;
+                let listener = bind(addr, "the sandbox").await?;
                 sandbox_config.notify_url = Some(notify_url.clone());
                 let sandbox = SandboxHandle::spawn(sandbox_config, listener)?;
                 config.upstream.ktapi_url = sandbox.ktapi_url();
@@ -60,11 +83,9 @@ impl Application {
             }
             None => None,
         };
-        let grpc_listener = TcpListener::bind(config.grpc_addr)
-            .await
-            .map_err(|e| format!("binding the gRPC listener on {}: {e}", config.grpc_addr))?;
+        let grpc_listener = bind(config.grpc_addr, "the gRPC listener").await?;
         let grpc_addr = grpc_listener.local_addr()?;
-        let client = KongtieClient::new(config.upstream.clone())?;
+        let client = KongtieClient::new(config.upstream.clone(), Some(Arc::clone(&metrics)))?;
         info!(
             ktapi_url = %config.upstream.ktapi_url,
             pay_url = %config.upstream.pay_url,
@@ -77,7 +98,12 @@ impl Application {
             notify_listener,
             notify_addr,
             notify_url,
-            gateway: Arc::new(Gateway::new(client, config.gateway.clone())),
+            admin_listener,
+            admin_addr,
+            api_keys,
+            tls,
+            gateway: Arc::new(Gateway::new(client, config.gateway.clone(), Arc::clone(&metrics))),
+            metrics,
             config,
             store,
             sandbox,
@@ -92,6 +118,10 @@ impl Application {
         self.notify_addr
     }
 
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
     /// The URL to give Kongtie (behind whatever makes it public).
     pub fn notify_url(&self) -> &Url {
         &self.notify_url
@@ -101,40 +131,36 @@ impl Application {
         self.sandbox.as_ref()
     }
 
-    /// Serves until `shutdown` completes; then ends the subscriptions, lets
-    /// in-flight calls and notifications finish, and closes the store.
-    pub async fn run_until(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<(), BoxError> {
+    /// Serves until `shutdown` completes. Then: not ready, health NOT_SERVING,
+    /// no new connections; subscriptions end with UNAVAILABLE; in-flight
+    /// calls and notifications may finish within the grace period; the
+    /// store is closed last.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), BoxError> {
         let (stopping_tx, stopping) = watch::channel(false);
+        let (ready_tx, ready) = watch::channel(true);
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter.set_serving::<AuthServer<AuthService>>().await;
+        health_reporter.set_serving::<TicketServer<TicketService>>().await;
+        health_reporter.set_serving::<PaymentServer<PaymentService>>().await;
+        let reporter = health_reporter.clone();
         tokio::spawn(async move {
             shutdown.await;
+            let _ = ready_tx.send(false);
+            reporter.set_not_serving::<AuthServer<AuthService>>().await;
+            reporter.set_not_serving::<TicketServer<TicketService>>().await;
+            reporter.set_not_serving::<PaymentServer<PaymentService>>().await;
             let _ = stopping_tx.send(true);
         });
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
 
-        let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter
-            .set_serving::<AuthServer<AuthService>>()
-            .await;
-        health_reporter
-            .set_serving::<TicketServer<TicketService>>()
-            .await;
-        health_reporter
-            .set_serving::<PaymentServer<PaymentService>>()
-            .await;
-
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(
-                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-                )
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
                 // The rich error details, so grpcurl can print them.
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
@@ -142,43 +168,142 @@ impl Application {
             Arc::clone(&self.gateway),
             Arc::clone(&self.store),
             stopping.clone(),
+            Arc::clone(&self.metrics),
+            self.config.max_connection_age,
         );
+        let keys = self.api_keys.clone();
 
-        info!(addr = %self.grpc_addr, "gRPC listening");
-        let grpc = Server::builder()
+        let mut server = Server::builder();
+        if let Some(tls) = self.tls {
+            server = server.tls_config(tls)?;
+        }
+        if let Some(age) = self.config.max_connection_age {
+            // GOAWAY after `age`, then the connection's streams may finish.
+            // Not `max_connection_age_grace`: in tonic 0.14 setting it skips
+            // the GOAWAY and closes the connection hard at age + grace.
+            server = server.max_connection_age(age);
+        }
+        info!(addr = %self.grpc_addr, tls = self.config.access.tls.is_some(), "gRPC listening");
+        let grpc = server
             .trace_fn(|request| tracing::info_span!("grpc", method = request.uri().path()))
             // Notice dead subscribers: a ping every 30 s, gone after 10 s
             // without an answer.
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(health_service)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
-            .add_service(AuthServer::new(AuthService::new(Arc::clone(&self.gateway))))
-            .add_service(TicketServer::new(TicketService::new(Arc::clone(
-                &self.gateway,
-            ))))
-            .add_service(PaymentServer::new(payment))
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(self.grpc_listener),
-                stopped(stopping.clone()),
-            );
+            .add_service(AuthServer::with_interceptor(
+                AuthService::new(Arc::clone(&self.gateway)),
+                keys.clone(),
+            ))
+            .add_service(TicketServer::with_interceptor(
+                TicketService::new(Arc::clone(&self.gateway)),
+                keys.clone(),
+            ))
+            .add_service(PaymentServer::with_interceptor(payment, keys))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc_listener), stopped(stopping.clone()));
 
         info!(addr = %self.notify_addr, path = %self.config.notify.path, "notify listener listening");
-        let notify_app = notify::router(Arc::clone(&self.store), self.config.notify.clone());
-        let notify = axum::serve(self.notify_listener, notify_app)
-            .with_graceful_shutdown(stopped(stopping.clone()));
+        let notify_app = notify::router(
+            Arc::clone(&self.store),
+            self.config.notify.clone(),
+            Arc::clone(&self.metrics),
+        );
+        let notify = axum::serve(
+            self.notify_listener,
+            notify_app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stopped(stopping.clone()));
 
-        let (grpc, notify) = tokio::join!(grpc, async { notify.await });
+        info!(addr = %self.admin_addr, "admin listener listening");
+        let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        let admin = tokio::spawn(
+            axum::serve(self.admin_listener, admin::router(Arc::clone(&self.metrics), ready))
+                .with_graceful_shutdown(async {
+                    let _ = admin_stopped.await;
+                })
+                .into_future(),
+        );
+
+        let serving = async { tokio::join!(grpc, async { notify.await }) };
+        let grace = self.config.shutdown_grace;
+        let deadline = async {
+            stopped(stopping.clone()).await;
+            tokio::time::sleep(grace).await;
+        };
+        let (grpc, notify) = tokio::select! {
+            (grpc, notify) = serving => (grpc.map_err(BoxError::from), notify.map_err(BoxError::from)),
+            () = deadline => {
+                warn!(grace_secs = grace.as_secs(), "grace period over; closing with work still in flight");
+                (Ok(()), Ok(()))
+            }
+        };
         if let Some(sandbox) = self.sandbox {
             sandbox.shutdown().await;
         }
+        // Whatever reached the store's queue is committed before it closes.
         self.store.close().await;
+        let _ = admin_stop.send(());
+        let _ = admin.await;
         info!("stopped");
         grpc?;
         notify?;
         Ok(())
     }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, BoxError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("binding {what} on {addr}: {e}").into())
+}
+
+/// The configured keys and the keys file's lines (blank lines and `#`
+/// comments skipped).
+fn load_api_keys(access: &AccessConfig) -> Result<ApiKeys, BoxError> {
+    let mut keys: Vec<String> = access
+        .api_keys
+        .iter()
+        .map(|k| k.expose_secret().trim().to_owned())
+        .filter(|k| !k.is_empty())
+        .collect();
+    if let Some(path) = &access.api_keys_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading the API keys file {}: {e}", path.display()))?;
+        keys.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned),
+        );
+        if keys.is_empty() {
+            return Err(format!("the API keys file {} holds no key", path.display()).into());
+        }
+    }
+    if let Some(bad) = keys.iter().find(|k| k.chars().any(|c| c.is_whitespace() || c == ',')) {
+        let _ = bad;
+        return Err("an API key contains a space or a comma".into());
+    }
+    Ok(ApiKeys::new(keys.iter().map(String::as_str)))
+}
+
+async fn load_tls(access: &AccessConfig) -> Result<Option<ServerTlsConfig>, BoxError> {
+    let Some(files) = &access.tls else {
+        return Ok(None);
+    };
+    let read = |path: std::path::PathBuf, what: &'static str| async move {
+        tokio::fs::read(&path)
+            .await
+            .map_err(|e| BoxError::from(format!("reading the TLS {what} {}: {e}", path.display())))
+    };
+    let cert = read(files.cert.clone(), "certificate").await?;
+    let key = read(files.key.clone(), "key").await?;
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    if let Some(ca) = &files.client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca.clone(), "client CA").await?));
+    }
+    Ok(Some(tls))
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -1,6 +1,6 @@
 //! `kongtie.v1.Payment`: orders, and the notification stream.
 
-use std::{pin::Pin, sync::Arc};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
 use chrono::Utc;
 use futures::{Stream, StreamExt, stream};
@@ -15,6 +15,7 @@ use crate::{
     },
     error::Error,
     gateway::Gateway,
+    metrics::Metrics,
     notify::{Subscription, run_subscription},
     proto::{self, payment_server::Payment},
     store::{NotificationStore, StoredNotification},
@@ -28,6 +29,10 @@ pub struct PaymentService {
     store: Arc<dyn NotificationStore>,
     /// Flips to true at shutdown, ending every subscription.
     shutdown: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+    /// Subscriptions end (UNAVAILABLE) after about this long, so that
+    /// long-lived subscribers reconnect and spread over replicas.
+    subscription_max_age: Option<Duration>,
 }
 
 impl PaymentService {
@@ -35,11 +40,15 @@ impl PaymentService {
         gateway: Arc<Gateway>,
         store: Arc<dyn NotificationStore>,
         shutdown: watch::Receiver<bool>,
+        metrics: Arc<Metrics>,
+        subscription_max_age: Option<Duration>,
     ) -> Self {
         Self {
             gateway,
             store,
             shutdown,
+            metrics,
+            subscription_max_age,
         }
     }
 }
@@ -128,8 +137,18 @@ impl Payment for PaymentService {
             after,
             out_trade_id: order.map(|o| o.as_str().to_owned()),
             shutdown: self.shutdown.clone(),
+            // Jittered, so subscribers that connected together do not all
+            // come back at once.
+            max_age: self
+                .subscription_max_age
+                .map(|age| age.mul_f64(0.9 + 0.2 * rand::random::<f64>())),
         };
-        tokio::spawn(run_subscription(subscription, tx, to_proto));
+        let metrics = Arc::clone(&self.metrics);
+        metrics.subscribers.inc();
+        tokio::spawn(async move {
+            run_subscription(subscription, tx, to_proto).await;
+            metrics.subscribers.dec();
+        });
         // A subscription never ends normally: whatever ended it, the client
         // should resubscribe, so a stream that closed without an error
         // status (its buffer was full) still ends UNAVAILABLE.

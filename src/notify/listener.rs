@@ -1,21 +1,35 @@
 //! The side HTTP listener Kongtie POSTs payment notifications to.
 //!
+//! It faces the internet, so before a handler runs a guard checks the
+//! source network (when an allowlist is set), takes one of a bounded number
+//! of slots (503 when all are taken: Kongtie sends again) and bounds the
+//! request's time. The body size is limited, and only POST is routed.
+//!
 //! A notification is verified in named steps (parse, required fields,
-//! signature over the document's field order, values exactly as sent),
-//! stored durably, and only then answered `success`; a repeat is answered
-//! `success` too. Anything we refuse gets a 4xx and a short reason and is
-//! not stored; a store failure gets a 5xx so Kongtie sends it again.
+//! signature over the document's field order, values exactly as sent, and
+//! optionally the age of its `TimeStamp`), stored durably, and only then
+//! answered `success`; a repeat is answered `success` too. Anything we
+//! refuse gets a 4xx and a short reason and is not stored; a store failure
+//! gets a 5xx so Kongtie sends it again.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use axum::{
     Router,
     body::Bytes,
-    extract::{DefaultBodyLimit, State},
-    http::StatusCode,
+    extract::{ConnectInfo, DefaultBodyLimit, Request, State},
+    http::{HeaderMap, StatusCode},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::post,
 };
+use ipnet::IpNet;
+use tokio::sync::Semaphore;
 use chrono::Utc;
 use secrecy::SecretString;
 use serde_json::value::RawValue;
@@ -23,6 +37,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::{
     domain::AmountFen,
+    metrics::Metrics,
     store::{IncomingNotification, NotificationStore, Recorded},
     upstream::{
         sign,
@@ -41,29 +56,122 @@ pub struct NotifySettings {
     pub token: SecretString,
     /// Largest body accepted.
     pub max_body_bytes: usize,
+    /// Longest a request may take, store commit included.
+    pub request_timeout: Duration,
+    /// Requests handled at once; more are refused with 503.
+    pub max_concurrency: usize,
+    /// Source networks allowed to notify; empty allows all.
+    pub allow: Vec<IpNet>,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Refuse notifications whose `TimeStamp` is further than this from
+    /// now. Off by default: resends may carry the first TimeStamp.
+    pub max_age: Option<Duration>,
 }
 
 struct ListenerState {
     store: Arc<dyn NotificationStore>,
-    token: SecretString,
+    settings: NotifySettings,
+    slots: Semaphore,
+    metrics: Arc<Metrics>,
 }
 
-pub fn router(store: Arc<dyn NotificationStore>, settings: NotifySettings) -> Router {
+/// The listener's routes. Serve with
+/// `into_make_service_with_connect_info::<SocketAddr>()`: the allowlist
+/// needs the peer address.
+pub fn router(
+    store: Arc<dyn NotificationStore>,
+    settings: NotifySettings,
+    metrics: Arc<Metrics>,
+) -> Router {
     let state = Arc::new(ListenerState {
         store,
-        token: settings.token,
+        slots: Semaphore::new(settings.max_concurrency),
+        metrics,
+        settings: settings.clone(),
     });
     Router::new()
         .route(&settings.path, post(receive))
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), guard))
         .with_state(state)
 }
 
+/// Source network, concurrency and time limits, before any handler.
+async fn guard(
+    State(state): State<Arc<ListenerState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let settings = &state.settings;
+    if !settings.allow.is_empty() {
+        let source = client_ip(peer.ip(), request.headers(), &settings.trusted_proxies);
+        if !settings.allow.iter().any(|net| net.contains(&source)) {
+            warn!(%source, "notification from a source outside the allowlist");
+            state.metrics.rejected("source_not_allowed");
+            return (StatusCode::FORBIDDEN, "source not allowed").into_response();
+        }
+    }
+    let Ok(_slot) = state.slots.try_acquire() else {
+        state.metrics.rejected("busy");
+        return (StatusCode::SERVICE_UNAVAILABLE, "busy, send again").into_response();
+    };
+    let response = match tokio::time::timeout(settings.request_timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            warn!("notification request timed out; Kongtie will resend");
+            state.metrics.rejected("timeout");
+            return (StatusCode::SERVICE_UNAVAILABLE, "timed out, send again").into_response();
+        }
+    };
+    // Refusals made before the handler ran are counted here; the handler
+    // counts its own.
+    let reason = match response.status() {
+        StatusCode::METHOD_NOT_ALLOWED => Some("method_not_allowed"),
+        StatusCode::PAYLOAD_TOO_LARGE => Some("too_large"),
+        StatusCode::NOT_FOUND => Some("not_found"),
+        _ => None,
+    };
+    if let Some(reason) = reason {
+        state.metrics.rejected(reason);
+    }
+    response
+}
+
+/// The address a request came from: the peer, or, when the peer is a
+/// trusted proxy, the nearest untrusted address in `X-Forwarded-For`.
+fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let forwarded: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|ip| ip.trim().parse().ok())
+        .collect();
+    forwarded
+        .iter()
+        .rev()
+        .find(|ip| !is_trusted(ip))
+        .or(forwarded.first())
+        .copied()
+        .unwrap_or(peer)
+}
+
 async fn receive(State(state): State<Arc<ListenerState>>, body: Bytes) -> Response {
-    let notification = match verify(&body, &state.token) {
+    let checked = verify(&body, &state.settings.token).and_then(|n| {
+        check_age(&n, state.settings.max_age)?;
+        Ok(n)
+    });
+    let notification = match checked {
         Ok(n) => n,
         Err(refusal) => {
             warn!(reason = refusal.reason, "notification refused");
+            state.metrics.rejected(refusal.metric);
             return refusal.into_response();
         }
     };
@@ -72,6 +180,7 @@ async fn receive(State(state): State<Arc<ListenerState>>, body: Bytes) -> Respon
         match state.store.record(notification).await {
             Ok(Recorded::New { sequence }) => {
                 info!(sequence, "notification stored");
+                state.metrics.notification("stored");
                 (StatusCode::OK, SUCCESS).into_response()
             }
             Ok(Recorded::Repeat {
@@ -79,15 +188,13 @@ async fn receive(State(state): State<Arc<ListenerState>>, body: Bytes) -> Respon
                 receive_count,
             }) => {
                 info!(sequence, receive_count, "repeat of a stored notification");
+                state.metrics.notification("duplicate");
                 (StatusCode::OK, SUCCESS).into_response()
             }
             Err(e) => {
                 error!(error = %e, "notification not stored; Kongtie will resend");
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store unavailable, send again",
-                )
-                    .into_response()
+                state.metrics.rejected("store_unavailable");
+                (StatusCode::SERVICE_UNAVAILABLE, "store unavailable, send again").into_response()
             }
         }
     }
@@ -95,10 +202,32 @@ async fn receive(State(state): State<Arc<ListenerState>>, body: Bytes) -> Respon
     .await
 }
 
+/// With a maximum age set, refuses a `TimeStamp` (unix seconds, or
+/// milliseconds) further than that from now, either way.
+fn check_age(n: &IncomingNotification, max_age: Option<Duration>) -> Result<(), Refusal> {
+    let Some(max_age) = max_age else {
+        return Ok(());
+    };
+    let stale = || Refusal {
+        status: StatusCode::BAD_REQUEST,
+        reason: "TimeStamp is too old or too far ahead".into(),
+        metric: "stale",
+    };
+    let ts: i64 = n.time_stamp.trim().parse().map_err(|_| stale())?;
+    let secs = if ts >= 100_000_000_000 { ts / 1000 } else { ts };
+    let age = (Utc::now().timestamp() - secs).unsigned_abs();
+    if age > max_age.as_secs() {
+        return Err(stale());
+    }
+    Ok(())
+}
+
 /// Why a notification was refused.
 struct Refusal {
     status: StatusCode,
     reason: String,
+    /// The `reason` label of the rejection metric.
+    metric: &'static str,
 }
 
 impl IntoResponse for Refusal {
@@ -111,6 +240,7 @@ fn bad(reason: impl Into<String>) -> Refusal {
     Refusal {
         status: StatusCode::BAD_REQUEST,
         reason: reason.into(),
+        metric: "malformed",
     }
 }
 
@@ -142,6 +272,7 @@ fn verify(body: &[u8], token: &SecretString) -> Result<IncomingNotification, Ref
         return Err(Refusal {
             status: StatusCode::UNAUTHORIZED,
             reason: "bad signature".into(),
+            metric: "bad_signature",
         });
     }
     let [
@@ -232,6 +363,31 @@ mod tests {
         assert_eq!(err.status, StatusCode::UNAUTHORIZED);
         let err = verify(body.as_bytes(), &"other".into()).err().unwrap();
         assert_eq!(err.status, StatusCode::UNAUTHORIZED);
+    }
+
+    #[test]
+    fn a_trusted_proxys_forwarded_for_is_believed_and_nobody_elses() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", "203.0.113.9, 10.0.0.7".parse().unwrap());
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let stranger: IpAddr = "198.51.100.1".parse().unwrap();
+        assert_eq!(client_ip(proxy, &headers, &trusted), "203.0.113.9".parse::<IpAddr>().unwrap());
+        assert_eq!(client_ip(stranger, &headers, &trusted), stranger);
+        assert_eq!(client_ip(proxy, &HeaderMap::new(), &trusted), proxy);
+    }
+
+    #[test]
+    fn a_maximum_age_refuses_old_timestamps_only_when_set() {
+        let token = "t";
+        let n = verify(signed(&EXAMPLE, token).as_bytes(), &token.into()).ok().unwrap();
+        assert!(check_age(&n, None).is_ok());
+        assert!(check_age(&n, Some(Duration::from_secs(300))).is_err());
+        let mut fresh = n.clone();
+        fresh.time_stamp = Utc::now().timestamp().to_string();
+        assert!(check_age(&fresh, Some(Duration::from_secs(300))).is_ok());
+        fresh.time_stamp = Utc::now().timestamp_millis().to_string();
+        assert!(check_age(&fresh, Some(Duration::from_secs(300))).is_ok());
     }
 
     #[test]

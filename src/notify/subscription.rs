@@ -28,11 +28,15 @@ pub struct Subscription {
     pub out_trade_id: Option<String>,
     /// Set to true when the server shuts down.
     pub shutdown: watch::Receiver<bool>,
+    /// End the stream after this long (the client resubscribes, perhaps to
+    /// another replica).
+    pub max_age: Option<std::time::Duration>,
 }
 
 enum End {
     ClientGone,
     ShuttingDown,
+    MaxAge,
     Store(StoreError),
 }
 
@@ -44,12 +48,24 @@ pub async fn run_subscription<T: Send + 'static>(
     convert: impl Fn(&StoredNotification) -> T + Send,
 ) {
     let mut shutdown = sub.shutdown.clone();
-    let end = follow(&sub, &out, &convert, &mut shutdown).await;
+    let expiry = async {
+        match sub.max_age {
+            Some(age) => tokio::time::sleep(age).await,
+            None => std::future::pending().await,
+        }
+    };
+    let end = tokio::select! {
+        end = follow(&sub, &out, &convert, &mut shutdown) => end,
+        () = expiry => End::MaxAge,
+    };
     let status = match end {
         End::ClientGone => return,
         End::ShuttingDown => {
             Status::unavailable("the server is shutting down; subscribe again to resume")
         }
+        End::MaxAge => Status::unavailable(
+            "the subscription reached its maximum age; subscribe again to resume",
+        ),
         End::Store(e) => {
             tracing::error!(error = %e, "subscription ended by a store failure");
             Status::unavailable("the notification store failed; subscribe again to resume")

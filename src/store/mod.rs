@@ -11,6 +11,8 @@ use tokio::sync::broadcast;
 
 pub use sqlite::SqliteStore;
 
+use crate::metrics::Metrics;
+
 /// A notification as verified by the listener, not yet stored.
 #[derive(Debug, Clone)]
 pub struct IncomingNotification {
@@ -134,10 +136,10 @@ pub trait NotificationStore: Send + Sync + 'static {
 
 /// Opens the store a URL names: `sqlite://PATH` (relative paths are relative
 /// to the working directory).
-pub async fn open(url: &str) -> Result<Arc<dyn NotificationStore>, StoreError> {
+pub async fn open(url: &str, metrics: Option<Arc<Metrics>>) -> Result<Arc<dyn NotificationStore>, StoreError> {
     match url.split_once("://") {
         Some(("sqlite", path)) if !path.is_empty() => {
-            let store = SqliteStore::open(Path::new(path)).await?;
+            let store = SqliteStore::open(Path::new(path), metrics).await?;
             Ok(Arc::new(store))
         }
         Some(("postgres" | "postgresql", _)) => Err(StoreError::Backend(

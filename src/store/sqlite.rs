@@ -21,6 +21,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, error, info};
 
+use crate::metrics::Metrics;
+
 use super::{IncomingNotification, NotificationStore, Recorded, StoreError, StoredNotification};
 
 /// Most requests committed in one transaction.
@@ -80,7 +82,7 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+    pub async fn open(path: &Path, metrics: Option<Arc<Metrics>>) -> Result<Self, StoreError> {
         let path = path.to_owned();
         let (conn, last) = tokio::task::spawn_blocking({
             let path = path.clone();
@@ -106,7 +108,7 @@ impl SqliteStore {
             .spawn({
                 let live = live.clone();
                 move || {
-                    run_writer(conn, queue, live, last);
+                    run_writer(conn, queue, live, last, metrics);
                     drop(stop_checkpoints);
                 }
             })
@@ -318,6 +320,7 @@ fn run_writer(
     mut queue: mpsc::Receiver<WriteOp>,
     live: broadcast::Sender<Arc<StoredNotification>>,
     mut last: u64,
+    metrics: Option<Arc<Metrics>>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.blocking_recv() {
@@ -333,6 +336,10 @@ fn run_writer(
         match commit_batch(&mut conn, batch.drain(..), last) {
             Ok((replies, events, new_last)) => {
                 last = new_last;
+                if let Some(m) = &metrics {
+                    m.store_commit_seconds.observe(started.elapsed().as_secs_f64());
+                    m.store_batch_size.observe(size as f64);
+                }
                 debug!(
                     size,
                     new = events.len(),

@@ -4,17 +4,22 @@
 pub mod sign;
 pub mod wire;
 
-use std::{fmt, time::Duration};
+use std::{
+    fmt,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
-use tracing::debug;
+use tracing::{debug, warn};
 use url::Url;
 
 use crate::{
     domain::{NewOrder, beijing_compact},
     error::{Error, Result},
+    metrics::Metrics,
 };
 
 /// The answer size past which an upstream reply is refused unread.
@@ -106,10 +111,11 @@ pub struct KongtieClient {
     http: reqwest::Client,
     config: UpstreamConfig,
     ktapi_base: String,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl KongtieClient {
-    pub fn new(config: UpstreamConfig) -> Result<Self> {
+    pub fn new(config: UpstreamConfig, metrics: Option<Arc<Metrics>>) -> Result<Self> {
         let http = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
@@ -122,6 +128,7 @@ impl KongtieClient {
             http,
             config,
             ktapi_base,
+            metrics,
         })
     }
 
@@ -216,20 +223,77 @@ impl KongtieClient {
         })
     }
 
-    /// Signs and sends one call, returning its body once the head says
-    /// `0000`.
+    /// Sends one call, retrying as its endpoint allows (see [`Retry`]),
+    /// within the caller's deadline.
     async fn call<B: DeserializeOwned>(
         &self,
         endpoint: Endpoint,
         fields: Vec<(&'static str, String)>,
         deadline: Option<Duration>,
     ) -> Result<B> {
+        let started = Instant::now();
+        let policy = Retry::of(endpoint);
+        let mut attempt = 1;
+        loop {
+            let remaining = deadline.map(|d| d.saturating_sub(started.elapsed()));
+            let timeout = remaining.map_or(self.config.timeout, |r| r.min(self.config.timeout));
+            let failure = match self.attempt(endpoint, &fields, timeout).await {
+                Ok(body) => return Ok(body),
+                Err(failure) => failure,
+            };
+            let backoff = backoff(attempt);
+            let time_left = remaining.is_none_or(|r| {
+                r.saturating_sub(started.elapsed()) > backoff + MIN_ATTEMPT_TIME
+            });
+            if attempt >= MAX_ATTEMPTS || !policy.allows(failure.kind) || !time_left {
+                return Err(failure.error);
+            }
+            warn!(
+                endpoint = endpoint.name(),
+                attempt,
+                backoff_ms = backoff.as_millis() as u64,
+                error = %failure.error,
+                "retrying upstream call"
+            );
+            tokio::time::sleep(backoff).await;
+            attempt += 1;
+        }
+    }
+
+    /// Signs and sends one request, returning its body once the head says
+    /// `0000`.
+    async fn attempt<B: DeserializeOwned>(
+        &self,
+        endpoint: Endpoint,
+        fields: &[(&'static str, String)],
+        timeout: Duration,
+    ) -> Result<B, Failure> {
+        let started = Instant::now();
+        let result = self.exchange(endpoint, fields, timeout).await;
+        if let Some(metrics) = &self.metrics {
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(f) => match f.error {
+                    Error::UpstreamRejected { .. } => "rejected",
+                    Error::UpstreamTimeout { .. } => "timeout",
+                    Error::UpstreamBadResponse { .. } => "bad_response",
+                    _ => "unavailable",
+                },
+            };
+            metrics.upstream_call(endpoint.name(), outcome, started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    async fn exchange<B: DeserializeOwned>(
+        &self,
+        endpoint: Endpoint,
+        fields: &[(&'static str, String)],
+        timeout: Duration,
+    ) -> Result<B, Failure> {
         let (url, creds) = match endpoint {
             Endpoint::ParTrade => (self.config.pay_url.to_string(), &self.config.pay),
-            ep => (
-                format!("{}/{}", self.ktapi_base, ep.name()),
-                &self.config.ktapi,
-            ),
+            ep => (format!("{}/{}", self.ktapi_base, ep.name()), &self.config.ktapi),
         };
         let time_stamp = chrono::Utc::now().timestamp().to_string();
         let mut pairs: Vec<(&str, &str)> = vec![
@@ -245,13 +309,12 @@ impl KongtieClient {
                 sign,
             },
             body: fields
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v)))
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), serde_json::Value::String(v.clone())))
                 .collect(),
         };
 
-        let timeout = deadline.map_or(self.config.timeout, |d| d.min(self.config.timeout));
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let response = self
             .http
             .post(url)
@@ -273,37 +336,109 @@ impl KongtieClient {
         );
 
         if status.is_server_error() || status.as_u16() == 429 {
-            return Err(Error::UpstreamUnavailable {
+            return Err(Failure::transient(Error::UpstreamUnavailable {
                 endpoint,
                 detail: format!("HTTP {status}"),
-            });
+            }));
         }
         if !status.is_success() {
-            return Err(bad(endpoint, format!("HTTP {status}")));
+            return Err(bad(endpoint, format!("HTTP {status}")).into());
         }
         if bytes.len() > MAX_RESPONSE_BYTES {
-            return Err(bad(
-                endpoint,
-                format!("answer of {} bytes is too large", bytes.len()),
-            ));
+            return Err(bad(endpoint, format!("answer of {} bytes is too large", bytes.len())).into());
         }
         let envelope: wire::Response = serde_json::from_slice(&bytes).map_err(|e| {
-            bad(
-                endpoint,
-                format!("not a Kongtie response envelope ({})", json_error(&e)),
-            )
+            bad(endpoint, format!("not a Kongtie response envelope ({})", json_error(&e)))
         })?;
         if envelope.head.code != wire::CODE_OK {
             return Err(Error::UpstreamRejected {
                 endpoint,
                 code: envelope.head.code,
                 message: envelope.head.message,
-            });
+            }
+            .into());
         }
         let body = envelope
             .body
             .ok_or_else(|| bad(endpoint, "ResponseBody is missing"))?;
-        parse_body(endpoint, &body)
+        Ok(parse_body(endpoint, &body)?)
+    }
+}
+
+/// Attempts of one call at most.
+const MAX_ATTEMPTS: u32 = 3;
+/// The first retry waits up to this long, doubling after.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// A retry is not started with less of the deadline left than this.
+const MIN_ATTEMPT_TIME: Duration = Duration::from_millis(50);
+
+/// Full jitter: a random wait up to the attempt's exponential backoff, so
+/// that many gateways retrying at once do not retry in step.
+fn backoff(attempt: u32) -> Duration {
+    let cap = BACKOFF_BASE * 2u32.pow(attempt.saturating_sub(1).min(6));
+    cap.mul_f64(rand::random::<f64>())
+}
+
+/// Which failures an endpoint may be retried after.
+#[derive(Debug, Clone, Copy)]
+enum Retry {
+    /// Safe to repeat (reading a token or ticket): any transient failure.
+    Transient,
+    /// Only when the request provably never arrived (it could not connect):
+    /// creating an order twice is not ours to risk.
+    OnConnectFailure,
+    /// Never: an OAuth code is single-use.
+    Never,
+}
+
+impl Retry {
+    fn of(endpoint: Endpoint) -> Self {
+        match endpoint {
+            Endpoint::GetAccessToken | Endpoint::GetJsApiTicket => Retry::Transient,
+            Endpoint::ParTrade => Retry::OnConnectFailure,
+            Endpoint::GetWeChatAccessToken => Retry::Never,
+        }
+    }
+
+    fn allows(self, kind: FailureKind) -> bool {
+        match self {
+            Retry::Transient => kind != FailureKind::Definitive,
+            Retry::OnConnectFailure => kind == FailureKind::Connect,
+            Retry::Never => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FailureKind {
+    /// The connection was never made: the request did not arrive.
+    Connect,
+    /// Timeout, reset, 5xx: the request may or may not have been handled.
+    Transient,
+    /// Kongtie answered; asking again gets the same answer.
+    Definitive,
+}
+
+struct Failure {
+    kind: FailureKind,
+    error: Error,
+}
+
+impl Failure {
+    fn transient(error: Error) -> Self {
+        Self {
+            kind: FailureKind::Transient,
+            error,
+        }
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        Self {
+            kind: FailureKind::Definitive,
+            error,
+        }
     }
 }
 
@@ -344,17 +479,21 @@ fn non_empty(endpoint: Endpoint, field: &str, value: String) -> Result<String> {
     }
 }
 
-fn transport_error(endpoint: Endpoint, timeout: Duration, e: &reqwest::Error) -> Error {
-    if e.is_timeout() {
-        Error::UpstreamTimeout {
+fn transport_error(endpoint: Endpoint, timeout: Duration, e: &reqwest::Error) -> Failure {
+    if e.is_connect() {
+        // A connect timeout is a connect failure too: nothing was sent.
+        Failure {
+            kind: FailureKind::Connect,
+            error: Error::UpstreamUnavailable {
+                endpoint,
+                detail: "connection failed".into(),
+            },
+        }
+    } else if e.is_timeout() {
+        Failure::transient(Error::UpstreamTimeout {
             endpoint,
             after: timeout,
-        }
-    } else if e.is_connect() {
-        Error::UpstreamUnavailable {
-            endpoint,
-            detail: "connection failed".into(),
-        }
+        })
     } else {
         let mut detail = String::from("request failed");
         let mut source = std::error::Error::source(e);
@@ -362,6 +501,6 @@ fn transport_error(endpoint: Endpoint, timeout: Duration, e: &reqwest::Error) ->
             detail = format!("{detail}: {s}");
             source = s.source();
         }
-        Error::UpstreamUnavailable { endpoint, detail }
+        Failure::transient(Error::UpstreamUnavailable { endpoint, detail })
     }
 }

@@ -40,6 +40,8 @@ pub fn serve_args(extra: &[&str]) -> ServeArgs {
         APP_ID,
         "--notify-addr",
         "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
     ];
     args.extend_from_slice(extra);
     match Cli::try_parse_from(args)
@@ -237,6 +239,7 @@ pub struct Binary {
     pub child: Child,
     pub grpc: String,
     pub notify: String,
+    pub admin: String,
     sandbox: Option<String>,
     pub log: Arc<Mutex<Vec<String>>>,
     _data: Option<tempfile::TempDir>,
@@ -258,6 +261,7 @@ impl Binary {
         let mut child = Process::new(env!("CARGO_BIN_EXE_kongtie-gateway"))
             .args(args)
             .args(["--grpc-addr", "127.0.0.1:0", "--notify-addr", "127.0.0.1:0"])
+            .args(["--admin-addr", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(dir)
             .env("RUST_LOG", "info")
@@ -278,6 +282,7 @@ impl Binary {
                 for (what, key) in [
                     ("gRPC listening", "grpc"),
                     ("notify listener listening", "notify"),
+                    ("admin listener listening", "admin"),
                     ("sandbox upstream listening", "sandbox"),
                 ] {
                     if line.contains(what) {
@@ -287,11 +292,12 @@ impl Binary {
                 kept.lock().unwrap().push(line);
             }
         });
-        let (mut grpc, mut notify, mut sandbox) = (None, None, None);
-        while grpc.is_none() || notify.is_none() {
+        let (mut grpc, mut notify, mut admin, mut sandbox) = (None, None, None, None);
+        while grpc.is_none() || notify.is_none() || admin.is_none() {
             match rx.recv_timeout(Duration::from_secs(30)) {
                 Ok(("grpc", a)) => grpc = Some(a),
                 Ok(("notify", a)) => notify = Some(a),
+                Ok(("admin", a)) => admin = Some(a),
                 Ok((_, a)) => sandbox = Some(a),
                 Err(_) => panic!("the binary did not start: {:?}", log.lock().unwrap()),
             }
@@ -304,6 +310,7 @@ impl Binary {
             child,
             grpc: grpc.unwrap(),
             notify: notify.unwrap(),
+            admin: admin.unwrap(),
             sandbox,
             log,
             _data: keep,

@@ -1,0 +1,96 @@
+//! Who may call: API keys sent as `authorization: Bearer <key>`.
+//!
+//! Only SHA-256 hashes of the configured keys are kept in memory; a
+//! presented key is hashed and compared with every one in constant time.
+//! Health and reflection are not wrapped, so they stay open.
+
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use subtle::{Choice, ConstantTimeEq};
+use tonic::{Request, Status, service::Interceptor};
+
+#[derive(Clone, Default)]
+pub struct ApiKeys {
+    hashes: Arc<Vec<[u8; 32]>>,
+}
+
+impl ApiKeys {
+    pub fn new<'a>(keys: impl IntoIterator<Item = &'a str>) -> Self {
+        Self {
+            hashes: Arc::new(keys.into_iter().map(|k| Sha256::digest(k.as_bytes()).into()).collect()),
+        }
+    }
+
+    /// With no keys, every caller is let in.
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
+    }
+
+    pub fn accepts(&self, presented: &str) -> bool {
+        let hash: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let mut found = Choice::from(0);
+        for known in self.hashes.iter() {
+            found |= known.ct_eq(&hash);
+        }
+        found.into()
+    }
+}
+
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApiKeys({} keys)", self.hashes.len())
+    }
+}
+
+impl Interceptor for ApiKeys {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        if self.is_empty() {
+            return Ok(request);
+        }
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, key) = v.trim().split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+            });
+        match presented {
+            Some(key) if self.accepts(key) => Ok(request),
+            Some(_) => Err(Status::unauthenticated("invalid API key")),
+            None => Err(Status::unauthenticated(
+                "missing API key: send `authorization: Bearer <key>`",
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(keys: &ApiKeys, header: Option<&str>) -> Result<(), tonic::Code> {
+        let mut request = Request::new(());
+        if let Some(h) = header {
+            request.metadata_mut().insert("authorization", h.parse().unwrap());
+        }
+        keys.clone().call(request).map(drop).map_err(|s| s.code())
+    }
+
+    #[test]
+    fn only_a_configured_key_passes() {
+        let keys = ApiKeys::new(["k1-secret", "k2-secret"]);
+        assert_eq!(call(&keys, Some("Bearer k2-secret")), Ok(()));
+        assert_eq!(call(&keys, Some("bearer k1-secret")), Ok(()));
+        assert_eq!(call(&keys, Some("Bearer k3-secret")), Err(tonic::Code::Unauthenticated));
+        assert_eq!(call(&keys, Some("k1-secret")), Err(tonic::Code::Unauthenticated));
+        assert_eq!(call(&keys, Some("Basic k1-secret")), Err(tonic::Code::Unauthenticated));
+        assert_eq!(call(&keys, None), Err(tonic::Code::Unauthenticated));
+    }
+
+    #[test]
+    fn without_keys_everyone_passes() {
+        assert_eq!(call(&ApiKeys::default(), None), Ok(()));
+    }
+}

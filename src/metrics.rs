@@ -1,0 +1,157 @@
+//! Prometheus metrics, served on the admin listener's `/metrics`.
+//!
+//! One [`Metrics`] per running gateway, handed to the parts that count, so
+//! that tests (and several gateways in one process) keep separate numbers.
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    pub endpoint: &'static str,
+    /// ok, rejected, unavailable, timeout, bad_response
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub endpoint: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// access_token, jsapi_ticket, oauth_code
+    pub cache: &'static str,
+    /// hit, miss
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// stored, duplicate
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms to about 16 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub upstream_calls: Family<CallLabels, Counter>,
+    pub upstream_seconds: HistogramFamily<EndpointLabels>,
+    pub cache_lookups: Family<CacheLabels, Counter>,
+    pub notifications: Family<OutcomeLabels, Counter>,
+    pub notifications_rejected: Family<ReasonLabels, Counter>,
+    pub subscribers: Gauge,
+    pub store_commit_seconds: Histogram,
+    pub store_batch_size: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("kongtie");
+        let m = Self {
+            upstream_calls: Family::default(),
+            upstream_seconds: HistogramFamily::new_with_constructor(latency_histogram),
+            cache_lookups: Family::default(),
+            notifications: Family::default(),
+            notifications_rejected: Family::default(),
+            subscribers: Gauge::default(),
+            store_commit_seconds: latency_histogram(),
+            store_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "upstream_calls",
+            "Calls to Kongtie by endpoint and outcome",
+            m.upstream_calls.clone(),
+        );
+        registry.register(
+            "upstream_call_seconds",
+            "Latency of calls to Kongtie",
+            m.upstream_seconds.clone(),
+        );
+        registry.register(
+            "cache_lookups",
+            "Cache lookups of tokens, tickets and OAuth codes, by result",
+            m.cache_lookups.clone(),
+        );
+        registry.register(
+            "notifications_received",
+            "Payment notifications accepted, new or duplicate",
+            m.notifications.clone(),
+        );
+        registry.register(
+            "notifications_rejected",
+            "Payment notification requests refused, by reason",
+            m.notifications_rejected.clone(),
+        );
+        registry.register(
+            "subscribers",
+            "Notification subscriptions open now",
+            m.subscribers.clone(),
+        );
+        registry.register(
+            "store_commit_seconds",
+            "Time of one store commit (a group of writes)",
+            m.store_commit_seconds.clone(),
+        );
+        registry.register(
+            "store_commit_batch_size",
+            "Writes per store commit",
+            m.store_batch_size.clone(),
+        );
+        Arc::new(Self { registry, ..m })
+    }
+
+    pub fn upstream_call(&self, endpoint: &'static str, outcome: &'static str, seconds: f64) {
+        self.upstream_calls
+            .get_or_create(&CallLabels { endpoint, outcome })
+            .inc();
+        self.upstream_seconds
+            .get_or_create(&EndpointLabels { endpoint })
+            .observe(seconds);
+    }
+
+    pub fn cache_lookup(&self, cache: &'static str, hit: bool) {
+        let result = if hit { "hit" } else { "miss" };
+        self.cache_lookups.get_or_create(&CacheLabels { cache, result }).inc();
+    }
+
+    pub fn notification(&self, outcome: &'static str) {
+        self.notifications.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    pub fn rejected(&self, reason: &'static str) {
+        self.notifications_rejected
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// The Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
