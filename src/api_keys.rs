@@ -18,7 +18,11 @@ pub struct ApiKeys {
 impl ApiKeys {
     pub fn new<'a>(keys: impl IntoIterator<Item = &'a str>) -> Self {
         Self {
-            hashes: Arc::new(keys.into_iter().map(|k| Sha256::digest(k.as_bytes()).into()).collect()),
+            hashes: Arc::new(
+                keys.into_iter()
+                    .map(|k| Sha256::digest(k.as_bytes()).into())
+                    .collect(),
+            ),
         }
     }
 
@@ -73,7 +77,9 @@ mod tests {
     fn call(keys: &ApiKeys, header: Option<&str>) -> Result<(), tonic::Code> {
         let mut request = Request::new(());
         if let Some(h) = header {
-            request.metadata_mut().insert("authorization", h.parse().unwrap());
+            request
+                .metadata_mut()
+                .insert("authorization", h.parse().unwrap());
         }
         keys.clone().call(request).map(drop).map_err(|s| s.code())
     }
@@ -83,9 +89,18 @@ mod tests {
         let keys = ApiKeys::new(["k1-secret", "k2-secret"]);
         assert_eq!(call(&keys, Some("Bearer k2-secret")), Ok(()));
         assert_eq!(call(&keys, Some("bearer k1-secret")), Ok(()));
-        assert_eq!(call(&keys, Some("Bearer k3-secret")), Err(tonic::Code::Unauthenticated));
-        assert_eq!(call(&keys, Some("k1-secret")), Err(tonic::Code::Unauthenticated));
-        assert_eq!(call(&keys, Some("Basic k1-secret")), Err(tonic::Code::Unauthenticated));
+        assert_eq!(
+            call(&keys, Some("Bearer k3-secret")),
+            Err(tonic::Code::Unauthenticated)
+        );
+        assert_eq!(
+            call(&keys, Some("k1-secret")),
+            Err(tonic::Code::Unauthenticated)
+        );
+        assert_eq!(
+            call(&keys, Some("Basic k1-secret")),
+            Err(tonic::Code::Unauthenticated)
+        );
         assert_eq!(call(&keys, None), Err(tonic::Code::Unauthenticated));
     }
 

@@ -181,7 +181,12 @@ pub struct ServeArgs {
     pub notify_max_age_secs: Option<u64>,
     /// API keys callers send as `authorization: Bearer <key>`,
     /// comma-separated.
-    #[arg(long, env = "KONGTIE_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long,
+        env = "KONGTIE_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub api_keys: Vec<String>,
     /// A file of API keys, one per line (`#` starts a comment).
     #[arg(long, env = "KONGTIE_API_KEYS_FILE")]
@@ -351,14 +356,22 @@ impl ServeArgs {
             },
             admin_addr: self.admin_addr,
             access: AccessConfig {
-                api_keys: self.api_keys.iter().map(|k| SecretString::from(k.as_str())).collect(),
+                api_keys: self
+                    .api_keys
+                    .iter()
+                    .map(|k| SecretString::from(k.as_str()))
+                    .collect(),
                 api_keys_file: self.api_keys_file.clone(),
                 allow_unauthenticated: self.allow_unauthenticated,
-                tls: self.tls_cert.clone().zip(self.tls_key.clone()).map(|(cert, key)| TlsFiles {
-                    cert,
-                    key,
-                    client_ca: self.tls_client_ca.clone(),
-                }),
+                tls: self
+                    .tls_cert
+                    .clone()
+                    .zip(self.tls_key.clone())
+                    .map(|(cert, key)| TlsFiles {
+                        cert,
+                        key,
+                        client_ca: self.tls_client_ca.clone(),
+                    }),
             },
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
             max_connection_age: (self.max_connection_age_secs > 0)

@@ -114,9 +114,8 @@ impl Gateway {
         stale: Option<&str>,
         deadline: Option<Duration>,
     ) -> Result<Fetched> {
-        within(deadline, self.access_token.get(stale))
+        self.cached(&self.access_token, "access_token", stale, deadline)
             .await
-            .map(|(v, _)| v)
     }
 
     pub async fn jsapi_ticket(
@@ -124,9 +123,20 @@ impl Gateway {
         stale: Option<&str>,
         deadline: Option<Duration>,
     ) -> Result<Fetched> {
-        within(deadline, self.ticket.get(stale))
+        self.cached(&self.ticket, "jsapi_ticket", stale, deadline)
             .await
-            .map(|(v, _)| v)
+    }
+
+    async fn cached(
+        &self,
+        cache: &TokenCache,
+        name: &'static str,
+        stale: Option<&str>,
+        deadline: Option<Duration>,
+    ) -> Result<Fetched> {
+        let (value, hit) = within(deadline, cache.get(stale)).await?;
+        self.metrics.cache_lookup(name, hit);
+        Ok(value)
     }
 
     /// Exchanges a code once; asking again with the same code within a few

@@ -134,11 +134,15 @@ impl Metrics {
 
     pub fn cache_lookup(&self, cache: &'static str, hit: bool) {
         let result = if hit { "hit" } else { "miss" };
-        self.cache_lookups.get_or_create(&CacheLabels { cache, result }).inc();
+        self.cache_lookups
+            .get_or_create(&CacheLabels { cache, result })
+            .inc();
     }
 
     pub fn notification(&self, outcome: &'static str) {
-        self.notifications.get_or_create(&OutcomeLabels { outcome }).inc();
+        self.notifications
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 
     pub fn rejected(&self, reason: &'static str) {

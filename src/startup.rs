@@ -102,7 +102,11 @@ impl Application {
             admin_addr,
             api_keys,
             tls,
-            gateway: Arc::new(Gateway::new(client, config.gateway.clone(), Arc::clone(&metrics))),
+            gateway: Arc::new(Gateway::new(
+                client,
+                config.gateway.clone(),
+                Arc::clone(&metrics),
+            )),
             metrics,
             config,
             store,
@@ -135,20 +139,33 @@ impl Application {
     /// no new connections; subscriptions end with UNAVAILABLE; in-flight
     /// calls and notifications may finish within the grace period; the
     /// store is closed last.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), BoxError> {
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), BoxError> {
         let (stopping_tx, stopping) = watch::channel(false);
         let (ready_tx, ready) = watch::channel(true);
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter.set_serving::<AuthServer<AuthService>>().await;
-        health_reporter.set_serving::<TicketServer<TicketService>>().await;
-        health_reporter.set_serving::<PaymentServer<PaymentService>>().await;
+        health_reporter
+            .set_serving::<AuthServer<AuthService>>()
+            .await;
+        health_reporter
+            .set_serving::<TicketServer<TicketService>>()
+            .await;
+        health_reporter
+            .set_serving::<PaymentServer<PaymentService>>()
+            .await;
         let reporter = health_reporter.clone();
         tokio::spawn(async move {
             shutdown.await;
             let _ = ready_tx.send(false);
             reporter.set_not_serving::<AuthServer<AuthService>>().await;
-            reporter.set_not_serving::<TicketServer<TicketService>>().await;
-            reporter.set_not_serving::<PaymentServer<PaymentService>>().await;
+            reporter
+                .set_not_serving::<TicketServer<TicketService>>()
+                .await;
+            reporter
+                .set_not_serving::<PaymentServer<PaymentService>>()
+                .await;
             let _ = stopping_tx.send(true);
         });
         let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -160,7 +177,9 @@ impl Application {
                 .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(
+                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                )
                 // The rich error details, so grpcurl can print them.
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
@@ -202,7 +221,10 @@ impl Application {
                 keys.clone(),
             ))
             .add_service(PaymentServer::with_interceptor(payment, keys))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc_listener), stopped(stopping.clone()));
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(self.grpc_listener),
+                stopped(stopping.clone()),
+            );
 
         info!(addr = %self.notify_addr, path = %self.config.notify.path, "notify listener listening");
         let notify_app = notify::router(
@@ -219,11 +241,14 @@ impl Application {
         info!(addr = %self.admin_addr, "admin listener listening");
         let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let admin = tokio::spawn(
-            axum::serve(self.admin_listener, admin::router(Arc::clone(&self.metrics), ready))
-                .with_graceful_shutdown(async {
-                    let _ = admin_stopped.await;
-                })
-                .into_future(),
+            axum::serve(
+                self.admin_listener,
+                admin::router(Arc::clone(&self.metrics), ready),
+            )
+            .with_graceful_shutdown(async {
+                let _ = admin_stopped.await;
+            })
+            .into_future(),
         );
 
         let serving = async { tokio::join!(grpc, async { notify.await }) };
@@ -281,7 +306,10 @@ fn load_api_keys(access: &AccessConfig) -> Result<ApiKeys, BoxError> {
             return Err(format!("the API keys file {} holds no key", path.display()).into());
         }
     }
-    if let Some(bad) = keys.iter().find(|k| k.chars().any(|c| c.is_whitespace() || c == ',')) {
+    if let Some(bad) = keys
+        .iter()
+        .find(|k| k.chars().any(|c| c.is_whitespace() || c == ','))
+    {
         let _ = bad;
         return Err("an API key contains a space or a comma".into());
     }

@@ -28,11 +28,11 @@ use axum::{
     response::{IntoResponse, Response},
     routing::post,
 };
-use ipnet::IpNet;
-use tokio::sync::Semaphore;
 use chrono::Utc;
+use ipnet::IpNet;
 use secrecy::SecretString;
 use serde_json::value::RawValue;
+use tokio::sync::Semaphore;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::{
@@ -194,7 +194,11 @@ async fn receive(State(state): State<Arc<ListenerState>>, body: Bytes) -> Respon
             Err(e) => {
                 error!(error = %e, "notification not stored; Kongtie will resend");
                 state.metrics.rejected("store_unavailable");
-                (StatusCode::SERVICE_UNAVAILABLE, "store unavailable, send again").into_response()
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store unavailable, send again",
+                )
+                    .into_response()
             }
         }
     }
@@ -372,7 +376,10 @@ mod tests {
         headers.insert("x-forwarded-for", "203.0.113.9, 10.0.0.7".parse().unwrap());
         let proxy: IpAddr = "10.0.0.1".parse().unwrap();
         let stranger: IpAddr = "198.51.100.1".parse().unwrap();
-        assert_eq!(client_ip(proxy, &headers, &trusted), "203.0.113.9".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_ip(proxy, &headers, &trusted),
+            "203.0.113.9".parse::<IpAddr>().unwrap()
+        );
         assert_eq!(client_ip(stranger, &headers, &trusted), stranger);
         assert_eq!(client_ip(proxy, &HeaderMap::new(), &trusted), proxy);
     }
@@ -380,7 +387,9 @@ mod tests {
     #[test]
     fn a_maximum_age_refuses_old_timestamps_only_when_set() {
         let token = "t";
-        let n = verify(signed(&EXAMPLE, token).as_bytes(), &token.into()).ok().unwrap();
+        let n = verify(signed(&EXAMPLE, token).as_bytes(), &token.into())
+            .ok()
+            .unwrap();
         assert!(check_age(&n, None).is_ok());
         assert!(check_age(&n, Some(Duration::from_secs(300))).is_err());
         let mut fresh = n.clone();

@@ -115,6 +115,8 @@ pub enum Fault {
     Status(u16),
     /// Answer 200 with a body that is not JSON.
     Garbage,
+    /// Answer the next `times` requests with this HTTP status, then behave.
+    Flaky { status: u16, times: usize },
 }
 
 /// One request the simulator received.
@@ -429,7 +431,20 @@ fn hint() -> String {
 }
 
 async fn upstream(State(shared): State<Arc<Shared>>, body: Bytes, endpoint: Endpoint) -> Response {
-    let fault = shared.lock().fault.clone();
+    let fault = {
+        let mut st = shared.lock();
+        match &mut st.fault {
+            Some(Fault::Flaky { status, times }) => {
+                let status = *status;
+                *times = times.saturating_sub(1);
+                if *times == 0 {
+                    st.fault = None;
+                }
+                Some(Fault::Status(status))
+            }
+            other => other.clone(),
+        }
+    };
     match fault {
         Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
         Some(Fault::Status(code)) => {
@@ -442,7 +457,8 @@ async fn upstream(State(shared): State<Arc<Shared>>, body: Bytes, endpoint: Endp
             shared.lock().seen.push(SeenRequest::unread(endpoint));
             return (StatusCode::OK, "<html>502 Bad Gateway</html>").into_response();
         }
-        None => {}
+        // Turned into `Status` above.
+        Some(Fault::Flaky { .. }) | None => {}
     }
 
     let Ok(request) = serde_json::from_slice::<wire::IncomingRequest>(&body) else {

@@ -136,7 +136,10 @@ pub trait NotificationStore: Send + Sync + 'static {
 
 /// Opens the store a URL names: `sqlite://PATH` (relative paths are relative
 /// to the working directory).
-pub async fn open(url: &str, metrics: Option<Arc<Metrics>>) -> Result<Arc<dyn NotificationStore>, StoreError> {
+pub async fn open(
+    url: &str,
+    metrics: Option<Arc<Metrics>>,
+) -> Result<Arc<dyn NotificationStore>, StoreError> {
     match url.split_once("://") {
         Some(("sqlite", path)) if !path.is_empty() => {
             let store = SqliteStore::open(Path::new(path), metrics).await?;

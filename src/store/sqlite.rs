@@ -337,7 +337,8 @@ fn run_writer(
             Ok((replies, events, new_last)) => {
                 last = new_last;
                 if let Some(m) = &metrics {
-                    m.store_commit_seconds.observe(started.elapsed().as_secs_f64());
+                    m.store_commit_seconds
+                        .observe(started.elapsed().as_secs_f64());
                     m.store_batch_size.observe(size as f64);
                 }
                 debug!(

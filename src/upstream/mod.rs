@@ -242,9 +242,8 @@ impl KongtieClient {
                 Err(failure) => failure,
             };
             let backoff = backoff(attempt);
-            let time_left = remaining.is_none_or(|r| {
-                r.saturating_sub(started.elapsed()) > backoff + MIN_ATTEMPT_TIME
-            });
+            let time_left = remaining
+                .is_none_or(|r| r.saturating_sub(started.elapsed()) > backoff + MIN_ATTEMPT_TIME);
             if attempt >= MAX_ATTEMPTS || !policy.allows(failure.kind) || !time_left {
                 return Err(failure.error);
             }
@@ -293,7 +292,10 @@ impl KongtieClient {
     ) -> Result<B, Failure> {
         let (url, creds) = match endpoint {
             Endpoint::ParTrade => (self.config.pay_url.to_string(), &self.config.pay),
-            ep => (format!("{}/{}", self.ktapi_base, ep.name()), &self.config.ktapi),
+            ep => (
+                format!("{}/{}", self.ktapi_base, ep.name()),
+                &self.config.ktapi,
+            ),
         };
         let time_stamp = chrono::Utc::now().timestamp().to_string();
         let mut pairs: Vec<(&str, &str)> = vec![
@@ -345,10 +347,17 @@ impl KongtieClient {
             return Err(bad(endpoint, format!("HTTP {status}")).into());
         }
         if bytes.len() > MAX_RESPONSE_BYTES {
-            return Err(bad(endpoint, format!("answer of {} bytes is too large", bytes.len())).into());
+            return Err(bad(
+                endpoint,
+                format!("answer of {} bytes is too large", bytes.len()),
+            )
+            .into());
         }
         let envelope: wire::Response = serde_json::from_slice(&bytes).map_err(|e| {
-            bad(endpoint, format!("not a Kongtie response envelope ({})", json_error(&e)))
+            bad(
+                endpoint,
+                format!("not a Kongtie response envelope ({})", json_error(&e)),
+            )
         })?;
         if envelope.head.code != wire::CODE_OK {
             return Err(Error::UpstreamRejected {

@@ -66,6 +66,7 @@ pub async fn spawn_sandbox() -> SandboxHandle {
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
     pub notify_url: String,
     pub sandbox: SandboxHandle,
     /// Where the store lives; a test may start another gateway on it.
@@ -147,6 +148,7 @@ pub async fn spawn_app_with(extra: &[&str], tweak: impl FnOnce(&mut Config)) -> 
     sandbox.set_notify_url(running.notify_url.parse().unwrap());
     TestApp {
         addr: running.grpc,
+        admin: running.admin,
         notify_url: running.notify_url,
         sandbox,
         data_dir,
@@ -161,6 +163,7 @@ pub fn store_url(dir: &std::path::Path) -> String {
 
 pub struct Running {
     pub grpc: SocketAddr,
+    pub admin: SocketAddr,
     pub notify_url: String,
     /// Dropping it stops the gateway.
     pub stop: oneshot::Sender<()>,
@@ -171,6 +174,7 @@ pub struct Running {
 pub async fn run_app(config: Config) -> Running {
     let app = Application::build(config).await.unwrap();
     let grpc = app.grpc_addr();
+    let admin = app.admin_addr();
     let notify_url = app.notify_url().to_string();
     let (stop, stopped) = oneshot::channel::<()>();
     let done = tokio::spawn(async move {
@@ -182,6 +186,7 @@ pub async fn run_app(config: Config) -> Running {
     });
     Running {
         grpc,
+        admin,
         notify_url,
         stop,
         done,
@@ -249,12 +254,22 @@ impl Binary {
     pub fn start(args: &[&str]) -> Binary {
         let data = tempfile::tempdir().unwrap();
         let dir = data.path().to_owned();
-        Self::start_in(args, &dir, Some(data))
+        Self::start_with(args, &[], &dir, Some(data))
     }
 
     /// Starts it with `dir` as its data directory.
     pub fn start_in(
         args: &[&str],
+        dir: &std::path::Path,
+        keep: Option<tempfile::TempDir>,
+    ) -> Binary {
+        Self::start_with(args, &[], dir, keep)
+    }
+
+    /// Starts it with more environment (`RUST_LOG` is `info` unless given).
+    pub fn start_with(
+        args: &[&str],
+        env: &[(&str, &str)],
         dir: &std::path::Path,
         keep: Option<tempfile::TempDir>,
     ) -> Binary {
@@ -265,6 +280,7 @@ impl Binary {
             .arg("--data-dir")
             .arg(dir)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .spawn()
             .expect("starting the binary");
@@ -274,10 +290,12 @@ impl Binary {
         let kept = Arc::clone(&log);
         std::thread::spawn(move || {
             for line in stderr.lines().map_while(Result::ok) {
+                // Plain (`addr=A`) or JSON (`"addr":"A"`) logs.
                 let addr = line
                     .split("addr=")
                     .nth(1)
                     .and_then(|s| s.split_whitespace().next())
+                    .or_else(|| line.split(r#""addr":""#).nth(1)?.split('"').next())
                     .map(str::to_owned);
                 for (what, key) in [
                     ("gRPC listening", "grpc"),

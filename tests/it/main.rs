@@ -7,6 +7,7 @@ mod grpcurl;
 mod helpers;
 mod notifications;
 mod payment;
+mod production;
 mod ticket;
 mod upstream_failures;
 mod validation;

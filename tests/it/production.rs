@@ -1,0 +1,776 @@
+//! Production posture: who may call, TLS, the internet-facing notify
+//! listener, metrics, retries, graceful shutdown and secrets in logs.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kongtie_gateway::{
+    proto::{
+        CreateJsapiOrderRequest, ExchangeOAuthCodeRequest, GetAccessTokenRequest,
+        GetJsApiTicketRequest, ListNotificationsRequest, SubscribeNotificationsRequest,
+        auth_client::AuthClient, payment_client::PaymentClient,
+    },
+    sandbox::{Fault, signed_notification},
+    startup::Application,
+    upstream::Endpoint,
+};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+};
+use secrecy::SecretString;
+use tonic::{
+    Code, Request,
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
+};
+
+use crate::helpers::*;
+
+const KEY: &str = "test-api-key-0123456789";
+
+fn keyed<T>(message: T, key: Option<&str>) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Some(key) = key {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    }
+    request
+}
+
+fn notification(id: &str, time_stamp: &str) -> String {
+    let fields = [
+        ("TradeStatus", "0000"),
+        ("Message", "SUCCESS"),
+        ("OutTradeId", id),
+        ("TradeAmount", "0.20"),
+        ("TradeOrderId", "984_1"),
+        ("TradeBillNo", "2018030221001004080206230140"),
+        ("TradeTime", "2018/3/2 10:00:39"),
+        ("TimeStamp", time_stamp),
+    ];
+    signed_notification(&fields, &SecretString::from(PAY_TOKEN))
+}
+
+#[tokio::test]
+async fn every_service_wants_a_right_key_and_health_stays_open() {
+    let app = spawn_app_with(&["--api-keys", &format!("other-key,{KEY}")], |_| {}).await;
+    for key in [None, Some("wrong-key")] {
+        let status = app
+            .auth()
+            .await
+            .get_access_token(keyed(GetAccessTokenRequest::default(), key))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "Auth with {key:?}");
+        let status = app
+            .ticket()
+            .await
+            .get_js_api_ticket(keyed(GetJsApiTicketRequest::default(), key))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "Ticket with {key:?}");
+        let status = app
+            .payment()
+            .await
+            .create_jsapi_order(keyed(
+                CreateJsapiOrderRequest {
+                    out_trade_id: "K1".into(),
+                    amount_fen: 1,
+                    openid: "oUser".into(),
+                    expires_at: None,
+                },
+                key,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "Payment with {key:?}");
+    }
+    assert!(
+        app.sandbox.requests().is_empty(),
+        "an unauthenticated call reached Kongtie"
+    );
+
+    app.auth()
+        .await
+        .get_access_token(keyed(GetAccessTokenRequest::default(), Some(KEY)))
+        .await
+        .unwrap();
+    app.ticket()
+        .await
+        .get_js_api_ticket(keyed(GetJsApiTicketRequest::default(), Some("other-key")))
+        .await
+        .unwrap();
+    app.payment()
+        .await
+        .list_notifications(keyed(ListNotificationsRequest::default(), Some(KEY)))
+        .await
+        .unwrap();
+    assert!(app.is_serving().await, "health needs no key");
+}
+
+#[test]
+fn reflection_needs_no_key_but_the_api_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = Binary::start_with(
+        &["serve", "--sandbox", "--sandbox-addr", "127.0.0.1:0"],
+        &[("KONGTIE_API_KEYS", KEY)],
+        dir.path(),
+        None,
+    );
+    let grpcurl = |args: &[&str]| {
+        std::process::Command::new(grpcurl())
+            .args(["-plaintext", "-max-time", "10"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let list = grpcurl(&[&bin.grpc, "list"]);
+    assert!(String::from_utf8_lossy(&list.stdout).contains("kongtie.v1.Payment"));
+    let denied = grpcurl(&[&bin.grpc, "kongtie.v1.Auth/GetAccessToken"]);
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("Unauthenticated"));
+    let header = format!("authorization: Bearer {KEY}");
+    let allowed = grpcurl(&["-H", &header, &bin.grpc, "kongtie.v1.Auth/GetAccessToken"]);
+    assert!(
+        allowed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+}
+
+#[tokio::test]
+async fn keys_can_come_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys");
+    std::fs::write(&file, format!("# the order service\n{KEY}\n\n")).unwrap();
+    let app = spawn_app_with(&[], |c| c.access.api_keys_file = Some(file)).await;
+    let mut auth = app.auth().await;
+    assert_eq!(
+        auth.get_access_token(keyed(GetAccessTokenRequest::default(), None))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    auth.get_access_token(keyed(GetAccessTokenRequest::default(), Some(KEY)))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn without_keys_a_public_address_is_refused_unless_explicitly_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = serve_args(&[]).config();
+    config.grpc_addr = "0.0.0.0:0".parse().unwrap();
+    config.store_url = store_url(dir.path());
+    let err = Application::build(config.clone())
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("refusing to serve gRPC on 0.0.0.0:0 without API keys"),
+        "{err}"
+    );
+    assert!(err.contains("--allow-unauthenticated"));
+    config.access.allow_unauthenticated = true;
+    Application::build(config)
+        .await
+        .expect("allowed when asked");
+}
+
+struct Pki {
+    ca: String,
+    server_cert: String,
+    server_key: String,
+    client_cert: String,
+    client_key: String,
+}
+
+fn pki() -> Pki {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |name: &str, usage: ExtendedKeyUsagePurpose| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &ca).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf("localhost", ExtendedKeyUsagePurpose::ServerAuth);
+    let (client_cert, client_key) = leaf("order-service", ExtendedKeyUsagePurpose::ClientAuth);
+    Pki {
+        ca: ca.pem(),
+        server_cert,
+        server_key,
+        client_cert,
+        client_key,
+    }
+}
+
+async fn tls_channel(
+    addr: std::net::SocketAddr,
+    pki: &Pki,
+    with_identity: bool,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca))
+        .domain_name("localhost");
+    if with_identity {
+        tls = tls.identity(Identity::from_pem(&pki.client_cert, &pki.client_key));
+    }
+    Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)?
+        .connect()
+        .await
+}
+
+#[tokio::test]
+async fn grpc_over_tls_and_mutual_tls() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (cert, key, ca) = (
+        write("server.pem", &pki.server_cert),
+        write("server.key", &pki.server_key),
+        write("ca.pem", &pki.ca),
+    );
+
+    // TLS: a client that trusts our CA gets through; plaintext does not.
+    let tls = spawn_app_with(
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        |_| {},
+    )
+    .await;
+    let channel = tls_channel(tls.addr, &pki, false).await.unwrap();
+    AuthClient::new(channel)
+        .get_access_token(GetAccessTokenRequest::default())
+        .await
+        .unwrap();
+    let plaintext = AuthClient::new(tls.channel().await)
+        .get_access_token(GetAccessTokenRequest::default())
+        .await;
+    assert!(plaintext.is_err());
+
+    // Mutual TLS: without a client certificate, nothing.
+    let mtls = spawn_app_with(
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--tls-client-ca",
+            ca.to_str().unwrap(),
+        ],
+        |_| {},
+    )
+    .await;
+    let anonymous = match tls_channel(mtls.addr, &pki, false).await {
+        Ok(channel) => AuthClient::new(channel)
+            .get_access_token(GetAccessTokenRequest::default())
+            .await
+            .is_ok(),
+        Err(_) => false,
+    };
+    assert!(!anonymous, "a client without a certificate got in");
+    let channel = tls_channel(mtls.addr, &pki, true).await.unwrap();
+    AuthClient::new(channel)
+        .get_access_token(GetAccessTokenRequest::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_notify_listener_refuses_sources_outside_the_allowlist() {
+    let app = spawn_app_with(&["--notify-allow", "10.0.0.0/8,192.168.0.0/16"], |_| {}).await;
+    let (status, reason) = app.notify(notification("N1", "1522233465")).await;
+    assert_eq!((status, reason.as_str()), (403, "source not allowed"));
+
+    // Behind a trusted proxy, the forwarded address counts.
+    let proxied = spawn_app_with(
+        &[
+            "--notify-allow",
+            "10.0.0.0/8",
+            "--trusted-proxies",
+            "127.0.0.1/32",
+        ],
+        |_| {},
+    )
+    .await;
+    let post = |url: String, forwarded: &'static str| async move {
+        reqwest::Client::new()
+            .post(url)
+            .header("x-forwarded-for", forwarded)
+            .body(notification("N2", "1522233465"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(post(proxied.notify_url.clone(), "10.1.2.3").await, 200);
+    assert_eq!(post(proxied.notify_url.clone(), "203.0.113.5").await, 403);
+    // An untrusted peer's X-Forwarded-For is ignored.
+    assert_eq!(post(app.notify_url.clone(), "10.1.2.3").await, 403);
+
+    let listed = |app: &TestApp| {
+        let addr = app.addr;
+        async move {
+            PaymentClient::connect(format!("http://{addr}"))
+                .await
+                .unwrap()
+                .list_notifications(ListNotificationsRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .notifications
+                .len()
+        }
+    };
+    assert_eq!(listed(&app).await, 0);
+    assert_eq!(listed(&proxied).await, 1);
+}
+
+#[tokio::test]
+async fn a_maximum_age_refuses_old_timestamps() {
+    let app = spawn_app_with(&["--notify-max-age-secs", "300"], |_| {}).await;
+    let (status, reason) = app.notify(notification("A1", "1522233465")).await;
+    assert_eq!(status, 400);
+    assert!(reason.contains("TimeStamp"));
+    let now = chrono::Utc::now().timestamp().to_string();
+    assert_eq!(
+        app.notify(notification("A1", &now)).await,
+        (200, "success".into())
+    );
+}
+
+async fn metrics(app: &TestApp) -> String {
+    reqwest::get(format!("http://{}/metrics", app.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of one sample line, by its exact name and labels.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn the_admin_port_serves_moving_metrics_and_readiness() {
+    let app = spawn_app().await;
+    let ready = reqwest::get(format!("http://{}/readyz", app.admin))
+        .await
+        .unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
+    let healthy = reqwest::get(format!("http://{}/healthz", app.admin))
+        .await
+        .unwrap();
+    assert_eq!(healthy.status().as_u16(), 200);
+
+    let before = metrics(&app).await;
+    let mut auth = app.auth().await;
+    auth.get_access_token(GetAccessTokenRequest::default())
+        .await
+        .unwrap();
+    auth.get_access_token(GetAccessTokenRequest::default())
+        .await
+        .unwrap();
+    let _ = auth
+        .exchange_o_auth_code(ExchangeOAuthCodeRequest {
+            code: "nosuchcode".into(),
+        })
+        .await;
+    let mut stream = app
+        .payment()
+        .await
+        .subscribe_notifications(SubscribeNotificationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    app.notify(notification("M1", "1")).await;
+    app.notify(notification("M1", "2")).await;
+    app.notify("not json").await;
+    stream.next().await.unwrap().unwrap();
+
+    let after = metrics(&app).await;
+    for (series, delta) in [
+        (
+            r#"kongtie_upstream_calls_total{endpoint="GetAccessToken",outcome="ok"}"#,
+            1.0,
+        ),
+        (
+            r#"kongtie_upstream_calls_total{endpoint="GetWeChatAccessToken",outcome="rejected"}"#,
+            1.0,
+        ),
+        (
+            r#"kongtie_upstream_call_seconds_count{endpoint="GetAccessToken"}"#,
+            1.0,
+        ),
+        (
+            r#"kongtie_cache_lookups_total{cache="access_token",result="hit"}"#,
+            1.0,
+        ),
+        (
+            r#"kongtie_cache_lookups_total{cache="access_token",result="miss"}"#,
+            1.0,
+        ),
+        (
+            r#"kongtie_notifications_received_total{outcome="stored"}"#,
+            1.0,
+        ),
+        (
+            r#"kongtie_notifications_received_total{outcome="duplicate"}"#,
+            1.0,
+        ),
+        (
+            r#"kongtie_notifications_rejected_total{reason="malformed"}"#,
+            1.0,
+        ),
+        ("kongtie_subscribers", 1.0),
+        ("kongtie_store_commit_seconds_count", 2.0),
+    ] {
+        assert_eq!(
+            sample(&after, series) - sample(&before, series),
+            delta,
+            "{series}\n{after}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn token_fetches_are_retried_and_orders_and_codes_are_not() {
+    let app = spawn_app().await;
+    app.sandbox.set_fault(Some(Fault::Flaky {
+        status: 503,
+        times: 2,
+    }));
+    app.auth()
+        .await
+        .get_access_token(GetAccessTokenRequest::default())
+        .await
+        .expect("two 503s then success");
+    assert_eq!(app.sandbox.calls(Endpoint::GetAccessToken), 3);
+
+    app.sandbox.set_fault(Some(Fault::Flaky {
+        status: 503,
+        times: 1,
+    }));
+    let status = app
+        .payment()
+        .await
+        .create_jsapi_order(CreateJsapiOrderRequest {
+            out_trade_id: "R1".into(),
+            amount_fen: 1,
+            openid: "oUser".into(),
+            expires_at: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(
+        app.sandbox.calls(Endpoint::ParTrade),
+        1,
+        "a 503 may have created the order"
+    );
+
+    app.sandbox.set_fault(Some(Fault::Flaky {
+        status: 503,
+        times: 1,
+    }));
+    let code = app.sandbox.issue_code(None, None);
+    let status = app
+        .auth()
+        .await
+        .exchange_o_auth_code(ExchangeOAuthCodeRequest { code })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(app.sandbox.calls(Endpoint::GetWeChatAccessToken), 1);
+}
+
+#[tokio::test]
+async fn an_order_is_retried_when_the_connection_never_happened() {
+    let down = closed_port().await;
+    let app = spawn_app_with(&[], |c| {
+        c.upstream.pay_url = format!("http://{down}/v5/ParTrade.ashx").parse().unwrap();
+    })
+    .await;
+    let status = app
+        .payment()
+        .await
+        .create_jsapi_order(CreateJsapiOrderRequest {
+            out_trade_id: "R2".into(),
+            amount_fen: 1,
+            openid: "oUser".into(),
+            expires_at: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    let text = metrics(&app).await;
+    assert_eq!(
+        sample(
+            &text,
+            r#"kongtie_upstream_calls_total{endpoint="ParTrade",outcome="unavailable"}"#
+        ),
+        3.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_subscriptions_unavailable_keeps_every_acknowledged_notification_and_exits_zero()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bin = Binary::start_in(&["serve", "--shutdown-grace-secs", "5"], dir.path(), None);
+    let url = bin.notify_url();
+    let mut stream = PaymentClient::connect(format!("http://{}", bin.grpc))
+        .await
+        .unwrap()
+        .subscribe_notifications(SubscribeNotificationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+
+    let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let http = reqwest::Client::new();
+    let senders: Vec<_> = (0..8)
+        .map(|w| {
+            let (url, http, acknowledged) = (
+                url.clone(),
+                http.clone(),
+                std::sync::Arc::clone(&acknowledged),
+            );
+            tokio::spawn(async move {
+                for i in 0.. {
+                    let id = format!("T{w}N{i}");
+                    let body = {
+                        let fields = [
+                            ("TradeStatus", "0000"),
+                            ("Message", "SUCCESS"),
+                            ("OutTradeId", id.as_str()),
+                            ("TradeAmount", "1.00"),
+                            ("TradeOrderId", id.as_str()),
+                            ("TradeBillNo", id.as_str()),
+                            ("TradeTime", "2018/3/2 10:00:39"),
+                            ("TimeStamp", "1522233465"),
+                        ];
+                        signed_notification(&fields, &SecretString::from("#wugf543sxcv5*$#"))
+                    };
+                    let Ok(resp) = http.post(&url).body(body).send().await else {
+                        return;
+                    };
+                    let ok = resp.status().as_u16() == 200;
+                    match resp.text().await {
+                        Ok(text) if ok && text == "success" => {
+                            acknowledged.lock().unwrap().push(id)
+                        }
+                        _ => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    let ready = reqwest::get(format!("http://{}/readyz", bin.admin))
+        .await
+        .unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
+    while acknowledged.lock().unwrap().len() < 100 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &bin.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let signalled = Instant::now();
+
+    // The subscription ends with UNAVAILABLE (after what it was sent).
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("the stream ends")
+        {
+            Some(Ok(_)) => continue,
+            Some(Err(status)) => break status.code(),
+            None => panic!("the stream ended without a status"),
+        }
+    };
+    assert_eq!(end, Code::Unavailable);
+
+    let exit = loop {
+        if let Some(exit) = bin.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(6),
+            "still running past the grace period"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "exit status {exit:?}");
+    for s in senders {
+        s.await.unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+
+    let bin = Binary::start_in(&["serve"], dir.path(), None);
+    let mut client = PaymentClient::connect(format!("http://{}", bin.grpc))
+        .await
+        .unwrap();
+    let mut stored = std::collections::HashSet::new();
+    let mut after = 0;
+    loop {
+        let page = client
+            .list_notifications(ListNotificationsRequest {
+                after_sequence: after,
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if page.notifications.is_empty() {
+            break;
+        }
+        after = page.next_after_sequence;
+        stored.extend(page.notifications.into_iter().map(|n| n.out_trade_id));
+    }
+    for id in &acknowledged {
+        assert!(stored.contains(id), "{id} was answered success but is gone");
+    }
+}
+
+#[test]
+fn a_full_run_logs_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = Binary::start_with(
+        &["serve", "--sandbox", "--sandbox-addr", "127.0.0.1:0"],
+        &[
+            ("RUST_LOG", "debug"),
+            ("KONGTIE_LOG_FORMAT", "json"),
+            ("KONGTIE_API_KEYS", KEY),
+            ("KONGTIE_TOKEN", "ktapi-secret-token-xyz"),
+            ("KONGTIE_PAY_TOKEN", "pay-secret-token-xyz"),
+        ],
+        dir.path(),
+        None,
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let secrets = rt.block_on(async {
+        let channel = Channel::from_shared(format!("http://{}", bin.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut auth = AuthClient::new(channel.clone());
+        let token = auth
+            .get_access_token(keyed(GetAccessTokenRequest::default(), Some(KEY)))
+            .await
+            .unwrap()
+            .into_inner()
+            .access_token;
+        let ticket = kongtie_gateway::proto::ticket_client::TicketClient::new(channel.clone())
+            .get_js_api_ticket(keyed(GetJsApiTicketRequest::default(), Some(KEY)))
+            .await
+            .unwrap()
+            .into_inner()
+            .ticket;
+        let http = reqwest::Client::new();
+        let code: serde_json::Value = http
+            .post(format!("http://{}/sandbox/oauth/codes", bin.sandbox()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let code = code["code"].as_str().unwrap().to_owned();
+        let web = auth
+            .exchange_o_auth_code(keyed(
+                ExchangeOAuthCodeRequest { code: code.clone() },
+                Some(KEY),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        PaymentClient::new(channel.clone())
+            .create_jsapi_order(keyed(
+                CreateJsapiOrderRequest {
+                    out_trade_id: "LOG1".into(),
+                    amount_fen: 20,
+                    openid: "oUser".into(),
+                    expires_at: None,
+                },
+                Some(KEY),
+            ))
+            .await
+            .unwrap();
+        http.post(format!("http://{}/sandbox/orders/LOG1/pay", bin.sandbox()))
+            .send()
+            .await
+            .unwrap();
+        // A notification we sign ourselves, to know its Sign.
+        let fields = [
+            ("TradeStatus", "0000"),
+            ("Message", "SUCCESS"),
+            ("OutTradeId", "LOG2"),
+            ("TradeAmount", "0.20"),
+            ("TradeOrderId", "984_2"),
+            ("TradeBillNo", "2"),
+            ("TradeTime", "2018/3/2 10:00:39"),
+            ("TimeStamp", "1522233465"),
+        ];
+        let body = signed_notification(&fields, &SecretString::from("pay-secret-token-xyz"));
+        let sign: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let resp = http
+            .post(bin.notify_url())
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.text().await.unwrap(), "success");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        vec![
+            token,
+            ticket,
+            code,
+            web.access_token,
+            web.refresh_token,
+            sign["Sign"].as_str().unwrap().to_owned(),
+            KEY.to_owned(),
+            "ktapi-secret-token-xyz".to_owned(),
+            "pay-secret-token-xyz".to_owned(),
+            "wsscr6zfppd8v46b5678f8fxh2xdhv0d22xlx08h8btn6ttxxx4aab3".to_owned(),
+        ]
+    });
+    let log = bin.log.lock().unwrap().join("\n");
+    assert!(
+        log.contains("notification stored"),
+        "the log covers the run"
+    );
+    assert!(log.lines().count() > 20);
+    for secret in &secrets {
+        assert!(
+            !log.contains(secret.as_str()),
+            "a secret ({} chars) is in the log",
+            secret.len()
+        );
+    }
+}
