@@ -204,7 +204,15 @@ impl Application {
         }
         info!(addr = %self.grpc_addr, tls = self.config.access.tls.is_some(), "gRPC listening");
         let grpc = server
-            .trace_fn(|request| tracing::info_span!("grpc", method = request.uri().path()))
+            // Each RPC's span; handlers fill in the order id where there
+            // is one.
+            .trace_fn(|request| {
+                tracing::info_span!(
+                    "grpc",
+                    method = request.uri().path(),
+                    out_trade_id = tracing::field::Empty
+                )
+            })
             // Notice dead subscribers: a ping every 30 s, gone after 10 s
             // without an answer.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))

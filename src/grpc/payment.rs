@@ -94,10 +94,8 @@ impl Payment for PaymentService {
                 expires_at: expires_at?,
             })
         })?;
-        let span = tracing::info_span!("create_order", out_trade_id = order.out_trade_id.as_str());
-        let created =
-            tracing::Instrument::instrument(self.gateway.create_order(&order, deadline), span)
-                .await?;
+        tracing::Span::current().record("out_trade_id", order.out_trade_id.as_str());
+        let created = self.gateway.create_order(&order, deadline).await?;
         let p = created.params;
         Ok(Response::new(proto::CreateJsapiOrderResponse {
             pay_params: Some(proto::JsapiPayParams {
@@ -126,6 +124,9 @@ impl Payment for PaymentService {
             optional(&req.out_trade_id, OutTradeId::parse),
         );
         let (consumer, order) = v.finish(|| Some((consumer?, order?)))?;
+        if let Some(order) = &order {
+            tracing::Span::current().record("out_trade_id", order.as_str());
+        }
         let after = match (req.after_sequence, &consumer) {
             (Some(after), _) => after,
             (None, Some(consumer)) => self.store.acked(consumer).await.map_err(Error::from)?,

@@ -774,3 +774,43 @@ fn a_full_run_logs_no_secret() {
         );
     }
 }
+
+#[test]
+fn the_example_configuration_file_starts_the_gateway() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/kongtie-gateway.env.example"
+    ))
+    .unwrap();
+    let vars: Vec<(&str, &str)> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.split_once('=').expect("NAME=value"))
+        .collect();
+    assert!(vars.iter().any(|(k, _)| *k == "KONGTIE_API_KEYS"));
+    // The listener flags Binary adds (port 0, a temporary data directory)
+    // override the file's addresses.
+    let dir = tempfile::tempdir().unwrap();
+    let bin = Binary::start_with(&["serve"], &vars, dir.path(), None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ready = reqwest::get(format!("http://{}/readyz", bin.admin))
+            .await
+            .unwrap();
+        assert_eq!(ready.status().as_u16(), 200);
+        let status = AuthClient::connect(format!("http://{}", bin.grpc))
+            .await
+            .unwrap()
+            .get_access_token(GetAccessTokenRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::Unauthenticated,
+            "the file's keys are in force"
+        );
+    });
+    let log = bin.log.lock().unwrap().join("\n");
+    assert!(log.starts_with('{'), "the file asks for JSON logs");
+}
