@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Runs the Python, Node and grpcurl examples against a live gateway
+# (`serve --sandbox` on free ports), failing on any wrong answer.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+echo "== build"
+cargo build --quiet
+bash .ci/install-grpcurl.sh >/dev/null
+
+echo "== example dependencies (PyPI, npm)"
+[ -x .tools/venv/bin/python ] || python3 -m venv .tools/venv
+.tools/venv/bin/pip install --quiet --disable-pip-version-check -r examples/python/requirements.txt
+PATH="$root/.tools/venv/bin:$PATH" bash examples/python/generate.sh
+(cd examples/node && npm ci --silent --no-audit --no-fund)
+
+echo "== start the gateway with its sandbox on free ports"
+work=$(mktemp -d)
+log="$work/gateway.log"
+./target/debug/kongtie-gateway serve --sandbox \
+  --grpc-addr 127.0.0.1:0 --notify-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
+  --sandbox-addr 127.0.0.1:0 --data-dir "$work/data" >"$log" 2>&1 &
+gateway=$!
+cleanup() {
+  kill "$gateway" 2>/dev/null || true
+  wait "$gateway" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+addr_of() { grep -m1 "$1" "$log" | sed -E 's/.*addr=([^ ]+).*/\1/'; }
+for _ in $(seq 1 100); do
+  grep -q "admin listener listening" "$log" && break
+  sleep 0.1
+done
+GRPC=$(addr_of "gRPC listening")
+SANDBOX=$(addr_of "sandbox upstream listening")
+[ -n "$GRPC" ] && [ -n "$SANDBOX" ] || { cat "$log"; echo "the gateway did not start" >&2; exit 1; }
+echo "gRPC on $GRPC, sandbox on $SANDBOX"
+
+status=0
+echo "== Python example"
+.tools/venv/bin/python examples/python/client.py --grpc "$GRPC" --sandbox "$SANDBOX" || status=1
+echo "== Node example"
+node examples/node/client.js --grpc "$GRPC" --sandbox "$SANDBOX" || status=1
+echo "== grpcurl example"
+GRPC=$GRPC SANDBOX=$SANDBOX GRPCURL=.tools/bin/grpcurl bash examples/grpcurl.sh || status=1
+
+if [ "$status" -ne 0 ]; then
+  echo "== gateway log"; cat "$log"
+  echo "examples: FAILED" >&2
+  exit 1
+fi
+echo "examples: all OK"
