@@ -314,11 +314,10 @@ fn load_api_keys(access: &AccessConfig) -> Result<ApiKeys, BoxError> {
             return Err(format!("the API keys file {} holds no key", path.display()).into());
         }
     }
-    if let Some(bad) = keys
+    if keys
         .iter()
-        .find(|k| k.chars().any(|c| c.is_whitespace() || c == ','))
+        .any(|k| k.chars().any(|c| c.is_whitespace() || c == ','))
     {
-        let _ = bad;
         return Err("an API key contains a space or a comma".into());
     }
     Ok(ApiKeys::new(keys.iter().map(String::as_str)))

@@ -350,3 +350,95 @@ impl Drop for Binary {
         let _ = self.child.wait();
     }
 }
+
+/// The binary's default notify token: the document's.
+pub const DOCUMENT_TOKEN: &str = "#wugf543sxcv5*$#";
+
+/// A signed notification of a payment of its own: `id` is the order, the
+/// payment order and the bill number.
+pub fn payment_notification(id: &str, token: &str) -> String {
+    let fields = [
+        ("TradeStatus", "0000"),
+        ("Message", "SUCCESS"),
+        ("OutTradeId", id),
+        ("TradeAmount", "1.00"),
+        ("TradeOrderId", id),
+        ("TradeBillNo", id),
+        ("TradeTime", "2018/3/2 10:00:39"),
+        ("TimeStamp", "1522233465"),
+    ];
+    kongtie_gateway::sandbox::signed_notification(&fields, &secrecy::SecretString::from(token))
+}
+
+/// Ids of the notifications answered `success`, filled in as they are.
+pub type Acknowledged = Arc<Mutex<Vec<String>>>;
+
+/// Floods `url` from `workers` tasks with distinct notifications signed
+/// with the document's token, each task until a send fails.
+pub fn flood(
+    url: &str,
+    prefix: &str,
+    workers: usize,
+) -> (Acknowledged, Vec<tokio::task::JoinHandle<()>>) {
+    let acknowledged = Acknowledged::default();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let tasks = (0..workers)
+        .map(|worker| {
+            let (url, http, acknowledged) =
+                (url.to_owned(), http.clone(), Arc::clone(&acknowledged));
+            let prefix = format!("{prefix}{worker}N");
+            tokio::spawn(async move {
+                for i in 0.. {
+                    let id = format!("{prefix}{i}");
+                    let body = payment_notification(&id, DOCUMENT_TOKEN);
+                    let Ok(resp) = http.post(&url).body(body).send().await else {
+                        return;
+                    };
+                    let ok = resp.status().as_u16() == 200;
+                    match resp.text().await {
+                        Ok(text) if ok && text == "success" => {
+                            acknowledged.lock().unwrap().push(id)
+                        }
+                        _ => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    (acknowledged, tasks)
+}
+
+/// Waits until at least `n` notifications were answered `success`.
+pub async fn until_acknowledged(acknowledged: &Acknowledged, n: usize) {
+    while acknowledged.lock().unwrap().len() < n {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Every stored notification, paging through ListNotifications.
+pub async fn list_all(grpc: &str) -> Vec<kongtie_gateway::proto::PaymentNotification> {
+    let mut client = PaymentClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let mut stored = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = client
+            .list_notifications(kongtie_gateway::proto::ListNotificationsRequest {
+                after_sequence: after,
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if page.notifications.is_empty() {
+            return stored;
+        }
+        after = page.next_after_sequence;
+        stored.extend(page.notifications);
+    }
+}

@@ -548,52 +548,12 @@ async fn sigterm_ends_subscriptions_unavailable_keeps_every_acknowledged_notific
         .unwrap()
         .into_inner();
 
-    let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let http = reqwest::Client::new();
-    let senders: Vec<_> = (0..8)
-        .map(|w| {
-            let (url, http, acknowledged) = (
-                url.clone(),
-                http.clone(),
-                std::sync::Arc::clone(&acknowledged),
-            );
-            tokio::spawn(async move {
-                for i in 0.. {
-                    let id = format!("T{w}N{i}");
-                    let body = {
-                        let fields = [
-                            ("TradeStatus", "0000"),
-                            ("Message", "SUCCESS"),
-                            ("OutTradeId", id.as_str()),
-                            ("TradeAmount", "1.00"),
-                            ("TradeOrderId", id.as_str()),
-                            ("TradeBillNo", id.as_str()),
-                            ("TradeTime", "2018/3/2 10:00:39"),
-                            ("TimeStamp", "1522233465"),
-                        ];
-                        signed_notification(&fields, &SecretString::from("#wugf543sxcv5*$#"))
-                    };
-                    let Ok(resp) = http.post(&url).body(body).send().await else {
-                        return;
-                    };
-                    let ok = resp.status().as_u16() == 200;
-                    match resp.text().await {
-                        Ok(text) if ok && text == "success" => {
-                            acknowledged.lock().unwrap().push(id)
-                        }
-                        _ => return,
-                    }
-                }
-            })
-        })
-        .collect();
+    let (acknowledged, senders) = flood(&url, "T", 8);
     let ready = reqwest::get(format!("http://{}/readyz", bin.admin))
         .await
         .unwrap();
     assert_eq!(ready.status().as_u16(), 200);
-    while acknowledged.lock().unwrap().len() < 100 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_acknowledged(&acknowledged, 100).await;
     let status = std::process::Command::new("kill")
         .args(["-TERM", &bin.child.id().to_string()])
         .status()
@@ -631,27 +591,11 @@ async fn sigterm_ends_subscriptions_unavailable_keeps_every_acknowledged_notific
     let acknowledged = acknowledged.lock().unwrap().clone();
 
     let bin = Binary::start_in(&["serve"], dir.path(), None);
-    let mut client = PaymentClient::connect(format!("http://{}", bin.grpc))
+    let stored: std::collections::HashSet<String> = list_all(&bin.grpc)
         .await
-        .unwrap();
-    let mut stored = std::collections::HashSet::new();
-    let mut after = 0;
-    loop {
-        let page = client
-            .list_notifications(ListNotificationsRequest {
-                after_sequence: after,
-                page_size: 1000,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if page.notifications.is_empty() {
-            break;
-        }
-        after = page.next_after_sequence;
-        stored.extend(page.notifications.into_iter().map(|n| n.out_trade_id));
-    }
+        .into_iter()
+        .map(|n| n.out_trade_id)
+        .collect();
     for id in &acknowledged {
         assert!(stored.contains(id), "{id} was answered success but is gone");
     }
