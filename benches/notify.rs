@@ -277,7 +277,7 @@ async fn memory() {
         "## Memory per idle subscriber ({IDLE} subscriptions over 10 connections, the release binary)"
     );
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kongtie-gateway"))
+    let child = Command::new(env!("CARGO_BIN_EXE_kongtie-gateway"))
         .args([
             "serve",
             "--grpc-addr",
@@ -290,18 +290,22 @@ async fn memory() {
         ])
         .arg(dir.path())
         .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    // Killed however this function ends.
+    let mut child = KillOnDrop(child);
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
     let grpc = loop {
         let line = lines.next().unwrap().unwrap();
         if line.contains("gRPC listening") {
-            break line.split("addr=").nth(1).unwrap().trim().to_owned();
+            let addr = line.split("addr=").nth(1).unwrap();
+            break addr.split_whitespace().next().unwrap().to_owned();
         }
     };
     std::thread::spawn(move || for _ in lines {});
-    let pid = child.id();
+    let pid = child.0.id();
     // Warm up one subscription so lazily built state is in the baseline.
     let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
         .unwrap()
@@ -343,8 +347,16 @@ async fn memory() {
         after.saturating_sub(before) as f64 / before as f64 * 100.0
     );
     drop(streams);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn main() {
