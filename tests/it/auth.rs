@@ -9,13 +9,7 @@ use crate::helpers::*;
 #[tokio::test]
 async fn access_token_comes_from_a_correctly_signed_upstream_call() {
     let app = spawn_app().await;
-    let token = app
-        .auth()
-        .await
-        .get_access_token(GetAccessTokenRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let token = app.access_token().await.unwrap().into_inner();
     assert!(token.access_token.starts_with("SBXAT_"));
     assert!(token.fetched_at.is_some());
 

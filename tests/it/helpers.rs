@@ -96,6 +96,22 @@ impl TestApp {
         HealthClient::new(self.channel().await)
     }
 
+    /// `Auth.GetAccessToken` with no stale token.
+    pub async fn access_token(
+        &self,
+    ) -> Result<tonic::Response<kongtie_gateway::proto::GetAccessTokenResponse>, Status> {
+        let request = kongtie_gateway::proto::GetAccessTokenRequest::default();
+        self.auth().await.get_access_token(request).await
+    }
+
+    /// `Ticket.GetJsApiTicket` with no stale ticket.
+    pub async fn jsapi_ticket(
+        &self,
+    ) -> Result<tonic::Response<kongtie_gateway::proto::GetJsApiTicketResponse>, Status> {
+        let request = kongtie_gateway::proto::GetJsApiTicketRequest::default();
+        self.ticket().await.get_js_api_ticket(request).await
+    }
+
     /// Stops the gateway gracefully and waits until it has.
     pub async fn stop(&mut self) {
         self.stop.take();

@@ -461,11 +461,7 @@ async fn token_fetches_are_retried_and_orders_and_codes_are_not() {
         status: 503,
         times: 2,
     }));
-    app.auth()
-        .await
-        .get_access_token(GetAccessTokenRequest::default())
-        .await
-        .expect("two 503s then success");
+    app.access_token().await.expect("two 503s then success");
     assert_eq!(app.sandbox.calls(Endpoint::GetAccessToken), 3);
 
     app.sandbox.set_fault(Some(Fault::Flaky {

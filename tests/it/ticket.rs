@@ -1,6 +1,6 @@
 use kongtie_gateway::{
     gateway::js_sdk_signature,
-    proto::{GetAccessTokenRequest, GetJsApiTicketRequest, SignJsSdkConfigRequest},
+    proto::{GetJsApiTicketRequest, SignJsSdkConfigRequest},
     upstream::Endpoint,
 };
 
@@ -9,23 +9,10 @@ use crate::helpers::*;
 #[tokio::test]
 async fn the_ticket_is_fetched_with_the_gateways_own_access_token() {
     let app = spawn_app().await;
-    let ticket = app
-        .ticket()
-        .await
-        .get_js_api_ticket(GetJsApiTicketRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let ticket = app.jsapi_ticket().await.unwrap().into_inner();
     assert!(ticket.ticket.starts_with("SBXTK_"));
 
-    let token = app
-        .auth()
-        .await
-        .get_access_token(GetAccessTokenRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .access_token;
+    let token = app.access_token().await.unwrap().into_inner().access_token;
     let seen = app.sandbox.requests();
     let ticket_call = seen
         .iter()
@@ -73,14 +60,7 @@ async fn js_sdk_config_is_signed_over_the_url_without_its_fragment() {
         .await
         .unwrap()
         .into_inner();
-    let ticket = app
-        .ticket()
-        .await
-        .get_js_api_ticket(GetJsApiTicketRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .ticket;
+    let ticket = app.jsapi_ticket().await.unwrap().into_inner().ticket;
     assert_eq!(config.app_id, APP_ID);
     assert_eq!(config.nonce_str.len(), 16);
     let now = chrono::Utc::now().timestamp();

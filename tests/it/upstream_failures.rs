@@ -28,12 +28,7 @@ async fn an_unreachable_upstream_is_unavailable_and_the_service_stays_healthy() 
         c.upstream.pay_url = format!("http://{down}/v5/ParTrade.ashx").parse().unwrap();
     })
     .await;
-    let status = app
-        .auth()
-        .await
-        .get_access_token(GetAccessTokenRequest::default())
-        .await
-        .unwrap_err();
+    let status = app.access_token().await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!(error_info(&status).0, "UPSTREAM_UNAVAILABLE");
     let status = app
@@ -52,12 +47,7 @@ async fn a_slow_upstream_is_a_deadline_exceeded_within_the_configured_timeout() 
     app.sandbox
         .set_fault(Some(Fault::Delay(Duration::from_secs(5))));
     let started = Instant::now();
-    let status = app
-        .auth()
-        .await
-        .get_access_token(GetAccessTokenRequest::default())
-        .await
-        .unwrap_err();
+    let status = app.access_token().await.unwrap_err();
     let took = started.elapsed();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert_eq!(error_info(&status).0, "UPSTREAM_TIMEOUT");
@@ -68,11 +58,7 @@ async fn a_slow_upstream_is_a_deadline_exceeded_within_the_configured_timeout() 
 
     // Once the upstream recovers, so does the service.
     app.sandbox.set_fault(None);
-    app.auth()
-        .await
-        .get_access_token(GetAccessTokenRequest::default())
-        .await
-        .unwrap();
+    app.access_token().await.unwrap();
     assert!(app.is_serving().await);
 }
 
@@ -125,12 +111,7 @@ async fn a_server_error_is_unavailable() {
 async fn a_garbage_answer_is_internal_and_says_what_was_wrong() {
     let app = spawn_app().await;
     app.sandbox.set_fault(Some(Fault::Garbage));
-    let status = app
-        .auth()
-        .await
-        .get_access_token(GetAccessTokenRequest::default())
-        .await
-        .unwrap_err();
+    let status = app.access_token().await.unwrap_err();
     assert_eq!(status.code(), Code::Internal);
     assert_eq!(error_info(&status).0, "UPSTREAM_BAD_RESPONSE");
     assert!(
