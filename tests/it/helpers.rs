@@ -458,3 +458,13 @@ pub async fn list_all(grpc: &str) -> Vec<kongtie_gateway::proto::PaymentNotifica
         stored.extend(page.notifications);
     }
 }
+
+/// A valid order request with no expiry of its own.
+pub fn order(id: &str, fen: i64) -> kongtie_gateway::proto::CreateJsapiOrderRequest {
+    kongtie_gateway::proto::CreateJsapiOrderRequest {
+        out_trade_id: id.into(),
+        amount_fen: fen,
+        openid: "oeQDZtzvDoD-OmTmyJH6rGAX8odc".into(),
+        expires_at: None,
+    }
+}

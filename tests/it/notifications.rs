@@ -6,8 +6,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use kongtie_gateway::{
     proto::{
-        AckNotificationsRequest, CreateJsapiOrderRequest, ListNotificationsRequest,
-        PaymentNotification, SubscribeNotificationsRequest,
+        AckNotificationsRequest, ListNotificationsRequest, PaymentNotification,
+        SubscribeNotificationsRequest,
     },
     sandbox::signed_notification,
 };
@@ -345,12 +345,7 @@ async fn the_sandbox_pays_an_order_and_the_subscriber_sees_it() {
     let mut stream = subscribe(&app, SubscribeNotificationsRequest::default()).await;
     app.payment()
         .await
-        .create_jsapi_order(CreateJsapiOrderRequest {
-            out_trade_id: "SBX1".into(),
-            amount_fen: 1234,
-            openid: "oUser".into(),
-            expires_at: None,
-        })
+        .create_jsapi_order(order("SBX1", 1234))
         .await
         .unwrap();
     assert!(app.sandbox.pay("SBX1"));
@@ -376,12 +371,7 @@ async fn the_sandbox_resends_until_answered_success_ten_sends_at_most() {
     let app = spawn_app().await;
     app.payment()
         .await
-        .create_jsapi_order(CreateJsapiOrderRequest {
-            out_trade_id: "SBX2".into(),
-            amount_fen: 1,
-            openid: "oUser".into(),
-            expires_at: None,
-        })
+        .create_jsapi_order(order("SBX2", 1))
         .await
         .unwrap();
     // A URL that answers 404: never `success`.

@@ -1,22 +1,12 @@
 use chrono::{TimeZone, Utc};
 use kongtie_gateway::{
     domain::{beijing, utc_to_timestamp},
-    proto::CreateJsapiOrderRequest,
     upstream::{Endpoint, sign},
 };
 use md5::{Digest, Md5};
 use tonic::Code;
 
 use crate::helpers::*;
-
-fn order(id: &str, fen: i64) -> CreateJsapiOrderRequest {
-    CreateJsapiOrderRequest {
-        out_trade_id: id.into(),
-        amount_fen: fen,
-        openid: "oeQDZtzvDoD-OmTmyJH6rGAX8odc".into(),
-        expires_at: None,
-    }
-}
 
 #[tokio::test]
 async fn an_order_is_sent_as_exact_yuan_in_beijing_time_signed_with_the_pay_token() {

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use kongtie_gateway::{
     proto::{
-        CreateJsapiOrderRequest, ExchangeOAuthCodeRequest, GetAccessTokenRequest,
-        GetJsApiTicketRequest, ListNotificationsRequest, SubscribeNotificationsRequest,
-        auth_client::AuthClient, payment_client::PaymentClient,
+        ExchangeOAuthCodeRequest, GetAccessTokenRequest, GetJsApiTicketRequest,
+        ListNotificationsRequest, SubscribeNotificationsRequest, auth_client::AuthClient,
+        payment_client::PaymentClient,
     },
     sandbox::{Fault, signed_notification},
     startup::Application,
@@ -72,15 +72,7 @@ async fn every_service_wants_a_right_key_and_health_stays_open() {
         let status = app
             .payment()
             .await
-            .create_jsapi_order(keyed(
-                CreateJsapiOrderRequest {
-                    out_trade_id: "K1".into(),
-                    amount_fen: 1,
-                    openid: "oUser".into(),
-                    expires_at: None,
-                },
-                key,
-            ))
+            .create_jsapi_order(keyed(order("K1", 1), key))
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::Unauthenticated, "Payment with {key:?}");
@@ -471,12 +463,7 @@ async fn token_fetches_are_retried_and_orders_and_codes_are_not() {
     let status = app
         .payment()
         .await
-        .create_jsapi_order(CreateJsapiOrderRequest {
-            out_trade_id: "R1".into(),
-            amount_fen: 1,
-            openid: "oUser".into(),
-            expires_at: None,
-        })
+        .create_jsapi_order(order("R1", 1))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
@@ -511,12 +498,7 @@ async fn an_order_is_retried_when_the_connection_never_happened() {
     let status = app
         .payment()
         .await
-        .create_jsapi_order(CreateJsapiOrderRequest {
-            out_trade_id: "R2".into(),
-            amount_fen: 1,
-            openid: "oUser".into(),
-            expires_at: None,
-        })
+        .create_jsapi_order(order("R2", 1))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
@@ -651,15 +633,7 @@ fn a_full_run_logs_no_secret() {
             .unwrap()
             .into_inner();
         PaymentClient::new(channel.clone())
-            .create_jsapi_order(keyed(
-                CreateJsapiOrderRequest {
-                    out_trade_id: "LOG1".into(),
-                    amount_fen: 20,
-                    openid: "oUser".into(),
-                    expires_at: None,
-                },
-                Some(KEY),
-            ))
+            .create_jsapi_order(keyed(order("LOG1", 20), Some(KEY)))
             .await
             .unwrap();
         http.post(format!("http://{}/sandbox/orders/LOG1/pay", bin.sandbox()))

@@ -4,21 +4,12 @@
 use std::time::{Duration, Instant};
 
 use kongtie_gateway::{
-    proto::{CreateJsapiOrderRequest, GetAccessTokenRequest, GetJsApiTicketRequest},
+    proto::{GetAccessTokenRequest, GetJsApiTicketRequest},
     sandbox::Fault,
 };
 use tonic::{Code, Request};
 
 use crate::helpers::*;
-
-fn order() -> CreateJsapiOrderRequest {
-    CreateJsapiOrderRequest {
-        out_trade_id: "F1".into(),
-        amount_fen: 1,
-        openid: "oUser".into(),
-        expires_at: None,
-    }
-}
 
 #[tokio::test]
 async fn an_unreachable_upstream_is_unavailable_and_the_service_stays_healthy() {
@@ -34,7 +25,7 @@ async fn an_unreachable_upstream_is_unavailable_and_the_service_stays_healthy() 
     let status = app
         .payment()
         .await
-        .create_jsapi_order(order())
+        .create_jsapi_order(order("F1", 1))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
@@ -67,7 +58,7 @@ async fn the_callers_deadline_bounds_the_upstream_call() {
     let app = spawn_app().await; // upstream timeout 5 s
     app.sandbox
         .set_fault(Some(Fault::Delay(Duration::from_secs(5))));
-    let mut request = Request::new(order());
+    let mut request = Request::new(order("F1", 1));
     request.set_timeout(Duration::from_millis(300));
     let started = Instant::now();
     let status = app
@@ -98,7 +89,7 @@ async fn a_server_error_is_unavailable() {
     let status = app
         .payment()
         .await
-        .create_jsapi_order(order())
+        .create_jsapi_order(order("F1", 1))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
