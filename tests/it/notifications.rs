@@ -354,16 +354,31 @@ async fn the_sandbox_pays_an_order_and_the_subscriber_sees_it() {
     assert_eq!(n.trade_amount, "12.34");
     assert_eq!(n.amount_fen, Some(1234));
     assert!(n.paid);
+    // The event is published at commit, before the sandbox has read our
+    // `success`: wait for it to record the answer.
+    eventually(|| app.sandbox.notify_attempts().len() == 1).await;
     let attempts = app.sandbox.notify_attempts();
-    assert_eq!(attempts.len(), 1);
     assert!(attempts[0].acknowledged);
 
     // Paying again resends the same payment: one event, counted twice.
     assert!(app.sandbox.pay("SBX1"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(|| app.sandbox.notify_attempts().len() == 2).await;
     let stored = all_stored(&app).await;
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].receive_count, 2);
+    assert!(app.sandbox.notify_attempts()[1].acknowledged);
+}
+
+/// Waits up to 10 s for `condition`.
+async fn eventually(condition: impl Fn() -> bool) {
+    let started = std::time::Instant::now();
+    while !condition() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "timed out waiting"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]
@@ -378,7 +393,8 @@ async fn the_sandbox_resends_until_answered_success_ten_sends_at_most() {
     app.sandbox
         .set_notify_url(format!("{}-wrong", app.notify_url).parse().unwrap());
     assert!(app.sandbox.pay("SBX2"));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    eventually(|| app.sandbox.notify_attempts().len() == 10).await;
+    tokio::time::sleep(Duration::from_millis(200)).await; // no eleventh send
     let attempts = app.sandbox.notify_attempts();
     assert_eq!(attempts.len(), 10);
     assert!(
