@@ -408,10 +408,17 @@ fn url_path(s: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
+/// An `http://` URL with a host. Kongtie's hosts speak plain HTTP, and the
+/// HTTP client is built without TLS (its root-store loading would cost
+/// every start and every test); an `https://` URL is refused here rather
+/// than failing on the first call.
 fn http_url(s: &str) -> Result<Url, String> {
     let url = Url::parse(s).map_err(|e| format!("not an absolute URL: {e}"))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err("must be an http or https URL with a host".into());
+    if url.scheme() == "https" {
+        return Err("https is not supported for Kongtie URLs (its hosts are http://)".into());
+    }
+    if url.scheme() != "http" || url.host_str().is_none() {
+        return Err("must be an http:// URL with a host".into());
     }
     Ok(url)
 }
@@ -435,6 +442,12 @@ mod tests {
             ["kongtie-gateway", "serve", "--cache-ttl-secs", "0"],
             ["kongtie-gateway", "serve", "--source-from", ""],
             ["kongtie-gateway", "serve", "--notify-path", "no-slash"],
+            [
+                "kongtie-gateway",
+                "serve",
+                "--pay-url",
+                "https://zs5.jsjinfo.cn/v5/ParTrade.ashx",
+            ],
             ["kongtie-gateway", "serve", "--notify-allow", "10.0.0.0/33"],
             ["kongtie-gateway", "serve", "--tls-cert", "cert.pem"],
         ] {
