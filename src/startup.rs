@@ -8,6 +8,10 @@ use secrecy::ExposeSecret;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tower_http::{
+    LatencyUnit,
+    trace::{DefaultOnEos, DefaultOnFailure, DefaultOnResponse, TraceLayer},
+};
 use tracing::{info, warn};
 use url::Url;
 
@@ -204,15 +208,27 @@ impl Application {
         }
         info!(addr = %self.grpc_addr, tls = self.config.access.tls.is_some(), "gRPC listening");
         let grpc = server
-            // Each RPC's span; handlers fill in the order id where there
-            // is one.
-            .trace_fn(|request| {
-                tracing::info_span!(
-                    "grpc",
-                    method = request.uri().path(),
-                    out_trade_id = tracing::field::Empty
-                )
-            })
+            // Each RPC's span (handlers fill in the order id where there
+            // is one) and one log line when it ends, with its latency and,
+            // for a failure, its gRPC code. No header is logged.
+            .layer(
+                TraceLayer::new_for_grpc()
+                    .make_span_with(|request: &axum::http::Request<_>| {
+                        tracing::info_span!(
+                            "grpc",
+                            method = request.uri().path(),
+                            out_trade_id = tracing::field::Empty
+                        )
+                    })
+                    .on_request(())
+                    .on_response(
+                        DefaultOnResponse::new()
+                            .level(tracing::Level::DEBUG)
+                            .latency_unit(LatencyUnit::Micros),
+                    )
+                    .on_eos(DefaultOnEos::new().level(tracing::Level::INFO))
+                    .on_failure(DefaultOnFailure::new().level(tracing::Level::WARN)),
+            )
             // Notice dead subscribers: a ping every 30 s, gone after 10 s
             // without an answer.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
