@@ -680,6 +680,11 @@ fn a_full_run_logs_no_secret() {
         "the log covers the run"
     );
     assert!(log.lines().count() > 20);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("/kongtie.v1.Auth/GetAccessToken") && l.contains("end of stream")),
+        "each RPC logs its end"
+    );
     for secret in &secrets {
         assert!(
             !log.contains(secret.as_str()),
