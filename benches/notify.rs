@@ -105,18 +105,19 @@ struct Gateway {
     _dir: tempfile::TempDir,
 }
 
+/// Every listener of the gateway on a free port.
+const FREE_PORTS: [&str; 6] = [
+    "--grpc-addr",
+    "127.0.0.1:0",
+    "--notify-addr",
+    "127.0.0.1:0",
+    "--admin-addr",
+    "127.0.0.1:0",
+];
+
 async fn gateway() -> Gateway {
     let dir = tempfile::tempdir().unwrap();
-    let args = [
-        "kongtie-gateway",
-        "serve",
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--notify-addr",
-        "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
-    ];
+    let args = ["kongtie-gateway", "serve"].into_iter().chain(FREE_PORTS);
     let Cmd::Serve(args) = Cli::try_parse_from(args).unwrap().command else {
         unreachable!()
     };
@@ -278,16 +279,9 @@ async fn memory() {
     );
     let dir = tempfile::tempdir().unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_kongtie-gateway"))
-        .args([
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--notify-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
+        .arg("serve")
+        .args(FREE_PORTS)
+        .arg("--data-dir")
         .arg(dir.path())
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
