@@ -165,7 +165,9 @@ impl From<crate::store::StoreError> for Error {
                 "sequence",
                 format!("{requested} is beyond the last stored sequence {last}"),
             ),
-            e @ (StoreError::Backend(_) | StoreError::Closed) => Error::Store(e.to_string()),
+            e @ (StoreError::Backend(_) | StoreError::Closed | StoreError::RolledBack) => {
+                Error::Store(e.to_string())
+            }
         }
     }
 }

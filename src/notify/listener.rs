@@ -264,6 +264,15 @@ fn verify(body: &[u8], token: &SecretString) -> Result<IncomingNotification, Ref
         .iter()
         .map(|name| text(name))
         .collect::<Result<Vec<_>, _>>()?;
+    // A NUL character is no part of any real field, and PostgreSQL's text
+    // cannot hold one.
+    if let Some(name) = NOTIFY_FIELDS
+        .iter()
+        .zip(&values)
+        .find_map(|(name, v)| v.contains('\0').then_some(name))
+    {
+        return Err(bad(format!("field {name} contains a NUL character")));
+    }
     let given = text("Sign")?;
     // Step 3: MD5 over the fields in the document's order, values exactly as
     // sent, then the token; compared in constant time.
@@ -397,6 +406,17 @@ mod tests {
         assert!(check_age(&fresh, Some(Duration::from_secs(300))).is_ok());
         fresh.time_stamp = Utc::now().timestamp_millis().to_string();
         assert!(check_age(&fresh, Some(Duration::from_secs(300))).is_ok());
+    }
+
+    #[test]
+    fn a_nul_character_in_a_field_is_refused() {
+        let mut fields = EXAMPLE;
+        fields[1].1 = "SUCC\u{0}ESS";
+        let body = signed(&fields, "t");
+        assert!(body.contains(r"\u0000"), "{body}");
+        let err = verify(body.as_bytes(), &"t".into()).err().unwrap();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert_eq!(err.reason, "field Message contains a NUL character");
     }
 
     #[test]

@@ -1,14 +1,16 @@
-//! Durable payment notifications, behind one trait so a multi-replica
-//! backend (PostgreSQL) can follow the SQLite one without changing the API.
-//! The backend is chosen by a URL (`sqlite://PATH`).
+//! Durable payment notifications, behind one trait with two backends:
+//! SQLite for one replica, PostgreSQL for a fleet sharing one database.
+//! The backend is chosen by a URL (`sqlite://PATH` or `postgres://...`).
 
+mod postgres;
 mod sqlite;
 
 use std::{path::Path, sync::Arc};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, oneshot};
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 use crate::metrics::Metrics;
@@ -46,6 +48,23 @@ impl IncomingNotification {
         ])
         .to_string()
     }
+
+    /// The event this notification becomes when stored under `sequence`.
+    pub fn stored(&self, sequence: u64, receive_count: u32) -> StoredNotification {
+        StoredNotification {
+            sequence,
+            out_trade_id: self.out_trade_id.clone(),
+            trade_order_id: self.trade_order_id.clone(),
+            trade_bill_no: self.trade_bill_no.clone(),
+            trade_status: self.trade_status.clone(),
+            message: self.message.clone(),
+            trade_amount: self.trade_amount.clone(),
+            amount_fen: self.amount_fen,
+            trade_time: self.trade_time.clone(),
+            received_at: self.received_at,
+            receive_count,
+        }
+    }
 }
 
 /// A stored notification.
@@ -62,6 +81,30 @@ pub struct StoredNotification {
     pub trade_time: String,
     pub received_at: DateTime<Utc>,
     pub receive_count: u32,
+}
+
+/// How a test holds a write open (see [`NotificationStore::record_held`]).
+#[doc(hidden)]
+pub struct HeldWrite {
+    /// Told once the write is done and waits to commit.
+    pub held: oneshot::Sender<()>,
+    /// `true` commits; `false` (or a dropped sender) rolls back with
+    /// [`StoreError::RolledBack`].
+    pub release: oneshot::Receiver<bool>,
+}
+
+impl HeldWrite {
+    /// Tells the test the write is held, then waits for its word: whether
+    /// to commit.
+    async fn wait(self) -> bool {
+        let _ = self.held.send(());
+        self.release.await == Ok(true)
+    }
+
+    fn blocking_wait(self) -> bool {
+        let _ = self.held.send(());
+        self.release.blocking_recv() == Ok(true)
+    }
 }
 
 /// What recording a notification did.
@@ -81,6 +124,8 @@ pub enum StoreError {
     Closed,
     #[error("sequence {requested} is beyond the last stored sequence {last}")]
     BeyondLast { requested: u64, last: u64 },
+    #[error("the write was rolled back")]
+    RolledBack,
 }
 
 /// Durable notifications, their total order, and consumer positions.
@@ -100,13 +145,23 @@ pub enum StoreError {
 /// - **Live feed.** `subscribe` yields every new event after its commit, in
 ///   sequence order. It may drop events to a slow receiver (which then sees
 ///   `Lagged`) but never reorders them; readers fill gaps from `list`. A
-///   shared-database backend feeds it from the database (e.g. LISTEN/NOTIFY
-///   and a read), so events recorded by other replicas arrive too.
+///   shared-database backend feeds it from the database (LISTEN/NOTIFY as a
+///   hint, then a read), so events recorded by other replicas arrive too.
 /// - **Acknowledgements** are cumulative and durable: a consumer's position
 ///   only moves forward.
 #[async_trait::async_trait]
 pub trait NotificationStore: Send + Sync + 'static {
     async fn record(&self, notification: IncomingNotification) -> Result<Recorded, StoreError>;
+
+    /// Test support: records like [`record`](Self::record), in a
+    /// transaction of its own that stays open, holding its sequence, until
+    /// released. Lets tests stage a slow writer beside a fast one.
+    #[doc(hidden)]
+    async fn record_held(
+        &self,
+        notification: IncomingNotification,
+        hold: HeldWrite,
+    ) -> Result<Recorded, StoreError>;
 
     /// Up to `limit` events with a sequence greater than `after`, in order,
     /// optionally of one order only.
@@ -135,7 +190,10 @@ pub trait NotificationStore: Send + Sync + 'static {
 }
 
 /// Opens the store a URL names: `sqlite://PATH` (relative paths are relative
-/// to the working directory).
+/// to the working directory) or `postgres://USER:PASSWORD@HOST:PORT/DB`
+/// (libpq-style parameters such as `sslmode=require` or
+/// `options[search_path]=kongtie` are understood). The URL may hold a
+/// password, so it is never logged or quoted in errors.
 pub async fn open(
     url: &str,
     metrics: Option<Arc<Metrics>>,
@@ -145,11 +203,21 @@ pub async fn open(
             let store = SqliteStore::open(Path::new(path), metrics).await?;
             Ok(Arc::new(store))
         }
-        Some(("postgres" | "postgresql", _)) => Err(StoreError::Backend(
-            "the PostgreSQL backend is not available yet; use sqlite://PATH".into(),
+        Some(("postgres" | "postgresql", _)) => {
+            let store = PostgresStore::open(url, metrics).await?;
+            Ok(Arc::new(store))
+        }
+        Some((scheme, _))
+            if scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) =>
+        {
+            Err(StoreError::Backend(format!(
+                "unsupported store URL scheme {scheme:?}; use sqlite://PATH or postgres://..."
+            )))
+        }
+        _ => Err(StoreError::Backend(
+            "the store URL is not sqlite://PATH or postgres://...".into(),
         )),
-        _ => Err(StoreError::Backend(format!(
-            "unsupported store URL {url:?}; use sqlite://PATH"
-        ))),
     }
 }

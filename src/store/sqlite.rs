@@ -23,7 +23,9 @@ use tracing::{debug, error, info};
 
 use crate::metrics::Metrics;
 
-use super::{IncomingNotification, NotificationStore, Recorded, StoreError, StoredNotification};
+use super::{
+    HeldWrite, IncomingNotification, NotificationStore, Recorded, StoreError, StoredNotification,
+};
 
 /// Most requests committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -69,6 +71,12 @@ enum WriteOp {
         oneshot::Sender<Result<Recorded, StoreError>>,
     ),
     Ack(String, u64, oneshot::Sender<Result<u64, StoreError>>),
+    /// A record committed alone, once `release` says so (tests only).
+    Held(
+        Box<IncomingNotification>,
+        oneshot::Sender<Result<Recorded, StoreError>>,
+        HeldWrite,
+    ),
 }
 
 pub struct SqliteStore {
@@ -99,7 +107,7 @@ impl SqliteStore {
         let (writes, queue) = mpsc::channel(QUEUE);
         let (live, _) = broadcast::channel(LIVE_BUFFER);
         let (stop_checkpoints, checkpoint_stop) = std::sync::mpsc::channel::<()>();
-        thread::Builder::new()
+        let checkpoints = thread::Builder::new()
             .name("store-checkpoint".into())
             .spawn(move || run_checkpointer(checkpointer, checkpoint_stop))
             .map_err(|e| StoreError::Backend(format!("starting the checkpointer: {e}")))?;
@@ -109,7 +117,9 @@ impl SqliteStore {
                 let live = live.clone();
                 move || {
                     run_writer(conn, queue, live, last, metrics);
+                    // Closed means closed: the last checkpoint is done too.
                     drop(stop_checkpoints);
+                    let _ = checkpoints.join();
                 }
             })
             .map_err(|e| StoreError::Backend(format!("starting the writer: {e}")))?;
@@ -149,6 +159,19 @@ impl NotificationStore for SqliteStore {
         let (reply, answer) = oneshot::channel();
         self.writer()?
             .send(WriteOp::Record(Box::new(notification), reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn record_held(
+        &self,
+        notification: IncomingNotification,
+        hold: HeldWrite,
+    ) -> Result<Recorded, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.writer()?
+            .send(WriteOp::Held(Box::new(notification), reply, hold))
             .await
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
@@ -249,11 +272,11 @@ fn open_writer(path: &Path) -> rusqlite::Result<(Connection, u64)> {
         })?;
     }
     let mut conn = Connection::open(path)?;
+    conn.pragma_update(None, "busy_timeout", 5000)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // FULL: the WAL is synced at every commit, so an acknowledged
     // notification survives a power cut, not only a process crash.
     conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "busy_timeout", 5000)?;
     // Checkpoints run on their own thread (see `run_checkpointer`), not in
     // the middle of a commit that callers are waiting for.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
@@ -302,6 +325,13 @@ enum Reply {
 }
 
 impl Reply {
+    fn rolled_back(self) -> Self {
+        match self {
+            Reply::Record(tx, _) => Reply::Record(tx, Err(StoreError::RolledBack)),
+            Reply::Ack(tx, _) => Reply::Ack(tx, Err(StoreError::RolledBack)),
+        }
+    }
+
     fn send(self, failed: Option<&str>) {
         let err = |e: &str| StoreError::Backend(e.to_owned());
         match self {
@@ -323,17 +353,31 @@ fn run_writer(
     metrics: Option<Arc<Metrics>>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = queue.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
+    // A held record met while filling a batch goes first into the next.
+    let mut next = None;
+    while let Some(first) = next.take().or_else(|| queue.blocking_recv()) {
+        // A held record is a batch of its own, committed when released.
+        let mut release = None;
+        match first {
+            WriteOp::Held(n, reply, hold) => {
+                batch.push(WriteOp::Record(n, reply));
+                release = Some(hold);
+            }
+            op => batch.push(op),
+        }
+        while release.is_none() && batch.len() < MAX_BATCH {
             match queue.try_recv() {
+                Ok(op @ WriteOp::Held(..)) => {
+                    next = Some(op);
+                    break;
+                }
                 Ok(op) => batch.push(op),
                 Err(_) => break,
             }
         }
         let size = batch.len();
         let started = std::time::Instant::now();
-        match commit_batch(&mut conn, batch.drain(..), last) {
+        match commit_batch(&mut conn, batch.drain(..), last, release) {
             Ok((replies, events, new_last)) => {
                 last = new_last;
                 if let Some(m) = &metrics {
@@ -373,6 +417,7 @@ fn commit_batch(
     conn: &mut Connection,
     ops: impl Iterator<Item = WriteOp>,
     last: u64,
+    release: Option<HeldWrite>,
 ) -> BatchOutcome {
     let mut replies = Vec::new();
     let mut events = Vec::new();
@@ -391,19 +436,21 @@ fn commit_batch(
             continue;
         }
         match op {
-            WriteOp::Record(n, reply) => match record_one(&tx, &n, &mut seq) {
-                Ok((recorded, event)) => {
-                    events.extend(event);
-                    replies.push(Reply::Record(reply, Ok(recorded)));
+            WriteOp::Record(n, reply) | WriteOp::Held(n, reply, _) => {
+                match record_one(&tx, &n, &mut seq) {
+                    Ok((recorded, event)) => {
+                        events.extend(event);
+                        replies.push(Reply::Record(reply, Ok(recorded)));
+                    }
+                    Err(e) => {
+                        replies.push(Reply::Record(
+                            reply,
+                            Err(StoreError::Backend(e.to_string())),
+                        ));
+                        failure = Some(e);
+                    }
                 }
-                Err(e) => {
-                    replies.push(Reply::Record(
-                        reply,
-                        Err(StoreError::Backend(e.to_string())),
-                    ));
-                    failure = Some(e);
-                }
-            },
+            }
             WriteOp::Ack(consumer, sequence, reply) => {
                 if sequence > seq {
                     let err = StoreError::BeyondLast {
@@ -427,6 +474,13 @@ fn commit_batch(
         drop(tx); // rolls back
         return Err((replies, e));
     }
+    if let Some(hold) = release
+        && !hold.blocking_wait()
+    {
+        drop(tx); // rolls back
+        let replies = replies.into_iter().map(Reply::rolled_back).collect();
+        return Ok((replies, Vec::new(), last));
+    }
     match tx.commit() {
         Ok(()) => Ok((replies, events, seq)),
         Err(e) => Err((replies, e)),
@@ -436,7 +490,7 @@ fn commit_batch(
 fn unapplied(op: WriteOp) -> Reply {
     let err = || StoreError::Backend("not applied".into());
     match op {
-        WriteOp::Record(_, reply) => Reply::Record(reply, Err(err())),
+        WriteOp::Record(_, reply) | WriteOp::Held(_, reply, _) => Reply::Record(reply, Err(err())),
         WriteOp::Ack(_, _, reply) => Reply::Ack(reply, Err(err())),
     }
 }
@@ -489,19 +543,8 @@ fn record_one(
         now_ms,
     ])?;
     *seq = sequence;
-    let stored = StoredNotification {
-        sequence,
-        out_trade_id: n.out_trade_id.clone(),
-        trade_order_id: n.trade_order_id.clone(),
-        trade_bill_no: n.trade_bill_no.clone(),
-        trade_status: n.trade_status.clone(),
-        message: n.message.clone(),
-        trade_amount: n.trade_amount.clone(),
-        amount_fen: n.amount_fen,
-        trade_time: n.trade_time.clone(),
-        received_at: from_ms(now_ms),
-        receive_count: 1,
-    };
+    let mut stored = n.stored(sequence, 1);
+    stored.received_at = from_ms(now_ms);
     Ok((Recorded::New { sequence }, Some(stored)))
 }
 

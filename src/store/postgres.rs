@@ -1,0 +1,769 @@
+//! The PostgreSQL backend: several gateway replicas share one database, so
+//! a notification POSTed to one replica reaches subscribers of every other,
+//! in one order that all of them see.
+//!
+//! **Sequencing.** The one row of `notification_sequence` is the fleet's
+//! sequencer. Every writing transaction locks it (`SELECT ... FOR UPDATE`)
+//! before it reads or writes notifications, takes the next numbers from it,
+//! and holds the lock until it commits or rolls back. So sequences become
+//! visible in order and without gaps: a reader that resumes from
+//! "sequence > last seen" cannot skip a transaction that commits late (the
+//! hazard of a `bigserial`, taken at insert time), and a rolled-back writer
+//! gives its numbers back instead of leaving a hole. The price is that
+//! writers take turns; each replica group-commits (one transaction for
+//! every notification queued while the previous one ran), so a turn costs
+//! one round of statements and one fsync however many it carries.
+//!
+//! **Deduplication** happens under the same lock: a resend, to whichever
+//! replica, finds the stored row (by the SHA-256 of its business fields)
+//! and only raises its receive count.
+//!
+//! **Live feed.** A tailer task per replica publishes new rows in sequence
+//! order. Commits of its own replica are handed to it directly; rows other
+//! replicas commit are read from the table when a `LISTEN/NOTIFY` hint
+//! arrives, and every [`POLL_EVERY`] regardless, because a hint sent while
+//! the listening connection was down is never replayed.
+//!
+//! **Durability.** A commit returns once PostgreSQL has flushed it
+//! (`synchronous_commit` at least `on`; a server configured `off` is
+//! overridden for our sessions).
+
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use chrono::{DateTime, SubsecRound, Utc};
+use sha2::{Digest, Sha256};
+use sqlx::{
+    ConnectOptions, Connection, PgPool, Row,
+    postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow},
+};
+use tokio::{
+    sync::{Notify, broadcast, mpsc, oneshot, watch},
+    task::JoinHandle,
+};
+use tracing::{debug, error, info, warn};
+
+use crate::metrics::Metrics;
+
+use super::{
+    HeldWrite, IncomingNotification, NotificationStore, Recorded, StoreError, StoredNotification,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Most notifications written in one transaction.
+const MAX_BATCH: usize = 512;
+/// Requests queued for the writer before callers wait.
+const QUEUE: usize = 4096;
+/// New events kept for live subscribers before a slow one lags.
+const LIVE_BUFFER: usize = 1024;
+/// Connections for writes and reads (the listener has its own).
+const POOL_SIZE: u32 = 16;
+/// How long a caller waits for a free connection.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the server lets a session of ours sit idle inside a
+/// transaction before it ends it (and so releases the sequencer).
+const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
+/// The `LISTEN/NOTIFY` channel commits are announced on.
+const CHANNEL: &str = "kongtie_notifications";
+/// How often the tailer reads new rows without a hint.
+pub const POLL_EVERY: Duration = Duration::from_millis(500);
+/// Rows the tailer reads at a time.
+const PAGE: usize = 512;
+
+const SELECT_COLUMNS: &str = "sequence, out_trade_id, trade_order_id, trade_bill_no, trade_status, \
+     message, trade_amount, amount_fen, trade_time, received_at, receive_count";
+
+struct Write {
+    notification: IncomingNotification,
+    reply: oneshot::Sender<Result<Recorded, StoreError>>,
+}
+
+/// What one committed transaction did: an answer per notification, in
+/// order, and the new events.
+struct Written {
+    recorded: Vec<Recorded>,
+    events: Vec<StoredNotification>,
+}
+
+pub struct PostgresStore {
+    pool: PgPool,
+    /// Taken on close: the writer stops once the queue is drained.
+    writes: Mutex<Option<mpsc::Sender<Write>>>,
+    /// Commits handed to the tailer; taken on close.
+    committed: Mutex<Option<mpsc::UnboundedSender<Vec<StoredNotification>>>>,
+    /// Taken on close, so the live feed ends once the tailer stops.
+    live: Mutex<Option<broadcast::Sender<Arc<StoredNotification>>>>,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl PostgresStore {
+    /// Connects, applies the migrations (under PostgreSQL's advisory lock,
+    /// so replicas starting together take turns) and starts the writer, the
+    /// tailer and the listener.
+    pub async fn open(url: &str, metrics: Option<Arc<Metrics>>) -> Result<Self, StoreError> {
+        let mut options: PgConnectOptions = url
+            .parse()
+            .map_err(|e| StoreError::Backend(format!("the PostgreSQL URL is not valid: {e}")))?;
+        options = options.application_name("kongtie-gateway");
+        // A replica stalled inside a transaction holds the sequencer, and
+        // every writer of the fleet waits: let the server cut it off.
+        let given = options.get_options().unwrap_or_default();
+        if !given.contains("idle_in_transaction_session_timeout") {
+            options = options.options([(
+                "idle_in_transaction_session_timeout",
+                IDLE_IN_TRANSACTION_TIMEOUT,
+            )]);
+        }
+        let place = format!(
+            "{}:{}/{}",
+            options.get_host(),
+            options.get_port(),
+            options.get_database().unwrap_or(options.get_username())
+        );
+        let failed = |what: &str, e: &dyn std::fmt::Display| {
+            StoreError::Backend(format!("{what} PostgreSQL at {place}: {e}"))
+        };
+
+        let mut conn = options
+            .connect()
+            .await
+            .map_err(|e| failed("connecting to", &e))?;
+        MIGRATOR
+            .run(&mut conn)
+            .await
+            .map_err(|e| failed("migrating", &e))?;
+        let synchronous: String =
+            sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+                .fetch_one(&mut conn)
+                .await
+                .map_err(|e| failed("reading settings of", &e))?;
+        if synchronous == "off" {
+            warn!(
+                "synchronous_commit is off on the server; the gateway turns it on for its sessions"
+            );
+            options = options.options([("synchronous_commit", "on")]);
+        }
+        let last: i64 = sqlx::query_scalar("SELECT last FROM notification_sequence")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|e| failed("reading", &e))?;
+        let _ = conn.close().await;
+
+        let pool = PgPoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options.clone());
+        let listen_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .connect_lazy_with(options);
+        info!(database = %place, last_sequence = last, "notification store open (PostgreSQL)");
+
+        let (writes, queue) = mpsc::channel(QUEUE);
+        let (committed, commits) = mpsc::unbounded_channel();
+        let (live, _) = broadcast::channel(LIVE_BUFFER);
+        let (stop, stopped) = watch::channel(false);
+        let wake = Arc::new(Notify::new());
+        let tasks = vec![
+            tokio::spawn(run_writer(pool.clone(), queue, committed.clone(), metrics)),
+            tokio::spawn(run_tailer(
+                pool.clone(),
+                live.clone(),
+                from_sql(last),
+                commits,
+                Arc::clone(&wake),
+            )),
+            tokio::spawn(run_listener(listen_pool, wake, stopped)),
+        ];
+        Ok(Self {
+            pool,
+            writes: Mutex::new(Some(writes)),
+            committed: Mutex::new(Some(committed)),
+            live: Mutex::new(Some(live)),
+            stop,
+            tasks: Mutex::new(tasks),
+        })
+    }
+
+    fn writer(&self) -> Result<mpsc::Sender<Write>, StoreError> {
+        lock(&self.writes).clone().ok_or(StoreError::Closed)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[async_trait::async_trait]
+impl NotificationStore for PostgresStore {
+    async fn record(&self, notification: IncomingNotification) -> Result<Recorded, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.writer()?
+            .send(Write {
+                notification,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn record_held(
+        &self,
+        notification: IncomingNotification,
+        hold: HeldWrite,
+    ) -> Result<Recorded, StoreError> {
+        let committed = lock(&self.committed).clone().ok_or(StoreError::Closed)?;
+        match write(&self.pool, &[&notification], Some(hold)).await {
+            Ok(Some(written)) => {
+                let _ = committed.send(written.events);
+                Ok(written
+                    .recorded
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| StoreError::Backend("the write answered nothing".into()))?)
+            }
+            Ok(None) => Err(StoreError::RolledBack),
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    async fn list(
+        &self,
+        after: u64,
+        out_trade_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StoredNotification>, StoreError> {
+        list(&self.pool, after, out_trade_id, limit)
+            .await
+            .map_err(backend)
+    }
+
+    async fn last_sequence(&self) -> Result<u64, StoreError> {
+        sqlx::query_scalar::<_, i64>("SELECT last FROM notification_sequence")
+            .fetch_one(&self.pool)
+            .await
+            .map(from_sql)
+            .map_err(backend)
+    }
+
+    async fn ack(&self, consumer: &str, sequence: u64) -> Result<u64, StoreError> {
+        // Only up to the last sequence, and only forward.
+        let acked: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO consumers (name, acked_sequence, updated_at) \
+             SELECT $1, $2, now() FROM notification_sequence WHERE $2 <= last \
+             ON CONFLICT (name) DO UPDATE SET \
+               acked_sequence = GREATEST(consumers.acked_sequence, EXCLUDED.acked_sequence), \
+               updated_at = EXCLUDED.updated_at \
+             RETURNING acked_sequence",
+        )
+        .bind(consumer)
+        .bind(to_sql(sequence))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend)?;
+        match acked {
+            Some(acked) => Ok(from_sql(acked)),
+            None => Err(StoreError::BeyondLast {
+                requested: sequence,
+                last: self.last_sequence().await?,
+            }),
+        }
+    }
+
+    async fn acked(&self, consumer: &str) -> Result<u64, StoreError> {
+        sqlx::query_scalar::<_, i64>("SELECT acked_sequence FROM consumers WHERE name = $1")
+            .bind(consumer)
+            .fetch_optional(&self.pool)
+            .await
+            .map(|v| v.map_or(0, from_sql))
+            .map_err(backend)
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Arc<StoredNotification>> {
+        match &*lock(&self.live) {
+            Some(live) => live.subscribe(),
+            None => broadcast::channel(1).1,
+        }
+    }
+
+    async fn close(&self) {
+        // The writer drains its queue and stops; the tailer stops once no
+        // one can hand it commits, which ends the live feed.
+        lock(&self.live).take();
+        lock(&self.writes).take();
+        lock(&self.committed).take();
+        let _ = self.stop.send(true);
+        let tasks = std::mem::take(&mut *lock(&self.tasks));
+        for task in tasks {
+            let _ = task.await;
+        }
+        self.pool.close().await;
+    }
+}
+
+async fn run_writer(
+    pool: PgPool,
+    mut queue: mpsc::Receiver<Write>,
+    committed: mpsc::UnboundedSender<Vec<StoredNotification>>,
+    metrics: Option<Arc<Metrics>>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = queue.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let size = batch.len();
+        let started = Instant::now();
+        let outcome = {
+            let notifications: Vec<_> = batch.iter().map(|w| &w.notification).collect();
+            write(&pool, &notifications, None).await
+        };
+        match outcome {
+            Ok(Some(written)) => {
+                if let Some(m) = &metrics {
+                    m.store_commit_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    m.store_batch_size.observe(size as f64);
+                }
+                debug!(
+                    size,
+                    new = written.events.len(),
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "batch committed"
+                );
+                let _ = committed.send(written.events);
+                for (w, recorded) in batch.drain(..).zip(written.recorded) {
+                    let _ = w.reply.send(Ok(recorded));
+                }
+            }
+            // Only `record_held` asks for a rollback, but answer anyway.
+            Ok(None) => fail_all(&mut batch, || StoreError::RolledBack),
+            // One notification the database refuses must not take the
+            // others of its batch down with it: write them one by one.
+            Err(e) if size > 1 && is_data_error(&e) => {
+                warn!(size, error = %e, "batch refused; writing its notifications one by one");
+                for w in batch.drain(..) {
+                    let answer = match write(&pool, &[&w.notification], None).await {
+                        Ok(Some(written)) => {
+                            let _ = committed.send(written.events);
+                            written
+                                .recorded
+                                .into_iter()
+                                .next()
+                                .ok_or(StoreError::Closed)
+                        }
+                        Ok(None) => Err(StoreError::RolledBack),
+                        Err(e) => {
+                            error!(error = %e, "notification not stored");
+                            Err(backend(e))
+                        }
+                    };
+                    let _ = w.reply.send(answer);
+                }
+            }
+            Err(e) => {
+                error!(size, error = %e, "batch failed; nothing of it was stored");
+                let message = e.to_string();
+                fail_all(&mut batch, || StoreError::Backend(message.clone()));
+            }
+        }
+    }
+    info!("store writer stopped");
+}
+
+fn fail_all(batch: &mut Vec<Write>, error: impl Fn() -> StoreError) {
+    for w in batch.drain(..) {
+        let _ = w.reply.send(Err(error()));
+    }
+}
+
+/// A data or integrity error (SQLSTATE class 22 or 23): the input, not the
+/// connection, is at fault.
+fn is_data_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("22") || code.starts_with("23")),
+        _ => false,
+    }
+}
+
+/// Per dedup digest: the event it is, and what this transaction adds.
+struct Seen {
+    sequence: i64,
+    receive_count: i32,
+    /// Stored before this transaction (else inserted by it).
+    stored: bool,
+    /// Receipts this transaction adds to a stored row.
+    added: i32,
+    last_received_at: DateTime<Utc>,
+}
+
+/// Writes `batch` in one transaction under the sequencer lock. With `hold`,
+/// waits for its word before committing, and rolls back (`Ok(None)`) if
+/// told to.
+async fn write(
+    pool: &PgPool,
+    batch: &[&IncomingNotification],
+    hold: Option<HeldWrite>,
+) -> Result<Option<Written>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let last: i64 = sqlx::query_scalar("SELECT last FROM notification_sequence FOR UPDATE")
+        .fetch_one(&mut *tx)
+        .await?;
+
+    let digests: Vec<Vec<u8>> = batch
+        .iter()
+        .map(|n| Sha256::digest(n.dedup_key()).to_vec())
+        .collect();
+    let rows = sqlx::query(
+        "SELECT dedup_digest, sequence, receive_count, last_received_at \
+         FROM notifications WHERE dedup_digest = ANY($1)",
+    )
+    .bind(&digests)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut seen = HashMap::with_capacity(batch.len());
+    for row in rows {
+        seen.insert(
+            row.try_get::<Vec<u8>, _>(0)?,
+            Seen {
+                sequence: row.try_get(1)?,
+                receive_count: row.try_get(2)?,
+                stored: true,
+                added: 0,
+                last_received_at: row.try_get(3)?,
+            },
+        );
+    }
+
+    let mut next = last;
+    let mut recorded = Vec::with_capacity(batch.len());
+    let mut inserted = Vec::new();
+    for (n, digest) in batch.iter().zip(&digests) {
+        match seen.entry(digest.clone()) {
+            Entry::Occupied(mut e) => {
+                let s = e.get_mut();
+                s.receive_count = s.receive_count.saturating_add(1);
+                s.added += i32::from(s.stored);
+                s.last_received_at = s.last_received_at.max(n.received_at);
+                recorded.push(Recorded::Repeat {
+                    sequence: from_sql(s.sequence),
+                    receive_count: u32::try_from(s.receive_count).unwrap_or(u32::MAX),
+                });
+            }
+            Entry::Vacant(e) => {
+                next += 1;
+                e.insert(Seen {
+                    sequence: next,
+                    receive_count: 1,
+                    stored: false,
+                    added: 0,
+                    last_received_at: n.received_at,
+                });
+                inserted.push((*n, digest));
+                recorded.push(Recorded::New {
+                    sequence: from_sql(next),
+                });
+            }
+        }
+    }
+
+    let repeats: Vec<(&Vec<u8>, &Seen)> = seen.iter().filter(|(_, s)| s.added > 0).collect();
+    if !repeats.is_empty() {
+        sqlx::query(
+            "UPDATE notifications AS n \
+             SET receive_count = n.receive_count + r.added, last_received_at = r.at \
+             FROM UNNEST($1::bytea[], $2::int4[], $3::timestamptz[]) AS r(digest, added, at) \
+             WHERE n.dedup_digest = r.digest",
+        )
+        .bind(
+            repeats
+                .iter()
+                .map(|(d, _)| d.as_slice())
+                .collect::<Vec<_>>(),
+        )
+        .bind(repeats.iter().map(|(_, s)| s.added).collect::<Vec<_>>())
+        .bind(
+            repeats
+                .iter()
+                .map(|(_, s)| s.last_received_at)
+                .collect::<Vec<_>>(),
+        )
+        .execute(&mut *tx)
+        .await?;
+    }
+
+    let mut events = Vec::with_capacity(inserted.len());
+    if !inserted.is_empty() {
+        let seen_of = |d: &Vec<u8>| &seen[d];
+        let column = |f: fn(&IncomingNotification) -> &str| -> Vec<&str> {
+            inserted.iter().map(|(n, _)| f(n)).collect()
+        };
+        sqlx::query(
+            "INSERT INTO notifications (sequence, dedup_digest, out_trade_id, trade_order_id, \
+               trade_bill_no, trade_status, message, trade_amount, amount_fen, trade_time, \
+               time_stamp, raw_body, received_at, last_received_at, receive_count) \
+             SELECT * FROM UNNEST($1::int8[], $2::bytea[], $3::text[], $4::text[], $5::text[], \
+               $6::text[], $7::text[], $8::text[], $9::int8[], $10::text[], $11::text[], \
+               $12::text[], $13::timestamptz[], $14::timestamptz[], $15::int4[])",
+        )
+        .bind(
+            inserted
+                .iter()
+                .map(|(_, d)| seen_of(d).sequence)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            inserted
+                .iter()
+                .map(|(_, d)| d.as_slice())
+                .collect::<Vec<_>>(),
+        )
+        .bind(column(|n| &n.out_trade_id))
+        .bind(column(|n| &n.trade_order_id))
+        .bind(column(|n| &n.trade_bill_no))
+        .bind(column(|n| &n.trade_status))
+        .bind(column(|n| &n.message))
+        .bind(column(|n| &n.trade_amount))
+        .bind(
+            inserted
+                .iter()
+                .map(|(n, _)| n.amount_fen)
+                .collect::<Vec<_>>(),
+        )
+        .bind(column(|n| &n.trade_time))
+        .bind(column(|n| &n.time_stamp))
+        .bind(column(|n| &n.raw_body))
+        .bind(
+            inserted
+                .iter()
+                .map(|(n, _)| n.received_at)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            inserted
+                .iter()
+                .map(|(_, d)| seen_of(d).last_received_at)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            inserted
+                .iter()
+                .map(|(_, d)| seen_of(d).receive_count)
+                .collect::<Vec<_>>(),
+        )
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE notification_sequence SET last = $1")
+            .bind(next)
+            .execute(&mut *tx)
+            .await?;
+        // Delivered at commit, to every replica listening.
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(next.to_string())
+            .execute(&mut *tx)
+            .await?;
+        for (n, d) in &inserted {
+            let s = seen_of(d);
+            let count = u32::try_from(s.receive_count).unwrap_or(u32::MAX);
+            let mut event = n.stored(from_sql(s.sequence), count);
+            // What the column keeps, so the live event equals the row.
+            event.received_at = event.received_at.trunc_subsecs(6);
+            events.push(event);
+        }
+    }
+
+    if let Some(hold) = hold
+        && !hold.wait().await
+    {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    tx.commit().await?;
+    Ok(Some(Written { recorded, events }))
+}
+
+async fn list(
+    pool: &PgPool,
+    after: u64,
+    out_trade_id: Option<&str>,
+    limit: usize,
+) -> Result<Vec<StoredNotification>, sqlx::Error> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = match out_trade_id {
+        Some(id) => {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {SELECT_COLUMNS} FROM notifications \
+                 WHERE out_trade_id = $1 AND sequence > $2 ORDER BY sequence LIMIT $3"
+            )))
+            .bind(id)
+            .bind(to_sql(after))
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        }
+        None => {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {SELECT_COLUMNS} FROM notifications \
+                 WHERE sequence > $1 ORDER BY sequence LIMIT $2"
+            )))
+            .bind(to_sql(after))
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        }
+    };
+    rows.iter().map(row_to_stored).collect()
+}
+
+fn row_to_stored(r: &PgRow) -> Result<StoredNotification, sqlx::Error> {
+    Ok(StoredNotification {
+        sequence: from_sql(r.try_get(0)?),
+        out_trade_id: r.try_get(1)?,
+        trade_order_id: r.try_get(2)?,
+        trade_bill_no: r.try_get(3)?,
+        trade_status: r.try_get(4)?,
+        message: r.try_get(5)?,
+        trade_amount: r.try_get(6)?,
+        amount_fen: r.try_get(7)?,
+        trade_time: r.try_get(8)?,
+        received_at: r.try_get(9)?,
+        receive_count: u32::try_from(r.try_get::<i32, _>(10)?).unwrap_or(u32::MAX),
+    })
+}
+
+/// Publishes new events in sequence order: this replica's commits as they
+/// are handed over when they follow on, anything else read from the table
+/// on a hint or a poll. Stops when no one can hand it commits any more.
+async fn run_tailer(
+    pool: PgPool,
+    live: broadcast::Sender<Arc<StoredNotification>>,
+    mut cursor: u64,
+    mut commits: mpsc::UnboundedReceiver<Vec<StoredNotification>>,
+    wake: Arc<Notify>,
+) {
+    let mut poll = tokio::time::interval(POLL_EVERY);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        let read = tokio::select! {
+            biased;
+            commit = commits.recv() => match commit {
+                None => break,
+                Some(events) => match (events.first(), events.last()) {
+                    (Some(first), Some(_)) if first.sequence == cursor + 1 => {
+                        for event in events {
+                            cursor = event.sequence;
+                            let _ = live.send(Arc::new(event));
+                        }
+                        false
+                    }
+                    (_, Some(last)) => last.sequence > cursor,
+                    _ => false,
+                },
+            },
+            () = wake.notified() => true,
+            _ = poll.tick() => true,
+        };
+        if !read {
+            continue;
+        }
+        match publish_new(&pool, &live, &mut cursor).await {
+            Ok(()) if failing => {
+                info!("reading new notifications works again");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                warn!(error = %e, "reading new notifications failed; trying again");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+    debug!("store tailer stopped");
+}
+
+async fn publish_new(
+    pool: &PgPool,
+    live: &broadcast::Sender<Arc<StoredNotification>>,
+    cursor: &mut u64,
+) -> Result<(), sqlx::Error> {
+    loop {
+        let page = list(pool, *cursor, None, PAGE).await?;
+        let full = page.len() == PAGE;
+        for event in page {
+            *cursor = event.sequence;
+            let _ = live.send(Arc::new(event));
+        }
+        if !full {
+            return Ok(());
+        }
+    }
+}
+
+/// Listens for commits of other replicas and wakes the tailer; reconnects
+/// after a failure (and wakes the tailer then too: hints sent meanwhile are
+/// lost).
+async fn run_listener(pool: PgPool, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            e = listen(&pool, &wake) => {
+                warn!(error = %e, "listening for other replicas' commits failed; polling until it works again");
+            }
+            _ = stop.wait_for(|stop| *stop) => break,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|stop| *stop) => break,
+        }
+    }
+    pool.close().await;
+}
+
+/// Wakes the tailer on every hint until the listening connection fails.
+async fn listen(pool: &PgPool, wake: &Notify) -> sqlx::Error {
+    let mut listener = match PgListener::connect_with(pool).await {
+        Ok(listener) => listener,
+        Err(e) => return e,
+    };
+    if let Err(e) = listener.listen(CHANNEL).await {
+        return e;
+    }
+    wake.notify_one();
+    loop {
+        // `Ok(None)`: the connection was lost and is made again; hints sent
+        // meanwhile are gone, so the tailer reads anyway.
+        if let Err(e) = listener.try_recv().await {
+            return e;
+        }
+        wake.notify_one();
+    }
+}
+
+fn backend(e: sqlx::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+/// Sequences are u64 in the API and bigint in PostgreSQL; they start at 1
+/// and grow by one, so they never reach the sign bit.
+fn to_sql(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn from_sql(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}

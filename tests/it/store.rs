@@ -1,0 +1,501 @@
+//! One store test suite, run against both backends: every test below is
+//! an `async fn(Backend)`, and `store_suite!` makes a `sqlite::` and a
+//! `postgres::` test of it. "Replicas" are two stores on one database; with
+//! SQLite, which serves one replica, both are the same store.
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::Utc;
+use kongtie_gateway::store::{
+    self, HeldWrite, IncomingNotification, NotificationStore, Recorded, StoreError,
+    StoredNotification,
+};
+use tokio::sync::{broadcast, oneshot};
+
+use crate::pg::PgDatabase;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Where a test's store lives, kept for as long as the test runs.
+pub struct Place {
+    pub backend: Backend,
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+    _db: Option<PgDatabase>,
+}
+
+impl Place {
+    pub async fn new(backend: Backend) -> Place {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                Place {
+                    backend,
+                    url: crate::helpers::store_url(dir.path()),
+                    _dir: Some(dir),
+                    _db: None,
+                }
+            }
+            Backend::Postgres => {
+                let db = PgDatabase::create().await;
+                Place {
+                    backend,
+                    url: db.url.clone(),
+                    _dir: None,
+                    _db: Some(db),
+                }
+            }
+        }
+    }
+
+    pub async fn open(&self) -> Arc<dyn NotificationStore> {
+        store::open(&self.url, None).await.unwrap()
+    }
+
+    /// Another replica beside `first` (SQLite: `first` itself).
+    async fn replica(&self, first: &Arc<dyn NotificationStore>) -> Arc<dyn NotificationStore> {
+        match self.backend {
+            Backend::Sqlite => Arc::clone(first),
+            Backend::Postgres => self.open().await,
+        }
+    }
+}
+
+macro_rules! store_suite {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+store_suite!(
+    sequences_are_gapless_and_a_repeat_is_one_event,
+    resends_racing_on_two_replicas_are_one_event,
+    writers_on_two_replicas_share_one_gapless_order,
+    every_replica_feeds_every_event_in_order,
+    acknowledgements_are_cumulative_durable_and_shared,
+    a_writer_that_commits_late_is_not_skipped,
+    a_rolled_back_writer_stalls_no_one,
+    a_notification_the_database_refuses_fails_alone,
+);
+
+pub fn incoming(id: &str) -> IncomingNotification {
+    IncomingNotification {
+        trade_status: "0000".into(),
+        message: "SUCCESS".into(),
+        out_trade_id: id.into(),
+        trade_amount: "0.20".into(),
+        amount_fen: Some(20),
+        trade_order_id: format!("984_{id}"),
+        trade_bill_no: format!("bill-{id}"),
+        trade_time: "2018/3/2 10:00:39".into(),
+        time_stamp: "1522233465".into(),
+        raw_body: format!(r#"{{"OutTradeId":"{id}"}}"#),
+        received_at: Utc::now(),
+    }
+}
+
+fn sequences(events: &[StoredNotification]) -> Vec<u64> {
+    events.iter().map(|n| n.sequence).collect()
+}
+
+/// The next `n` events of a live feed, within a few seconds.
+async fn next_events(
+    feed: &mut broadcast::Receiver<Arc<StoredNotification>>,
+    n: usize,
+) -> Vec<StoredNotification> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let event = tokio::time::timeout(Duration::from_secs(5), feed.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {n} events arrived", got.len()))
+            .expect("the feed neither lags nor closes");
+        got.push((*event).clone());
+    }
+    got
+}
+
+/// Starts a held write of `id` on `store`; returns once it is done and
+/// waiting to commit, with the sender that decides and its outcome.
+async fn hold(
+    store: &Arc<dyn NotificationStore>,
+    id: &str,
+) -> (
+    oneshot::Sender<bool>,
+    tokio::task::JoinHandle<Result<Recorded, StoreError>>,
+) {
+    let (held, is_held) = oneshot::channel();
+    let (release, released) = oneshot::channel();
+    let store = Arc::clone(store);
+    let n = incoming(id);
+    let outcome = tokio::spawn(async move {
+        let hold = HeldWrite {
+            held,
+            release: released,
+        };
+        store.record_held(n, hold).await
+    });
+    is_held.await.expect("the held write reached its commit");
+    (release, outcome)
+}
+
+async fn sequences_are_gapless_and_a_repeat_is_one_event(backend: Backend) {
+    let place = Place::new(backend).await;
+    let store = place.open().await;
+    for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
+        let recorded = store.record(incoming(id)).await.unwrap();
+        assert_eq!(
+            recorded,
+            Recorded::New {
+                sequence: i as u64 + 1
+            }
+        );
+    }
+    // A resend differs only in TimeStamp (and Sign): the same event.
+    let mut again = incoming("b");
+    again.time_stamp = "1522233999".into();
+    assert_eq!(
+        store.record(again).await.unwrap(),
+        Recorded::Repeat {
+            sequence: 2,
+            receive_count: 2
+        }
+    );
+    let all = store.list(0, None, 10).await.unwrap();
+    assert_eq!(sequences(&all), [1, 2, 3]);
+    assert_eq!(
+        all.iter().map(|n| n.receive_count).collect::<Vec<_>>(),
+        [1, 2, 1]
+    );
+    assert_eq!(all[1].out_trade_id, "b");
+    assert_eq!(all[1].amount_fen, Some(20));
+    assert_eq!(all[1].trade_amount, "0.20");
+    assert_eq!(sequences(&store.list(1, None, 1).await.unwrap()), [2]);
+    assert_eq!(sequences(&store.list(0, Some("c"), 10).await.unwrap()), [3]);
+    assert_eq!(store.last_sequence().await.unwrap(), 3);
+    store.close().await;
+}
+
+async fn resends_racing_on_two_replicas_are_one_event(backend: Backend) {
+    let place = Place::new(backend).await;
+    let first = place.open().await;
+    let second = place.replica(&first).await;
+    let sends: Vec<_> = (0..40)
+        .map(|i| {
+            let store = Arc::clone(if i % 2 == 0 { &first } else { &second });
+            tokio::spawn(async move { store.record(incoming("same")).await.unwrap() })
+        })
+        .collect();
+    let mut new = 0;
+    let mut counts = Vec::new();
+    for send in sends {
+        match send.await.unwrap() {
+            Recorded::New { sequence } => {
+                assert_eq!(sequence, 1);
+                new += 1;
+            }
+            Recorded::Repeat {
+                sequence,
+                receive_count,
+            } => {
+                assert_eq!(sequence, 1);
+                counts.push(receive_count);
+            }
+        }
+    }
+    assert_eq!(new, 1, "exactly one send makes the event");
+    counts.sort_unstable();
+    assert_eq!(
+        counts,
+        (2..=40).collect::<Vec<u32>>(),
+        "each repeat counted once"
+    );
+    let stored = second.list(0, None, 10).await.unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].receive_count, 40);
+    first.close().await;
+    second.close().await;
+}
+
+async fn writers_on_two_replicas_share_one_gapless_order(backend: Backend) {
+    let place = Place::new(backend).await;
+    let first = place.open().await;
+    let second = place.replica(&first).await;
+    let sends: Vec<_> = (0..300)
+        .map(|i| {
+            let store = Arc::clone(if i % 2 == 0 { &first } else { &second });
+            tokio::spawn(async move { store.record(incoming(&format!("n{i}"))).await.unwrap() })
+        })
+        .collect();
+    let mut given = Vec::new();
+    for send in sends {
+        match send.await.unwrap() {
+            Recorded::New { sequence } => given.push(sequence),
+            other => panic!("distinct notifications are new events, got {other:?}"),
+        }
+    }
+    given.sort_unstable();
+    assert_eq!(given, (1..=300).collect::<Vec<u64>>(), "each number once");
+    let stored = first.list(0, None, 1000).await.unwrap();
+    assert_eq!(sequences(&stored), (1..=300).collect::<Vec<u64>>());
+    assert_eq!(second.last_sequence().await.unwrap(), 300);
+    first.close().await;
+    second.close().await;
+}
+
+async fn every_replica_feeds_every_event_in_order(backend: Backend) {
+    let place = Place::new(backend).await;
+    let first = place.open().await;
+    let second = place.replica(&first).await;
+    let mut feeds = [first.subscribe(), second.subscribe()];
+    let sends: Vec<_> = (0..200)
+        .map(|i| {
+            let store = Arc::clone(if i % 2 == 0 { &first } else { &second });
+            tokio::spawn(async move { store.record(incoming(&format!("n{i}"))).await.unwrap() })
+        })
+        .collect();
+    for send in sends {
+        send.await.unwrap();
+    }
+    let stored = first.list(0, None, 1000).await.unwrap();
+    for feed in &mut feeds {
+        let events = next_events(feed, 200).await;
+        assert_eq!(sequences(&events), (1..=200).collect::<Vec<u64>>());
+        for (event, row) in events.iter().zip(&stored) {
+            assert_eq!(event, row, "the feed carries what the table holds");
+        }
+    }
+    first.close().await;
+    second.close().await;
+    // Closing ends the feed.
+    let mut closed = first.subscribe();
+    assert!(matches!(
+        closed.recv().await,
+        Err(broadcast::error::RecvError::Closed)
+    ));
+}
+
+async fn acknowledgements_are_cumulative_durable_and_shared(backend: Backend) {
+    let place = Place::new(backend).await;
+    let first = place.open().await;
+    let second = place.replica(&first).await;
+    for i in 0..5 {
+        first.record(incoming(&format!("n{i}"))).await.unwrap();
+    }
+    assert_eq!(first.acked("billing").await.unwrap(), 0);
+    assert_eq!(first.ack("billing", 3).await.unwrap(), 3);
+    assert_eq!(
+        second.ack("billing", 2).await.unwrap(),
+        3,
+        "never backwards"
+    );
+    assert_eq!(second.acked("billing").await.unwrap(), 3, "shared");
+    assert!(matches!(
+        second.ack("billing", 6).await,
+        Err(StoreError::BeyondLast {
+            requested: 6,
+            last: 5
+        })
+    ));
+    assert_eq!(second.ack("audit", 5).await.unwrap(), 5);
+    first.close().await;
+    second.close().await;
+
+    // Everything is still there after a restart, and numbering goes on.
+    let reopened = place.open().await;
+    assert_eq!(reopened.acked("billing").await.unwrap(), 3);
+    assert_eq!(reopened.acked("audit").await.unwrap(), 5);
+    assert_eq!(reopened.last_sequence().await.unwrap(), 5);
+    assert_eq!(
+        reopened.record(incoming("later")).await.unwrap(),
+        Recorded::New { sequence: 6 }
+    );
+    reopened.close().await;
+}
+
+/// The event-store hazard: writer A takes sequence 1, writer B takes 2 and
+/// commits first; a reader that sees 2 moves past 1 before A commits, and
+/// never sees it. Here B cannot take a number while A holds one, so every
+/// reader sees 1 before 2.
+async fn a_writer_that_commits_late_is_not_skipped(backend: Backend) {
+    let place = Place::new(backend).await;
+    let first = place.open().await;
+    let second = place.replica(&first).await;
+    let mut feed = second.subscribe();
+
+    let (release, slow) = hold(&first, "slow").await;
+    let fast = {
+        let second = Arc::clone(&second);
+        tokio::spawn(async move { second.record(incoming("fast")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !fast.is_finished(),
+        "the fast writer waits for the slow one's sequence to commit"
+    );
+    assert!(second.list(0, None, 10).await.unwrap().is_empty());
+    assert_eq!(second.last_sequence().await.unwrap(), 0);
+    assert!(
+        feed.try_recv().is_err(),
+        "nothing is published before commit"
+    );
+
+    release.send(true).unwrap();
+    assert_eq!(slow.await.unwrap().unwrap(), Recorded::New { sequence: 1 });
+    assert_eq!(fast.await.unwrap().unwrap(), Recorded::New { sequence: 2 });
+    let events = next_events(&mut feed, 2).await;
+    assert_eq!(sequences(&events), [1, 2]);
+    assert_eq!(events[0].out_trade_id, "slow");
+    assert_eq!(events[1].out_trade_id, "fast");
+    first.close().await;
+    second.close().await;
+}
+
+async fn a_rolled_back_writer_stalls_no_one(backend: Backend) {
+    let place = Place::new(backend).await;
+    let first = place.open().await;
+    let second = place.replica(&first).await;
+    let mut feed = second.subscribe();
+
+    let (release, doomed) = hold(&first, "doomed").await;
+    let fast = {
+        let second = Arc::clone(&second);
+        tokio::spawn(async move { second.record(incoming("fast")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    release.send(false).unwrap();
+    assert!(matches!(doomed.await.unwrap(), Err(StoreError::RolledBack)));
+    // The number the rolled-back writer held is handed on: no gap.
+    let fast = tokio::time::timeout(Duration::from_secs(2), fast)
+        .await
+        .expect("the fast writer goes on at once")
+        .unwrap()
+        .unwrap();
+    assert_eq!(fast, Recorded::New { sequence: 1 });
+    let events = next_events(&mut feed, 1).await;
+    assert_eq!(events[0].out_trade_id, "fast");
+    assert_eq!(
+        first.record(incoming("next")).await.unwrap(),
+        Recorded::New { sequence: 2 }
+    );
+    let stored = first.list(0, None, 10).await.unwrap();
+    assert_eq!(
+        stored
+            .iter()
+            .map(|n| n.out_trade_id.as_str())
+            .collect::<Vec<_>>(),
+        ["fast", "next"]
+    );
+    first.close().await;
+    second.close().await;
+}
+
+/// A write the database refuses (PostgreSQL's text holds no NUL; the
+/// listener refuses those before they get here) fails alone, not the
+/// writes it was grouped with.
+async fn a_notification_the_database_refuses_fails_alone(backend: Backend) {
+    let place = Place::new(backend).await;
+    let store = place.open().await;
+    let sends: Vec<_> = (0..50)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            let mut n = incoming(&format!("n{i}"));
+            if i == 25 {
+                n.message = "bad\0message".into();
+            }
+            tokio::spawn(async move { (i, store.record(n).await) })
+        })
+        .collect();
+    let mut stored = 0;
+    for send in sends {
+        let (i, result) = send.await.unwrap();
+        match result {
+            Ok(Recorded::New { .. }) => stored += 1,
+            Err(_) if i == 25 && backend == Backend::Postgres => {}
+            other => panic!("send {i}: {other:?}"),
+        }
+    }
+    let expected = if backend == Backend::Postgres { 49 } else { 50 };
+    assert_eq!(stored, expected);
+    let list = store.list(0, None, 100).await.unwrap();
+    assert_eq!(sequences(&list), (1..=expected as u64).collect::<Vec<_>>());
+    store.close().await;
+}
+
+// PostgreSQL only: several replicas.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_together_apply_the_migrations_once() {
+    let place = Place::new(Backend::Postgres).await;
+    let opened = futures::future::join_all((0..4).map(|_| store::open(&place.url, None))).await;
+    let stores: Vec<_> = opened
+        .into_iter()
+        .map(|s| s.expect("every replica starts"))
+        .collect();
+    stores[0].record(incoming("one")).await.unwrap();
+    for store in &stores {
+        assert_eq!(store.last_sequence().await.unwrap(), 1);
+        store.close().await;
+    }
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&place.url)
+        .await
+        .unwrap();
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(applied, 1);
+}
+
+/// A hint lost while the listening connection was down is made up for:
+/// the listener reconnects and the tailer reads, and polls meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_listener_was_cut_off_still_feeds_every_event() {
+    let place = Place::new(Backend::Postgres).await;
+    let first = place.open().await;
+    let second = place.open().await;
+    let mut feed = second.subscribe();
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&place.url)
+        .await
+        .unwrap();
+    let terminate = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND query LIKE 'LISTEN%'";
+    // Both replicas listen; cut both off, then write while they reconnect.
+    let mut cut: i64 = 0;
+    for _ in 0..50 {
+        cut = sqlx::query_scalar(terminate)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        if cut == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(cut, 2, "both listening connections were found and cut");
+    for i in 0..3 {
+        first.record(incoming(&format!("n{i}"))).await.unwrap();
+    }
+    let events = next_events(&mut feed, 3).await;
+    assert_eq!(sequences(&events), [1, 2, 3]);
+    first.close().await;
+    second.close().await;
+}
