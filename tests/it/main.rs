@@ -9,6 +9,7 @@ mod notifications;
 mod payment;
 mod pg;
 mod production;
+mod replicas;
 mod store;
 mod ticket;
 mod upstream_failures;

@@ -1,0 +1,153 @@
+//! Two gateway processes on one PostgreSQL database, as a fleet behind a
+//! load balancer runs: a notification POSTed to one reaches subscribers of
+//! the other, and killing one loses nothing it acknowledged.
+
+use std::{collections::HashMap, time::Duration};
+
+use kongtie_gateway::proto::{
+    AckNotificationsRequest, PaymentNotification, SubscribeNotificationsRequest,
+    payment_client::PaymentClient,
+};
+use tonic::{Streaming, transport::Channel};
+
+use crate::{
+    helpers::{Binary, DOCUMENT_TOKEN, flood, list_all, payment_notification, until_acknowledged},
+    pg::PgDatabase,
+};
+
+fn replica(db: &PgDatabase) -> Binary {
+    Binary::start(&["serve", "--store", &db.url])
+}
+
+async fn payment(bin: &Binary) -> PaymentClient<Channel> {
+    PaymentClient::connect(format!("http://{}", bin.grpc))
+        .await
+        .unwrap()
+}
+
+async fn subscribe(bin: &Binary, after: u64) -> Streaming<PaymentNotification> {
+    payment(bin)
+        .await
+        .subscribe_notifications(SubscribeNotificationsRequest {
+            after_sequence: Some(after),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn next(stream: &mut Streaming<PaymentNotification>) -> PaymentNotification {
+    tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("a notification within 5 s")
+        .unwrap()
+        .expect("the stream goes on")
+}
+
+async fn post(url: &str, body: String) -> (u16, String) {
+    let resp = reqwest::Client::new()
+        .post(url)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_posted_to_one_replica_reaches_a_subscriber_of_the_other() {
+    let db = PgDatabase::create().await;
+    let (a, b) = (replica(&db), replica(&db));
+    let mut on_b = subscribe(&b, 0).await;
+
+    let body = payment_notification("4333451", DOCUMENT_TOKEN);
+    assert_eq!(
+        post(&a.notify_url(), body.clone()).await,
+        (200, "success".into())
+    );
+    let n = next(&mut on_b).await;
+    assert_eq!((n.sequence, n.out_trade_id.as_str()), (1, "4333451"));
+    assert_eq!(n.amount_fen, Some(100));
+
+    // Kongtie resends to the other replica: the same event, counted twice,
+    // and not delivered again.
+    assert_eq!(post(&b.notify_url(), body).await, (200, "success".into()));
+    let stored = list_all(&a.grpc).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].receive_count, 2);
+
+    // A consumer's position acknowledged on one replica is where it
+    // resumes on the other.
+    let acked = payment(&a)
+        .await
+        .ack_notifications(AckNotificationsRequest {
+            consumer: "orders".into(),
+            sequence: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acked.acked_sequence, 1);
+    let mut resumed = payment(&b)
+        .await
+        .subscribe_notifications(SubscribeNotificationsRequest {
+            consumer: "orders".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let body = payment_notification("4333452", DOCUMENT_TOKEN);
+    assert_eq!(post(&a.notify_url(), body).await.0, 200);
+    assert_eq!(next(&mut resumed).await.sequence, 2, "resumes after 1");
+    assert_eq!(next(&mut on_b).await.sequence, 2, "no duplicate of 1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_replica_mid_flood_loses_no_acknowledged_notification() {
+    let db = PgDatabase::create().await;
+    let (mut a, b) = (replica(&db), replica(&db));
+    let mut on_b = subscribe(&b, 0).await;
+    let (acknowledged, senders) = flood(&a.notify_url(), "K", 16);
+
+    until_acknowledged(&acknowledged, 300).await;
+    a.child.kill().unwrap(); // SIGKILL
+    a.child.wait().unwrap();
+    for s in senders {
+        s.await.unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+
+    let stored = list_all(&b.grpc).await;
+    let sequences: Vec<u64> = stored.iter().map(|n| n.sequence).collect();
+    assert_eq!(
+        sequences,
+        (1..=stored.len() as u64).collect::<Vec<_>>(),
+        "gapless"
+    );
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    for n in &stored {
+        *count.entry(n.out_trade_id.as_str()).or_default() += 1;
+    }
+    for id in &acknowledged {
+        assert_eq!(
+            count.get(id.as_str()),
+            Some(&1),
+            "{id} was answered success"
+        );
+    }
+    assert!(count.values().all(|c| *c == 1), "each stored once");
+
+    // B's subscriber got every stored one, in order, once.
+    for expected in &stored {
+        let n = next(&mut on_b).await;
+        assert_eq!(n.sequence, expected.sequence);
+        assert_eq!(n.out_trade_id, expected.out_trade_id);
+    }
+    println!(
+        "acknowledged by A before SIGKILL: {}, stored: {}, all delivered by B",
+        acknowledged.len(),
+        stored.len()
+    );
+}
