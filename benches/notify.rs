@@ -1,15 +1,20 @@
 //! Notification benchmarks, each beside a baseline measured in the same run
 //! (this machine is shared and noisy: read the ratios).
 //!
-//! 1. Intake rate: durable notify intake against a bare axum handler that
-//!    just answers `success`, driven by the same load generator.
+//! 1. Intake rate: durable notify intake on SQLite and on PostgreSQL
+//!    against a bare axum handler that just answers `success`, driven by the
+//!    same load generator.
 //! 2. Latency from `success` to a subscriber's receipt, p50/p99, with 100
 //!    subscribers, beside the round trip of one POST to the bare handler.
-//! 3. Memory per idle subscriber, from the binary's RSS.
+//! 3. Latency across replicas: two gateways on one PostgreSQL database, a
+//!    subscriber on each, notifications posted to the first.
+//! 4. Memory per idle subscriber, from the binary's RSS.
 //!
 //! Run: `cargo bench --bench notify` (KONGTIE_BENCH_SECS sets the length of
 //! each intake round, default 5; KONGTIE_BENCH_CONNECTIONS the load
-//! generator's connections, default 64).
+//! generator's connections, default 64). PostgreSQL as for the tests: the
+//! local server, or `KONGTIE_TEST_DATABASE_URL`; each round gets a fresh
+//! database.
 
 use std::{
     io::{BufRead, BufReader},
@@ -33,6 +38,10 @@ use kongtie_gateway::{
 };
 use secrecy::SecretString;
 use tokio::{net::TcpListener, sync::oneshot};
+
+#[path = "../tests/it/pg.rs"]
+mod pg;
+use pg::PgDatabase;
 
 fn connections() -> usize {
     std::env::var("KONGTIE_BENCH_CONNECTIONS")
@@ -105,6 +114,13 @@ struct Gateway {
     _dir: tempfile::TempDir,
 }
 
+/// Which store a gateway of the bench uses.
+#[derive(Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
 /// Every listener of the gateway on a free port.
 const FREE_PORTS: [&str; 6] = [
     "--grpc-addr",
@@ -115,14 +131,19 @@ const FREE_PORTS: [&str; 6] = [
     "127.0.0.1:0",
 ];
 
-async fn gateway() -> Gateway {
+/// A gateway in this process on a fresh SQLite file, or on the PostgreSQL
+/// database `url`.
+async fn gateway(postgres: Option<&str>) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let args = ["kongtie-gateway", "serve"].into_iter().chain(FREE_PORTS);
     let Cmd::Serve(args) = Cli::try_parse_from(args).unwrap().command else {
         unreachable!()
     };
     let mut config = args.config();
-    config.store_url = format!("sqlite://{}", dir.path().join("n.db").display());
+    config.store_url = match postgres {
+        Some(url) => url.to_owned(),
+        None => format!("sqlite://{}", dir.path().join("n.db").display()),
+    };
     let app = Application::build(config).await.unwrap();
     let (grpc, notify_url) = (app.grpc_addr(), app.notify_url().to_string());
     let (stop, stopped) = oneshot::channel::<()>();
@@ -152,19 +173,97 @@ async fn intake(secs: f64) {
     );
     let bare = format!("http://{}/notify", bare_server().await);
     let ids = AtomicU64::new(0);
-    let mut ratios = Vec::new();
+    let mut ratios = [Vec::new(), Vec::new()];
     for round in 1..=3 {
-        let gw = gateway().await;
         let base = drive(&bare, secs, &ids).await;
-        let durable = drive(&gw.notify_url, secs, &ids).await;
-        ratios.push(durable / base);
+        let mut rates = [0.0; 2];
+        for (i, backend) in [Backend::Sqlite, Backend::Postgres].into_iter().enumerate() {
+            let db = match backend {
+                Backend::Sqlite => None,
+                Backend::Postgres => Some(PgDatabase::create().await),
+            };
+            let gw = gateway(db.as_ref().map(|db| db.url.as_str())).await;
+            rates[i] = drive(&gw.notify_url, secs, &ids).await;
+            ratios[i].push(rates[i] / base);
+        }
         println!(
-            "round {round}: bare axum {base:>8.0}/s   durable intake {durable:>8.0}/s   ratio {:.2}",
-            durable / base
+            "round {round}: bare axum {base:>8.0}/s   SQLite {:>7.0}/s ({:.2})   PostgreSQL {:>7.0}/s ({:.2})",
+            rates[0],
+            rates[0] / base,
+            rates[1],
+            rates[1] / base,
         );
     }
-    ratios.sort_by(f64::total_cmp);
-    println!("median ratio durable/bare: {:.2}\n", ratios[1]);
+    for r in &mut ratios {
+        r.sort_by(f64::total_cmp);
+    }
+    println!(
+        "median ratio to bare: SQLite {:.2}, PostgreSQL {:.2}\n",
+        ratios[0][1], ratios[1][1]
+    );
+}
+
+/// Two gateways on one PostgreSQL database; a subscriber on each; one
+/// notification at a time posted to the first.
+async fn across_replicas() {
+    const EVENTS: usize = 300;
+    println!(
+        "## Latency across replicas (PostgreSQL, {EVENTS} notifications posted to replica A one at a time)"
+    );
+    let db = PgDatabase::create().await;
+    let (a, b) = (gateway(Some(&db.url)).await, gateway(Some(&db.url)).await);
+    let mut receivers = Vec::new();
+    for gw in [&a, &b] {
+        let mut stream = PaymentClient::connect(format!("http://{}", gw.grpc))
+            .await
+            .unwrap()
+            .subscribe_notifications(SubscribeNotificationsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        receivers.push(tokio::spawn(async move {
+            let mut seen = Vec::with_capacity(EVENTS);
+            while seen.len() < EVENTS {
+                let n = stream.next().await.unwrap().unwrap();
+                seen.push((n.sequence, Instant::now()));
+            }
+            seen
+        }));
+    }
+    let client = reqwest::Client::new();
+    let mut posted = Vec::with_capacity(EVENTS);
+    for n in 0..EVENTS as u64 {
+        posted.push(Instant::now());
+        let resp = client
+            .post(&a.notify_url)
+            .body(body(n))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.text().await.unwrap(), "success");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut p50s = Vec::new();
+    for (name, r) in ["A (same replica)", "B (other replica)"]
+        .into_iter()
+        .zip(receivers)
+    {
+        let mut after_post: Vec<Duration> = r
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(sequence, at)| at - posted[sequence as usize - 1])
+            .collect();
+        after_post.sort();
+        let (p50, p99) = (percentile(&after_post, 0.5), percentile(&after_post, 0.99));
+        println!(
+            "POST to A sent -> receipt on {name}: p50 {:.3} ms, p99 {:.3} ms",
+            ms(p50),
+            ms(p99)
+        );
+        p50s.push(ms(p50));
+    }
+    println!("ratio B/A at p50: {:.2}\n", p50s[1] / p50s[0]);
 }
 
 async fn latency() {
@@ -173,7 +272,7 @@ async fn latency() {
     println!(
         "## Latency, `success` to subscriber receipt ({SUBSCRIBERS} subscribers, {EVENTS} notifications, one at a time)"
     );
-    let gw = gateway().await;
+    let gw = gateway(None).await;
     let mut receivers = Vec::new();
     for _ in 0..SUBSCRIBERS {
         let channel = tonic::transport::Channel::from_shared(format!("http://{}", gw.grpc))
@@ -366,6 +465,7 @@ fn main() {
     rt.block_on(async {
         intake(secs).await;
         latency().await;
+        across_replicas().await;
         memory().await;
     });
 }
