@@ -109,6 +109,7 @@ async fn bare_server() -> SocketAddr {
 
 struct Gateway {
     grpc: SocketAddr,
+    admin: SocketAddr,
     notify_url: String,
     _stop: oneshot::Sender<()>,
     _dir: tempfile::TempDir,
@@ -145,13 +146,15 @@ async fn gateway(postgres: Option<&str>) -> Gateway {
         None => format!("sqlite://{}", dir.path().join("n.db").display()),
     };
     let app = Application::build(config).await.unwrap();
-    let (grpc, notify_url) = (app.grpc_addr(), app.notify_url().to_string());
+    let (grpc, admin) = (app.grpc_addr(), app.admin_addr());
+    let notify_url = app.notify_url().to_string();
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(app.run_until(async move {
         let _ = stopped.await;
     }));
     Gateway {
         grpc,
+        admin,
         notify_url,
         _stop: stop,
         _dir: dir,
@@ -177,6 +180,7 @@ async fn intake(secs: f64) {
     for round in 1..=3 {
         let base = drive(&bare, secs, &ids).await;
         let mut rates = [0.0; 2];
+        let mut commits = [(0.0, 0.0, 0.0); 2];
         for (i, backend) in [Backend::Sqlite, Backend::Postgres].into_iter().enumerate() {
             let db = match backend {
                 Backend::Sqlite => None,
@@ -185,6 +189,7 @@ async fn intake(secs: f64) {
             let gw = gateway(db.as_ref().map(|db| db.url.as_str())).await;
             rates[i] = drive(&gw.notify_url, secs, &ids).await;
             ratios[i].push(rates[i] / base);
+            commits[i] = gw.commits().await;
         }
         println!(
             "round {round}: bare axum {base:>8.0}/s   SQLite {:>7.0}/s ({:.2})   PostgreSQL {:>7.0}/s ({:.2})",
@@ -193,6 +198,11 @@ async fn intake(secs: f64) {
             rates[1],
             rates[1] / base,
         );
+        for (name, (n, size, ms)) in ["SQLite", "PostgreSQL"].into_iter().zip(commits) {
+            println!(
+                "         {name}: {n:.0} commits, {size:.1} notifications and {ms:.2} ms each"
+            );
+        }
     }
     for r in &mut ratios {
         r.sort_by(f64::total_cmp);
@@ -201,6 +211,32 @@ async fn intake(secs: f64) {
         "median ratio to bare: SQLite {:.2}, PostgreSQL {:.2}\n",
         ratios[0][1], ratios[1][1]
     );
+}
+
+impl Gateway {
+    /// Commits so far: (how many, mean notifications per commit, mean
+    /// milliseconds per commit), from the gateway's own metrics.
+    async fn commits(&self) -> (f64, f64, f64) {
+        let text = reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0.0)
+        };
+        let commits = value("kongtie_store_commit_seconds_count");
+        let per = |sum: f64| if commits > 0.0 { sum / commits } else { 0.0 };
+        (
+            commits,
+            per(value("kongtie_store_commit_batch_size_sum")),
+            per(value("kongtie_store_commit_seconds_sum")) * 1000.0,
+        )
+    }
 }
 
 /// Two gateways on one PostgreSQL database; a subscriber on each; one

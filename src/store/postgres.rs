@@ -480,111 +480,89 @@ async fn write(
         }
     }
 
+    // Every change in one statement (one round trip): the repeats' counts,
+    // the new rows, the sequencer, and the hint to other replicas, which
+    // PostgreSQL delivers at commit.
     let repeats: Vec<(&Vec<u8>, &Seen)> = seen.iter().filter(|(_, s)| s.added > 0).collect();
-    if !repeats.is_empty() {
-        sqlx::query(
-            "UPDATE notifications AS n \
-             SET receive_count = n.receive_count + r.added, last_received_at = r.at \
-             FROM UNNEST($1::bytea[], $2::int4[], $3::timestamptz[]) AS r(digest, added, at) \
-             WHERE n.dedup_digest = r.digest",
-        )
-        .bind(
-            repeats
-                .iter()
-                .map(|(d, _)| d.as_slice())
-                .collect::<Vec<_>>(),
-        )
-        .bind(repeats.iter().map(|(_, s)| s.added).collect::<Vec<_>>())
-        .bind(
-            repeats
-                .iter()
-                .map(|(_, s)| s.last_received_at)
-                .collect::<Vec<_>>(),
-        )
-        .execute(&mut *tx)
-        .await?;
-    }
+    let new: Vec<(&IncomingNotification, &Seen, &Vec<u8>)> =
+        inserted.iter().map(|(n, d)| (*n, &seen[*d], *d)).collect();
+    let text = |f: fn(&IncomingNotification) -> &str| -> Vec<&str> {
+        new.iter().map(|(n, _, _)| f(n)).collect()
+    };
+    sqlx::query(
+        "WITH repeated AS ( \
+           UPDATE notifications AS n \
+           SET receive_count = n.receive_count + r.added, last_received_at = r.at \
+           FROM UNNEST($1::bytea[], $2::int4[], $3::timestamptz[]) AS r(digest, added, at) \
+           WHERE n.dedup_digest = r.digest \
+         ), inserted AS ( \
+           INSERT INTO notifications (sequence, dedup_digest, out_trade_id, trade_order_id, \
+             trade_bill_no, trade_status, message, trade_amount, amount_fen, trade_time, \
+             time_stamp, raw_body, received_at, last_received_at, receive_count) \
+           SELECT * FROM UNNEST($4::int8[], $5::bytea[], $6::text[], $7::text[], $8::text[], \
+             $9::text[], $10::text[], $11::text[], $12::int8[], $13::text[], $14::text[], \
+             $15::text[], $16::timestamptz[], $17::timestamptz[], $18::int4[]) \
+         ), sequenced AS ( \
+           UPDATE notification_sequence SET last = $19 WHERE last < $19 \
+         ) \
+         SELECT pg_notify($21, $19::text) WHERE $19 > $20",
+    )
+    .bind(
+        repeats
+            .iter()
+            .map(|(d, _)| d.as_slice())
+            .collect::<Vec<_>>(),
+    )
+    .bind(repeats.iter().map(|(_, s)| s.added).collect::<Vec<_>>())
+    .bind(
+        repeats
+            .iter()
+            .map(|(_, s)| s.last_received_at)
+            .collect::<Vec<_>>(),
+    )
+    .bind(new.iter().map(|(_, s, _)| s.sequence).collect::<Vec<_>>())
+    .bind(new.iter().map(|(_, _, d)| d.as_slice()).collect::<Vec<_>>())
+    .bind(text(|n| &n.out_trade_id))
+    .bind(text(|n| &n.trade_order_id))
+    .bind(text(|n| &n.trade_bill_no))
+    .bind(text(|n| &n.trade_status))
+    .bind(text(|n| &n.message))
+    .bind(text(|n| &n.trade_amount))
+    .bind(new.iter().map(|(n, _, _)| n.amount_fen).collect::<Vec<_>>())
+    .bind(text(|n| &n.trade_time))
+    .bind(text(|n| &n.time_stamp))
+    .bind(text(|n| &n.raw_body))
+    .bind(
+        new.iter()
+            .map(|(n, _, _)| n.received_at)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        new.iter()
+            .map(|(_, s, _)| s.last_received_at)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        new.iter()
+            .map(|(_, s, _)| s.receive_count)
+            .collect::<Vec<_>>(),
+    )
+    .bind(next)
+    .bind(last)
+    .bind(CHANNEL)
+    .execute(&mut *tx)
+    .await?;
 
-    let mut events = Vec::with_capacity(inserted.len());
-    if !inserted.is_empty() {
-        let seen_of = |d: &Vec<u8>| &seen[d];
-        let column = |f: fn(&IncomingNotification) -> &str| -> Vec<&str> {
-            inserted.iter().map(|(n, _)| f(n)).collect()
-        };
-        sqlx::query(
-            "INSERT INTO notifications (sequence, dedup_digest, out_trade_id, trade_order_id, \
-               trade_bill_no, trade_status, message, trade_amount, amount_fen, trade_time, \
-               time_stamp, raw_body, received_at, last_received_at, receive_count) \
-             SELECT * FROM UNNEST($1::int8[], $2::bytea[], $3::text[], $4::text[], $5::text[], \
-               $6::text[], $7::text[], $8::text[], $9::int8[], $10::text[], $11::text[], \
-               $12::text[], $13::timestamptz[], $14::timestamptz[], $15::int4[])",
-        )
-        .bind(
-            inserted
-                .iter()
-                .map(|(_, d)| seen_of(d).sequence)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            inserted
-                .iter()
-                .map(|(_, d)| d.as_slice())
-                .collect::<Vec<_>>(),
-        )
-        .bind(column(|n| &n.out_trade_id))
-        .bind(column(|n| &n.trade_order_id))
-        .bind(column(|n| &n.trade_bill_no))
-        .bind(column(|n| &n.trade_status))
-        .bind(column(|n| &n.message))
-        .bind(column(|n| &n.trade_amount))
-        .bind(
-            inserted
-                .iter()
-                .map(|(n, _)| n.amount_fen)
-                .collect::<Vec<_>>(),
-        )
-        .bind(column(|n| &n.trade_time))
-        .bind(column(|n| &n.time_stamp))
-        .bind(column(|n| &n.raw_body))
-        .bind(
-            inserted
-                .iter()
-                .map(|(n, _)| n.received_at)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            inserted
-                .iter()
-                .map(|(_, d)| seen_of(d).last_received_at)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            inserted
-                .iter()
-                .map(|(_, d)| seen_of(d).receive_count)
-                .collect::<Vec<_>>(),
-        )
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("UPDATE notification_sequence SET last = $1")
-            .bind(next)
-            .execute(&mut *tx)
-            .await?;
-        // Delivered at commit, to every replica listening.
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(CHANNEL)
-            .bind(next.to_string())
-            .execute(&mut *tx)
-            .await?;
-        for (n, d) in &inserted {
-            let s = seen_of(d);
+    let events: Vec<StoredNotification> = new
+        .iter()
+        .map(|(n, s, _)| {
             let count = u32::try_from(s.receive_count).unwrap_or(u32::MAX);
             let mut event = n.stored(from_sql(s.sequence), count);
             // What the column keeps, so the live event equals the row.
             event.received_at = event.received_at.trunc_subsecs(6);
-            events.push(event);
-        }
-    }
+            event
+        })
+        .collect();
 
     if let Some(hold) = hold
         && !hold.wait().await
