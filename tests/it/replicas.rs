@@ -11,7 +11,10 @@ use kongtie_gateway::proto::{
 use tonic::{Streaming, transport::Channel};
 
 use crate::{
-    helpers::{Binary, DOCUMENT_TOKEN, flood, list_all, payment_notification, until_acknowledged},
+    helpers::{
+        Binary, DOCUMENT_TOKEN, PAY_TOKEN, flood, list_all, payment_notification, spawn_app_with,
+        until_acknowledged,
+    },
     pg::PgDatabase,
 };
 
@@ -150,4 +153,43 @@ async fn killing_a_replica_mid_flood_loses_no_acknowledged_notification() {
         acknowledged.len(),
         stored.len()
     );
+}
+
+/// More events than the live feed holds, posted to A while a subscriber of
+/// B reads nothing: B's subscription lags, then reads the gap from
+/// PostgreSQL, in order, and is live again afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_of_another_replica_that_falls_far_behind_catches_up_in_order() {
+    let db = PgDatabase::create().await;
+    let a = std::sync::Arc::new(spawn_app_with(&[], |c| c.store_url = db.url.clone()).await);
+    let b = spawn_app_with(&[], |c| c.store_url = db.url.clone()).await;
+    let mut stalled = b
+        .payment()
+        .await
+        .subscribe_notifications(SubscribeNotificationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    const EVENTS: u64 = 1500;
+    let senders: Vec<_> = (0..8)
+        .map(|w| {
+            let a = std::sync::Arc::clone(&a);
+            tokio::spawn(async move {
+                for i in (w..EVENTS).step_by(8) {
+                    let body = payment_notification(&format!("L{i}"), PAY_TOKEN);
+                    assert_eq!(a.notify(body).await.1, "success");
+                }
+            })
+        })
+        .collect();
+    for s in senders {
+        s.await.unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < EVENTS as usize {
+        got.push(next(&mut stalled).await.sequence);
+    }
+    assert_eq!(got, (1..=EVENTS).collect::<Vec<_>>());
+    a.notify(payment_notification("AFTER", PAY_TOKEN)).await;
+    assert_eq!(next(&mut stalled).await.sequence, EVENTS + 1);
 }
