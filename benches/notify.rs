@@ -499,9 +499,20 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        intake(secs).await;
-        latency().await;
-        across_replicas().await;
-        memory().await;
+        // KONGTIE_BENCH_ONLY=intake (or latency, replicas, memory) runs one.
+        let only = std::env::var("KONGTIE_BENCH_ONLY").unwrap_or_default();
+        let runs = |name: &str| only.is_empty() || only == name;
+        if runs("intake") {
+            intake(secs).await;
+        }
+        if runs("latency") {
+            latency().await;
+        }
+        if runs("replicas") {
+            across_replicas().await;
+        }
+        if runs("memory") {
+            memory().await;
+        }
     });
 }
