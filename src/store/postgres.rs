@@ -60,8 +60,11 @@ const MAX_BATCH: usize = 512;
 const QUEUE: usize = 4096;
 /// New events kept for live subscribers before a slow one lags.
 const LIVE_BUFFER: usize = 1024;
-/// Connections for writes and reads (the listener has its own).
+/// Connections for reads and acknowledgements. The writer has its own
+/// (so readers never keep intake waiting), and so has the listener.
 const POOL_SIZE: u32 = 16;
+/// The writer's connections: its batches, and held writes in tests.
+const WRITE_POOL_SIZE: u32 = 2;
 /// How long a caller waits for a free connection.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the server lets a session of ours sit idle inside a
@@ -91,6 +94,7 @@ struct Written {
 
 pub struct PostgresStore {
     pool: PgPool,
+    write_pool: PgPool,
     /// Taken on close: the writer stops once the queue is drained.
     writes: Mutex<Option<mpsc::Sender<Write>>>,
     /// Commits handed to the tailer; taken on close.
@@ -158,6 +162,10 @@ impl PostgresStore {
             .max_connections(POOL_SIZE)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_lazy_with(options.clone());
+        let write_pool = PgPoolOptions::new()
+            .max_connections(WRITE_POOL_SIZE)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options.clone());
         let listen_pool = PgPoolOptions::new()
             .max_connections(1)
             .max_lifetime(None)
@@ -171,7 +179,12 @@ impl PostgresStore {
         let (stop, stopped) = watch::channel(false);
         let wake = Arc::new(Notify::new());
         let tasks = vec![
-            tokio::spawn(run_writer(pool.clone(), queue, committed.clone(), metrics)),
+            tokio::spawn(run_writer(
+                write_pool.clone(),
+                queue,
+                committed.clone(),
+                metrics,
+            )),
             tokio::spawn(run_tailer(
                 pool.clone(),
                 live.clone(),
@@ -183,6 +196,7 @@ impl PostgresStore {
         ];
         Ok(Self {
             pool,
+            write_pool,
             writes: Mutex::new(Some(writes)),
             committed: Mutex::new(Some(committed)),
             live: Mutex::new(Some(live)),
@@ -220,7 +234,7 @@ impl NotificationStore for PostgresStore {
         hold: HeldWrite,
     ) -> Result<Recorded, StoreError> {
         let committed = lock(&self.committed).clone().ok_or(StoreError::Closed)?;
-        match write(&self.pool, &[&notification], Some(hold)).await {
+        match write(&self.write_pool, &[&notification], Some(hold)).await {
             Ok(Some(written)) => {
                 let _ = committed.send(written.events);
                 Ok(written
@@ -304,6 +318,7 @@ impl NotificationStore for PostgresStore {
         for task in tasks {
             let _ = task.await;
         }
+        self.write_pool.close().await;
         self.pool.close().await;
     }
 }
