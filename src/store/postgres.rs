@@ -165,6 +165,10 @@ impl PostgresStore {
         let write_pool = PgPoolOptions::new()
             .max_connections(WRITE_POOL_SIZE)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            // No ping before each batch (a round trip per commit): a dead
+            // connection fails its batch, each notification of it is
+            // answered 503, and Kongtie sends them again.
+            .test_before_acquire(false)
             .connect_lazy_with(options.clone());
         let listen_pool = PgPoolOptions::new()
             .max_connections(1)
