@@ -116,12 +116,22 @@ impl PostgresStore {
         options = options.application_name("kongtie-gateway");
         // A replica stalled inside a transaction holds the sequencer, and
         // every writer of the fleet waits: let the server cut it off.
-        let given = options.get_options().unwrap_or_default();
-        if !given.contains("idle_in_transaction_session_timeout") {
-            options = options.options([(
+        //
+        // Plan every execution with its own parameters: the tables start
+        // empty, and a generic plan cached then (after five executions of a
+        // prepared statement) keeps scanning whole tables once they have
+        // grown: measured, commits went from 2.7 ms to over 7 ms in 15 s.
+        let given = options.get_options().unwrap_or_default().to_owned();
+        for (setting, value) in [
+            (
                 "idle_in_transaction_session_timeout",
                 IDLE_IN_TRANSACTION_TIMEOUT,
-            )]);
+            ),
+            ("plan_cache_mode", "force_custom_plan"),
+        ] {
+            if !given.contains(setting) {
+                options = options.options([(setting, value)]);
+            }
         }
         let place = format!(
             "{}:{}/{}",

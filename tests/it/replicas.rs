@@ -193,3 +193,23 @@ async fn a_subscriber_of_another_replica_that_falls_far_behind_catches_up_in_ord
     a.notify(payment_notification("AFTER", PAY_TOKEN)).await;
     assert_eq!(next(&mut stalled).await.sequence, EVENTS + 1);
 }
+
+/// The store URL holds the database password: a replica that cannot reach
+/// PostgreSQL stops at start-up saying where it tried, never with what.
+#[test]
+fn an_unreachable_database_stops_start_up_without_showing_the_password() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kongtie-gateway"))
+        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--notify-addr"])
+        .args(["127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--store"])
+        .arg("postgres://kongtie:S3cretPassw0rd@127.0.0.1:1/payments")
+        .env("RUST_LOG", "debug")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("PostgreSQL at 127.0.0.1:1/payments"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("S3cretPassw0rd"), "{stderr}");
+}
