@@ -161,6 +161,26 @@ async fn gateway(postgres: Option<&str>) -> Gateway {
     }
 }
 
+/// Subscribes to `grpc` on a connection of its own, and records when each
+/// of the next `events` notifications arrives: (sequence, when).
+async fn receipts(grpc: SocketAddr, events: usize) -> tokio::task::JoinHandle<Vec<(u64, Instant)>> {
+    let mut stream = PaymentClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap()
+        .subscribe_notifications(SubscribeNotificationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::spawn(async move {
+        let mut seen = Vec::with_capacity(events);
+        while seen.len() < events {
+            let n = stream.next().await.unwrap().unwrap();
+            seen.push((n.sequence, Instant::now()));
+        }
+        seen
+    })
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -250,21 +270,7 @@ async fn across_replicas() {
     let (a, b) = (gateway(Some(&db.url)).await, gateway(Some(&db.url)).await);
     let mut receivers = Vec::new();
     for gw in [&a, &b] {
-        let mut stream = PaymentClient::connect(format!("http://{}", gw.grpc))
-            .await
-            .unwrap()
-            .subscribe_notifications(SubscribeNotificationsRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
-        receivers.push(tokio::spawn(async move {
-            let mut seen = Vec::with_capacity(EVENTS);
-            while seen.len() < EVENTS {
-                let n = stream.next().await.unwrap().unwrap();
-                seen.push((n.sequence, Instant::now()));
-            }
-            seen
-        }));
+        receivers.push(receipts(gw.grpc, EVENTS).await);
     }
     let client = reqwest::Client::new();
     let mut posted = Vec::with_capacity(EVENTS);
@@ -311,24 +317,7 @@ async fn latency() {
     let gw = gateway(None).await;
     let mut receivers = Vec::new();
     for _ in 0..SUBSCRIBERS {
-        let channel = tonic::transport::Channel::from_shared(format!("http://{}", gw.grpc))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut stream = PaymentClient::new(channel)
-            .subscribe_notifications(SubscribeNotificationsRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
-        receivers.push(tokio::spawn(async move {
-            let mut seen = Vec::with_capacity(EVENTS);
-            while seen.len() < EVENTS {
-                let n = stream.next().await.unwrap().unwrap();
-                seen.push((n.sequence, Instant::now()));
-            }
-            seen
-        }));
+        receivers.push(receipts(gw.grpc, EVENTS).await);
     }
     let client = reqwest::Client::new();
     let mut posted = Vec::with_capacity(EVENTS);

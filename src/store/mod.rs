@@ -221,3 +221,13 @@ pub async fn open(
         )),
     }
 }
+
+/// Sequences are u64 in the API and signed 64-bit in both databases; they
+/// start at 1 and grow by one, so they never reach the sign bit.
+fn to_sql(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn from_sql(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}

@@ -50,6 +50,7 @@ use crate::metrics::Metrics;
 
 use super::{
     HeldWrite, IncomingNotification, NotificationStore, Recorded, StoreError, StoredNotification,
+    from_sql, to_sql,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -763,14 +764,4 @@ async fn listen(pool: &PgPool, wake: &Notify) -> sqlx::Error {
 
 fn backend(e: sqlx::Error) -> StoreError {
     StoreError::Backend(e.to_string())
-}
-
-/// Sequences are u64 in the API and bigint in PostgreSQL; they start at 1
-/// and grow by one, so they never reach the sign bit.
-fn to_sql(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn from_sql(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
 }

@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 
 use super::{
     HeldWrite, IncomingNotification, NotificationStore, Recorded, StoreError, StoredNotification,
+    from_sql, to_sql,
 };
 
 /// Most requests committed in one transaction.
@@ -580,16 +581,6 @@ fn row_to_stored(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredNotification> 
         received_at: from_ms(r.get(9)?),
         receive_count: u32::try_from(r.get::<_, i64>(10)?).unwrap_or(u32::MAX),
     })
-}
-
-/// Sequences are u64 in the API and i64 in SQLite; they start at 1 and
-/// grow by one, so they never reach the sign bit.
-fn to_sql(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn from_sql(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
 }
 
 fn from_ms(ms: i64) -> DateTime<Utc> {

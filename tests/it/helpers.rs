@@ -468,3 +468,54 @@ pub fn order(id: &str, fen: i64) -> kongtie_gateway::proto::CreateJsapiOrderRequ
         expires_at: None,
     }
 }
+
+/// The next notification of a subscription, within 10 s.
+pub async fn next_notification(
+    stream: &mut tonic::Streaming<kongtie_gateway::proto::PaymentNotification>,
+) -> kongtie_gateway::proto::PaymentNotification {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("a notification within 10 s")
+        .expect("not an error")
+        .expect("the stream is open")
+}
+
+/// Floods `bin` with notifications from 16 senders and SIGKILLs it once
+/// `n` have been answered `success`; returns those.
+pub async fn kill_mid_flood(bin: &mut Binary, prefix: &str, n: usize) -> Vec<String> {
+    let (acknowledged, senders) = flood(&bin.notify_url(), prefix, 16);
+    until_acknowledged(&acknowledged, n).await;
+    bin.child.kill().unwrap(); // SIGKILL
+    bin.child.wait().unwrap();
+    for s in senders {
+        s.await.unwrap();
+    }
+    acknowledged.lock().unwrap().clone()
+}
+
+/// `stored` is gapless from 1, holds each notification once, and holds
+/// every acknowledged one.
+pub fn assert_each_acknowledged_stored_once(
+    stored: &[kongtie_gateway::proto::PaymentNotification],
+    acknowledged: &[String],
+) {
+    let sequences: Vec<u64> = stored.iter().map(|n| n.sequence).collect();
+    assert_eq!(
+        sequences,
+        (1..=stored.len() as u64).collect::<Vec<_>>(),
+        "gapless"
+    );
+    let mut count: std::collections::HashMap<&str, usize> = Default::default();
+    for n in stored {
+        *count.entry(n.out_trade_id.as_str()).or_default() += 1;
+        assert_eq!(n.receive_count, 1);
+    }
+    for id in acknowledged {
+        assert_eq!(
+            count.get(id.as_str()),
+            Some(&1),
+            "{id} was answered success"
+        );
+    }
+    assert!(count.values().all(|c| *c == 1), "each stored once");
+}

@@ -54,14 +54,6 @@ async fn subscribe(
         .into_inner()
 }
 
-async fn next(stream: &mut Streaming<PaymentNotification>) -> PaymentNotification {
-    tokio::time::timeout(Duration::from_secs(10), stream.next())
-        .await
-        .expect("a notification within 10 s")
-        .expect("the stream is open")
-        .expect("not an error")
-}
-
 async fn all_stored(app: &TestApp) -> Vec<PaymentNotification> {
     app.payment()
         .await
@@ -81,7 +73,7 @@ async fn the_documents_example_is_answered_success_and_delivered() {
     let mut stream = subscribe(&app, SubscribeNotificationsRequest::default()).await;
     assert_eq!(app.notify(good("4333451")).await, (200, "success".into()));
 
-    let n = next(&mut stream).await;
+    let n = next_notification(&mut stream).await;
     assert_eq!(n.sequence, 1);
     assert_eq!(n.out_trade_id, "4333451");
     assert_eq!(n.trade_order_id, "984_4333451");
@@ -113,7 +105,7 @@ async fn a_changed_field_or_a_wrong_sign_is_refused_and_delivered_to_no_one() {
     assert!(all_stored(&app).await.is_empty());
     // The next good one is the first event anyone sees.
     app.notify(good("OK1")).await;
-    assert_eq!(next(&mut stream).await.out_trade_id, "OK1");
+    assert_eq!(next_notification(&mut stream).await.out_trade_id, "OK1");
 }
 
 #[tokio::test]
@@ -218,13 +210,13 @@ async fn an_offline_subscriber_resumes_from_its_consumer_position_or_after_seque
     )
     .await;
     for expected in 3..=5 {
-        assert_eq!(next(&mut by_consumer).await.sequence, expected);
+        assert_eq!(next_notification(&mut by_consumer).await.sequence, expected);
     }
-    assert_eq!(next(&mut by_sequence).await.sequence, 5);
+    assert_eq!(next_notification(&mut by_sequence).await.sequence, 5);
     // Then live, with no gap at the switch.
     app.notify(good("OFF6")).await;
-    assert_eq!(next(&mut by_consumer).await.sequence, 6);
-    assert_eq!(next(&mut by_sequence).await.sequence, 6);
+    assert_eq!(next_notification(&mut by_consumer).await.sequence, 6);
+    assert_eq!(next_notification(&mut by_sequence).await.sequence, 6);
 }
 
 #[tokio::test]
@@ -240,7 +232,7 @@ async fn a_subscription_can_follow_one_order() {
         },
     )
     .await;
-    assert_eq!(next(&mut stream).await.out_trade_id, "Y1");
+    assert_eq!(next_notification(&mut stream).await.out_trade_id, "Y1");
     app.notify(good("X2")).await;
     app.notify(
         good("Y1")
@@ -262,7 +254,7 @@ async fn a_subscription_can_follow_one_order() {
         PAY_TOKEN,
     );
     app.notify(y_again).await;
-    let n = next(&mut stream).await;
+    let n = next_notification(&mut stream).await;
     assert_eq!(
         (n.out_trade_id.as_str(), n.sequence, n.paid),
         ("Y1", 4, false)
@@ -349,7 +341,7 @@ async fn the_sandbox_pays_an_order_and_the_subscriber_sees_it() {
         .await
         .unwrap();
     assert!(app.sandbox.pay("SBX1"));
-    let n = next(&mut stream).await;
+    let n = next_notification(&mut stream).await;
     assert_eq!(n.out_trade_id, "SBX1");
     assert_eq!(n.trade_amount, "12.34");
     assert_eq!(n.amount_fen, Some(1234));
@@ -481,12 +473,12 @@ async fn a_subscriber_that_falls_far_behind_catches_up_from_the_store_in_order()
     }
     let mut got = Vec::new();
     while got.len() < EVENTS as usize {
-        got.push(next(&mut stalled).await.sequence);
+        got.push(next_notification(&mut stalled).await.sequence);
     }
     assert_eq!(got, (1..=EVENTS).collect::<Vec<_>>());
     // And it is live again afterwards.
     app.notify(good("AFTER")).await;
-    assert_eq!(next(&mut stalled).await.sequence, EVENTS + 1);
+    assert_eq!(next_notification(&mut stalled).await.sequence, EVENTS + 1);
 }
 
 #[tokio::test]
@@ -516,7 +508,7 @@ async fn notifications_and_positions_survive_a_restart_and_sequences_continue() 
         },
     )
     .await;
-    assert_eq!(next(&mut stream).await.out_trade_id, "S2");
-    let n = next(&mut stream).await;
+    assert_eq!(next_notification(&mut stream).await.out_trade_id, "S2");
+    let n = next_notification(&mut stream).await;
     assert_eq!((n.out_trade_id.as_str(), n.sequence), ("S3", 3));
 }

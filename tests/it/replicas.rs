@@ -2,8 +2,6 @@
 //! load balancer runs: a notification POSTed to one reaches subscribers of
 //! the other, and killing one loses nothing it acknowledged.
 
-use std::{collections::HashMap, time::Duration};
-
 use kongtie_gateway::proto::{
     AckNotificationsRequest, PaymentNotification, SubscribeNotificationsRequest,
     payment_client::PaymentClient,
@@ -12,8 +10,8 @@ use tonic::{Streaming, transport::Channel};
 
 use crate::{
     helpers::{
-        Binary, DOCUMENT_TOKEN, PAY_TOKEN, flood, list_all, payment_notification, spawn_app_with,
-        until_acknowledged,
+        Binary, DOCUMENT_TOKEN, PAY_TOKEN, assert_each_acknowledged_stored_once, kill_mid_flood,
+        list_all, next_notification, payment_notification, spawn_app_with,
     },
     pg::PgDatabase,
 };
@@ -40,14 +38,6 @@ async fn subscribe(bin: &Binary, after: u64) -> Streaming<PaymentNotification> {
         .into_inner()
 }
 
-async fn next(stream: &mut Streaming<PaymentNotification>) -> PaymentNotification {
-    tokio::time::timeout(Duration::from_secs(5), stream.message())
-        .await
-        .expect("a notification within 5 s")
-        .unwrap()
-        .expect("the stream goes on")
-}
-
 async fn post(url: &str, body: String) -> (u16, String) {
     let resp = reqwest::Client::new()
         .post(url)
@@ -69,7 +59,7 @@ async fn a_notification_posted_to_one_replica_reaches_a_subscriber_of_the_other(
         post(&a.notify_url(), body.clone()).await,
         (200, "success".into())
     );
-    let n = next(&mut on_b).await;
+    let n = next_notification(&mut on_b).await;
     assert_eq!((n.sequence, n.out_trade_id.as_str()), (1, "4333451"));
     assert_eq!(n.amount_fen, Some(100));
 
@@ -103,8 +93,16 @@ async fn a_notification_posted_to_one_replica_reaches_a_subscriber_of_the_other(
         .into_inner();
     let body = payment_notification("4333452", DOCUMENT_TOKEN);
     assert_eq!(post(&a.notify_url(), body).await.0, 200);
-    assert_eq!(next(&mut resumed).await.sequence, 2, "resumes after 1");
-    assert_eq!(next(&mut on_b).await.sequence, 2, "no duplicate of 1");
+    assert_eq!(
+        next_notification(&mut resumed).await.sequence,
+        2,
+        "resumes after 1"
+    );
+    assert_eq!(
+        next_notification(&mut on_b).await.sequence,
+        2,
+        "no duplicate of 1"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,39 +110,13 @@ async fn killing_a_replica_mid_flood_loses_no_acknowledged_notification() {
     let db = PgDatabase::create().await;
     let (mut a, b) = (replica(&db), replica(&db));
     let mut on_b = subscribe(&b, 0).await;
-    let (acknowledged, senders) = flood(&a.notify_url(), "K", 16);
-
-    until_acknowledged(&acknowledged, 300).await;
-    a.child.kill().unwrap(); // SIGKILL
-    a.child.wait().unwrap();
-    for s in senders {
-        s.await.unwrap();
-    }
-    let acknowledged = acknowledged.lock().unwrap().clone();
+    let acknowledged = kill_mid_flood(&mut a, "K", 300).await;
 
     let stored = list_all(&b.grpc).await;
-    let sequences: Vec<u64> = stored.iter().map(|n| n.sequence).collect();
-    assert_eq!(
-        sequences,
-        (1..=stored.len() as u64).collect::<Vec<_>>(),
-        "gapless"
-    );
-    let mut count: HashMap<&str, usize> = HashMap::new();
-    for n in &stored {
-        *count.entry(n.out_trade_id.as_str()).or_default() += 1;
-    }
-    for id in &acknowledged {
-        assert_eq!(
-            count.get(id.as_str()),
-            Some(&1),
-            "{id} was answered success"
-        );
-    }
-    assert!(count.values().all(|c| *c == 1), "each stored once");
-
+    assert_each_acknowledged_stored_once(&stored, &acknowledged);
     // B's subscriber got every stored one, in order, once.
     for expected in &stored {
-        let n = next(&mut on_b).await;
+        let n = next_notification(&mut on_b).await;
         assert_eq!(n.sequence, expected.sequence);
         assert_eq!(n.out_trade_id, expected.out_trade_id);
     }
@@ -187,11 +159,11 @@ async fn a_subscriber_of_another_replica_that_falls_far_behind_catches_up_in_ord
     }
     let mut got = Vec::new();
     while got.len() < EVENTS as usize {
-        got.push(next(&mut stalled).await.sequence);
+        got.push(next_notification(&mut stalled).await.sequence);
     }
     assert_eq!(got, (1..=EVENTS).collect::<Vec<_>>());
     a.notify(payment_notification("AFTER", PAY_TOKEN)).await;
-    assert_eq!(next(&mut stalled).await.sequence, EVENTS + 1);
+    assert_eq!(next_notification(&mut stalled).await.sequence, EVENTS + 1);
 }
 
 /// The store URL holds the database password: a replica that cannot reach
