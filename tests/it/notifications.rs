@@ -454,16 +454,25 @@ async fn a_thousand_subscribers_each_get_every_notification_and_a_stalled_one_ho
 #[tokio::test]
 async fn a_subscriber_that_falls_far_behind_catches_up_from_the_store_in_order() {
     let app = std::sync::Arc::new(spawn_app().await);
-    let mut stalled = subscribe(&app, SubscribeNotificationsRequest::default()).await;
-    // More events than the live feed holds, while the subscriber reads
-    // nothing: it must lag, then fill the gap from the store.
+    a_stalled_subscriber_catches_up_in_order(std::sync::Arc::clone(&app), &app).await;
+}
+
+/// More events than the live feed holds are posted to `sender` while a
+/// subscriber of `receiver` (the same gateway, or another replica) reads
+/// nothing: it must lag, then fill the gap from the store, in order, and
+/// be live again afterwards.
+pub async fn a_stalled_subscriber_catches_up_in_order(
+    sender: std::sync::Arc<TestApp>,
+    receiver: &TestApp,
+) {
+    let mut stalled = subscribe(receiver, SubscribeNotificationsRequest::default()).await;
     const EVENTS: u64 = 1500;
     let senders: Vec<_> = (0..8)
         .map(|w| {
-            let app = std::sync::Arc::clone(&app);
+            let sender = std::sync::Arc::clone(&sender);
             tokio::spawn(async move {
                 for i in (w..EVENTS).step_by(8) {
-                    assert_eq!(app.notify(good(&format!("L{i}"))).await.1, "success");
+                    assert_eq!(sender.notify(good(&format!("L{i}"))).await.1, "success");
                 }
             })
         })
@@ -476,8 +485,7 @@ async fn a_subscriber_that_falls_far_behind_catches_up_from_the_store_in_order()
         got.push(next_notification(&mut stalled).await.sequence);
     }
     assert_eq!(got, (1..=EVENTS).collect::<Vec<_>>());
-    // And it is live again afterwards.
-    app.notify(good("AFTER")).await;
+    sender.notify(good("AFTER")).await;
     assert_eq!(next_notification(&mut stalled).await.sequence, EVENTS + 1);
 }
 

@@ -10,8 +10,8 @@ use tonic::{Streaming, transport::Channel};
 
 use crate::{
     helpers::{
-        Binary, DOCUMENT_TOKEN, PAY_TOKEN, assert_each_acknowledged_stored_once, kill_mid_flood,
-        list_all, next_notification, payment_notification, spawn_app_with,
+        Binary, DOCUMENT_TOKEN, assert_each_acknowledged_stored_once, kill_mid_flood, list_all,
+        next_notification, payment_notification, spawn_app_with,
     },
     pg::PgDatabase,
 };
@@ -127,43 +127,14 @@ async fn killing_a_replica_mid_flood_loses_no_acknowledged_notification() {
     );
 }
 
-/// More events than the live feed holds, posted to A while a subscriber of
-/// B reads nothing: B's subscription lags, then reads the gap from
-/// PostgreSQL, in order, and is live again afterwards.
+/// A subscriber of B that reads nothing while more events than the live
+/// feed holds are posted to A lags, then reads the gap from PostgreSQL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_of_another_replica_that_falls_far_behind_catches_up_in_order() {
     let db = PgDatabase::create().await;
     let a = std::sync::Arc::new(spawn_app_with(&[], |c| c.store_url = db.url.clone()).await);
     let b = spawn_app_with(&[], |c| c.store_url = db.url.clone()).await;
-    let mut stalled = b
-        .payment()
-        .await
-        .subscribe_notifications(SubscribeNotificationsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    const EVENTS: u64 = 1500;
-    let senders: Vec<_> = (0..8)
-        .map(|w| {
-            let a = std::sync::Arc::clone(&a);
-            tokio::spawn(async move {
-                for i in (w..EVENTS).step_by(8) {
-                    let body = payment_notification(&format!("L{i}"), PAY_TOKEN);
-                    assert_eq!(a.notify(body).await.1, "success");
-                }
-            })
-        })
-        .collect();
-    for s in senders {
-        s.await.unwrap();
-    }
-    let mut got = Vec::new();
-    while got.len() < EVENTS as usize {
-        got.push(next_notification(&mut stalled).await.sequence);
-    }
-    assert_eq!(got, (1..=EVENTS).collect::<Vec<_>>());
-    a.notify(payment_notification("AFTER", PAY_TOKEN)).await;
-    assert_eq!(next_notification(&mut stalled).await.sequence, EVENTS + 1);
+    crate::notifications::a_stalled_subscriber_catches_up_in_order(a, &b).await;
 }
 
 /// The store URL holds the database password: a replica that cannot reach
