@@ -1,5 +1,6 @@
 //! Compiles `proto/` with a vendored `protoc`, so a fresh machine builds with
-//! `cargo` alone, and keeps the descriptor set for server reflection.
+//! `cargo` alone, and keeps the descriptor set for server reflection; and
+//! rebuilds when the PostgreSQL migrations change.
 
 use std::{env, path::PathBuf};
 
@@ -25,5 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[PathBuf::from("proto"), well_known],
         )?;
     println!("cargo:rerun-if-changed=proto");
+    // `sqlx::migrate!` embeds these; a new migration must rebuild.
+    println!("cargo:rerun-if-changed=migrations");
     Ok(())
 }
