@@ -499,3 +499,33 @@ async fn a_replica_whose_listener_was_cut_off_still_feeds_every_event() {
     first.close().await;
     second.close().await;
 }
+
+/// A replica that stalls inside a transaction holds the sequencer, so the
+/// server ends such sessions (`idle_in_transaction_session_timeout`, 10 s
+/// by default; a URL's own setting wins, as here) and the fleet goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stalled_inside_a_transaction_is_cut_off_and_the_fleet_goes_on() {
+    let place = Place::new(Backend::Postgres).await;
+    let mut url = url::Url::parse(&place.url).unwrap();
+    url.query_pairs_mut()
+        .append_pair("options[idle_in_transaction_session_timeout]", "300ms");
+    let stalled = store::open(url.as_str(), None).await.unwrap();
+    let other = place.open().await;
+
+    let (release, held) = hold(&stalled, "stalled").await;
+    let started = std::time::Instant::now();
+    let fast = tokio::time::timeout(Duration::from_secs(5), other.record(incoming("fast")))
+        .await
+        .expect("the server ended the stalled session")
+        .unwrap();
+    assert_eq!(fast, Recorded::New { sequence: 1 });
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    // The stalled writer learns its transaction is gone when it goes on.
+    let _ = release.send(true);
+    assert!(held.await.unwrap().is_err(), "its write did not commit");
+    let stored = other.list(0, None, 10).await.unwrap();
+    assert_eq!(sequences(&stored), [1]);
+    assert_eq!(stored[0].out_trade_id, "fast");
+    stalled.close().await;
+    other.close().await;
+}
