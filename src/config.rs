@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 
 use crate::{
@@ -158,9 +158,11 @@ pub struct ServeArgs {
     /// Directory of the local store.
     #[arg(long, env = "KONGTIE_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
-    /// Notification store URL (default: sqlite://DATA_DIR/notifications.db).
-    #[arg(long, env = "KONGTIE_STORE", value_parser = non_empty)]
-    pub store: Option<String>,
+    /// Notification store URL: sqlite://PATH (default:
+    /// sqlite://DATA_DIR/notifications.db) or postgres://... (may hold a
+    /// password: never shown).
+    #[arg(long, env = "KONGTIE_STORE", hide_env_values = true, value_parser = secret)]
+    pub store: Option<SecretString>,
     /// How long a notification request may take, store commit included, in
     /// milliseconds.
     #[arg(long, env = "KONGTIE_NOTIFY_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
@@ -376,12 +378,15 @@ impl ServeArgs {
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
             max_connection_age: (self.max_connection_age_secs > 0)
                 .then(|| Duration::from_secs(self.max_connection_age_secs)),
-            store_url: self.store.clone().unwrap_or_else(|| {
-                format!(
-                    "sqlite://{}",
-                    self.data_dir.join("notifications.db").display()
-                )
-            }),
+            store_url: self.store.as_ref().map_or_else(
+                || {
+                    format!(
+                        "sqlite://{}",
+                        self.data_dir.join("notifications.db").display()
+                    )
+                },
+                |url| url.expose_secret().to_owned(),
+            ),
             sandbox,
         }
     }

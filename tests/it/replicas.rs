@@ -155,4 +155,14 @@ fn an_unreachable_database_stops_start_up_without_showing_the_password() {
         "{stderr}"
     );
     assert!(!stderr.contains("S3cretPassw0rd"), "{stderr}");
+
+    // Nor does `--help` show it from the environment.
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_kongtie-gateway"))
+        .args(["serve", "--help"])
+        .env("KONGTIE_STORE", "postgres://kongtie:S3cretPassw0rd@db/payments")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("[env: KONGTIE_STORE]"), "{help}");
+    assert!(!help.contains("S3cretPassw0rd"), "{help}");
 }
