@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the Python, Node and grpcurl examples against a live gateway
-# (`serve --sandbox` on free ports), failing on any wrong answer.
+# (`serve --sandbox` on free ports), and the two-replica walk-through on a
+# fresh PostgreSQL database, failing on any wrong answer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -45,6 +46,8 @@ echo "== Node example"
 node examples/node/client.js --grpc "$GRPC" --sandbox "$SANDBOX" || status=1
 echo "== grpcurl example"
 GRPC=$GRPC SANDBOX=$SANDBOX GRPCURL=.tools/bin/grpcurl bash examples/grpcurl.sh || status=1
+echo "== two replicas on PostgreSQL (the README's walk-through)"
+GRPCURL=.tools/bin/grpcurl bash examples/replicas.sh || status=1
 
 if [ "$status" -ne 0 ]; then
   echo "== gateway log"; cat "$log"
