@@ -2,6 +2,8 @@
 //! load balancer runs: a notification POSTed to one reaches subscribers of
 //! the other, and killing one loses nothing it acknowledged.
 
+use std::time::Duration;
+
 use kongtie_gateway::proto::{
     AckNotificationsRequest, PaymentNotification, SubscribeNotificationsRequest,
     payment_client::PaymentClient,
@@ -159,10 +161,64 @@ fn an_unreachable_database_stops_start_up_without_showing_the_password() {
     // Nor does `--help` show it from the environment.
     let help = std::process::Command::new(env!("CARGO_BIN_EXE_kongtie-gateway"))
         .args(["serve", "--help"])
-        .env("KONGTIE_STORE", "postgres://kongtie:S3cretPassw0rd@db/payments")
+        .env(
+            "KONGTIE_STORE",
+            "postgres://kongtie:S3cretPassw0rd@db/payments",
+        )
         .output()
         .unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(help.contains("[env: KONGTIE_STORE]"), "{help}");
     assert!(!help.contains("S3cretPassw0rd"), "{help}");
+}
+
+/// Every session of both replicas is cut off (as a database restart or a
+/// failover does): a notification may be refused once (Kongtie resends),
+/// is never lost, and still reaches a subscriber of the other replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_recover_when_the_database_cuts_every_session() {
+    let db = PgDatabase::create().await;
+    let a = spawn_app_with(&[], |c| c.store_url = db.url.clone()).await;
+    let b = spawn_app_with(&[], |c| c.store_url = db.url.clone()).await;
+    let mut on_b = b
+        .payment()
+        .await
+        .subscribe_notifications(SubscribeNotificationsRequest {
+            after_sequence: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let body = |id: &str| payment_notification(id, crate::helpers::PAY_TOKEN);
+    assert_eq!(a.notify(body("BEFORE")).await.1, "success");
+    assert_eq!(next_notification(&mut on_b).await.out_trade_id, "BEFORE");
+
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    let cut: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'kongtie-gateway'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert!(cut >= 2, "sessions were cut ({cut})");
+
+    // Kongtie resends until `success`; count what it takes.
+    let mut sends = 0;
+    loop {
+        sends += 1;
+        let (status, text) = a.notify(body("AFTER")).await;
+        if text == "success" {
+            break;
+        }
+        assert_eq!(status, 503, "a store failure asks for a resend");
+        assert!(sends < 10, "still refused after {sends} sends");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let n = next_notification(&mut on_b).await;
+    assert_eq!((n.sequence, n.out_trade_id.as_str()), (2, "AFTER"));
+    println!("sends until success after the cut: {sends}");
 }
