@@ -47,6 +47,18 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriggerLabels {
+    /// notify, poll, listen, gap
+    pub trigger: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// commit, read
+    pub source: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -64,6 +76,8 @@ pub struct Metrics {
     pub subscribers: Gauge,
     pub store_commit_seconds: Histogram,
     pub store_batch_size: Histogram,
+    pub store_feed_reads: Family<TriggerLabels, Counter>,
+    pub store_feed_events: Family<SourceLabels, Counter>,
 }
 
 impl Metrics {
@@ -78,6 +92,8 @@ impl Metrics {
             subscribers: Gauge::default(),
             store_commit_seconds: latency_histogram(),
             store_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            store_feed_reads: Family::default(),
+            store_feed_events: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -120,6 +136,19 @@ impl Metrics {
             "Writes per store commit",
             m.store_batch_size.clone(),
         );
+        registry.register(
+            "store_feed_reads",
+            "Reads of new rows for the live feed (PostgreSQL), by trigger: notify \
+             (another replica's NOTIFY), poll, listen (after LISTEN (re)connected), \
+             gap (a commit of ours did not follow on)",
+            m.store_feed_reads.clone(),
+        );
+        registry.register(
+            "store_feed_events",
+            "Events published to this replica's subscribers, by source: commit \
+             (this replica's own) or read (from the database)",
+            m.store_feed_events.clone(),
+        );
         Arc::new(Self { registry, ..m })
     }
 
@@ -149,6 +178,18 @@ impl Metrics {
         self.notifications_rejected
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+
+    pub fn feed_read(&self, trigger: &'static str) {
+        self.store_feed_reads
+            .get_or_create(&TriggerLabels { trigger })
+            .inc();
+    }
+
+    pub fn feed_events(&self, source: &'static str, n: usize) {
+        self.store_feed_events
+            .get_or_create(&SourceLabels { source })
+            .inc_by(n as u64);
     }
 
     /// The Prometheus text format.

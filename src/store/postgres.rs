@@ -96,6 +96,8 @@ struct Written {
 pub struct PostgresStore {
     pool: PgPool,
     write_pool: PgPool,
+    /// Random, per process: the NOTIFY payloads of our own commits.
+    replica: Arc<str>,
     /// Taken on close: the writer stops once the queue is drained.
     writes: Mutex<Option<mpsc::Sender<Write>>>,
     /// Commits handed to the tailer; taken on close.
@@ -192,26 +194,38 @@ impl PostgresStore {
         let (committed, commits) = mpsc::unbounded_channel();
         let (live, _) = broadcast::channel(LIVE_BUFFER);
         let (stop, stopped) = watch::channel(false);
-        let wake = Arc::new(Notify::new());
+        let wake = Arc::new(Wake::default());
+        // Names this replica in its NOTIFY payloads.
+        let replica: Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
         let tasks = vec![
             tokio::spawn(run_writer(
                 write_pool.clone(),
+                Arc::clone(&replica),
                 queue,
                 committed.clone(),
-                metrics,
+                metrics.clone(),
             )),
             tokio::spawn(run_tailer(
-                pool.clone(),
-                live.clone(),
+                Tailer {
+                    pool: pool.clone(),
+                    live: live.clone(),
+                    metrics,
+                },
                 from_sql(last),
                 commits,
                 Arc::clone(&wake),
             )),
-            tokio::spawn(run_listener(listen_pool, wake, stopped)),
+            tokio::spawn(run_listener(
+                listen_pool,
+                Arc::clone(&replica),
+                wake,
+                stopped,
+            )),
         ];
         Ok(Self {
             pool,
             write_pool,
+            replica,
             writes: Mutex::new(Some(writes)),
             committed: Mutex::new(Some(committed)),
             live: Mutex::new(Some(live)),
@@ -249,7 +263,14 @@ impl NotificationStore for PostgresStore {
         hold: HeldWrite,
     ) -> Result<Recorded, StoreError> {
         let committed = lock(&self.committed).clone().ok_or(StoreError::Closed)?;
-        match write(&self.write_pool, &[&notification], Some(hold)).await {
+        match write(
+            &self.write_pool,
+            &self.replica,
+            &[&notification],
+            Some(hold),
+        )
+        .await
+        {
             Ok(Some(written)) => {
                 let _ = committed.send(written.events);
                 Ok(written
@@ -340,6 +361,7 @@ impl NotificationStore for PostgresStore {
 
 async fn run_writer(
     pool: PgPool,
+    replica: Arc<str>,
     mut queue: mpsc::Receiver<Write>,
     committed: mpsc::UnboundedSender<Vec<StoredNotification>>,
     metrics: Option<Arc<Metrics>>,
@@ -357,7 +379,7 @@ async fn run_writer(
         let started = Instant::now();
         let outcome = {
             let notifications: Vec<_> = batch.iter().map(|w| &w.notification).collect();
-            write(&pool, &notifications, None).await
+            write(&pool, &replica, &notifications, None).await
         };
         match outcome {
             Ok(Some(written)) => {
@@ -384,7 +406,7 @@ async fn run_writer(
             Err(e) if size > 1 && is_data_error(&e) => {
                 warn!(size, error = %e, "batch refused; writing its notifications one by one");
                 for w in batch.drain(..) {
-                    let answer = match write(&pool, &[&w.notification], None).await {
+                    let answer = match write(&pool, &replica, &[&w.notification], None).await {
                         Ok(Some(written)) => {
                             let _ = committed.send(written.events);
                             written
@@ -445,6 +467,7 @@ struct Seen {
 /// told to.
 async fn write(
     pool: &PgPool,
+    replica: &str,
     batch: &[&IncomingNotification],
     hold: Option<HeldWrite>,
 ) -> Result<Option<Written>, sqlx::Error> {
@@ -535,7 +558,7 @@ async fn write(
          ), sequenced AS ( \
            UPDATE notification_sequence SET last = $19 WHERE last < $19 \
          ) \
-         SELECT pg_notify($21, $19::text) WHERE $19 > $20",
+         SELECT pg_notify($21, $22) WHERE $19 > $20",
     )
     .bind(
         repeats
@@ -580,6 +603,8 @@ async fn write(
     .bind(next)
     .bind(last)
     .bind(CHANNEL)
+    // Who committed, and up to which sequence: a replica skips its own.
+    .bind(format!("{replica} {next}"))
     .execute(&mut *tx)
     .await?;
 
@@ -653,43 +678,83 @@ fn row_to_stored(r: &PgRow) -> Result<StoredNotification, sqlx::Error> {
     })
 }
 
-/// Publishes new events in sequence order: this replica's commits as they
-/// are handed over when they follow on, anything else read from the table
-/// on a hint or a poll. Stops when no one can hand it commits any more.
-async fn run_tailer(
+/// Why the tailer should read: the listener's two signals.
+#[derive(Default)]
+struct Wake {
+    /// Another replica committed (a NOTIFY arrived).
+    hint: Notify,
+    /// LISTEN is (re)established: hints sent before are gone.
+    listening: Notify,
+}
+
+struct Tailer {
     pool: PgPool,
     live: broadcast::Sender<Arc<StoredNotification>>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl Tailer {
+    fn publish(&self, events: Vec<StoredNotification>, source: &'static str, cursor: &mut u64) {
+        if let Some(m) = &self.metrics {
+            m.feed_events(source, events.len());
+        }
+        for event in events {
+            *cursor = event.sequence;
+            let _ = self.live.send(Arc::new(event));
+        }
+    }
+
+    /// Publishes every row after `cursor`, in order.
+    async fn read(&self, trigger: &'static str, cursor: &mut u64) -> Result<(), sqlx::Error> {
+        if let Some(m) = &self.metrics {
+            m.feed_read(trigger);
+        }
+        loop {
+            let page = list(&self.pool, *cursor, None, PAGE).await?;
+            let full = page.len() == PAGE;
+            self.publish(page, "read", cursor);
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Publishes new events in sequence order: this replica's commits as they
+/// are handed over when they follow on, anything else read from the table
+/// on a hint, a poll, or once LISTEN is (re)established. Stops when no one
+/// can hand it commits any more.
+async fn run_tailer(
+    tailer: Tailer,
     mut cursor: u64,
     mut commits: mpsc::UnboundedReceiver<Vec<StoredNotification>>,
-    wake: Arc<Notify>,
+    wake: Arc<Wake>,
 ) {
     let mut poll = tokio::time::interval(POLL_EVERY);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
-        let read = tokio::select! {
+        let trigger = tokio::select! {
             biased;
             commit = commits.recv() => match commit {
                 None => break,
                 Some(events) => match (events.first(), events.last()) {
                     (Some(first), Some(_)) if first.sequence == cursor + 1 => {
-                        for event in events {
-                            cursor = event.sequence;
-                            let _ = live.send(Arc::new(event));
-                        }
-                        false
+                        tailer.publish(events, "commit", &mut cursor);
+                        None
                     }
-                    (_, Some(last)) => last.sequence > cursor,
-                    _ => false,
+                    (_, Some(last)) if last.sequence > cursor => Some("gap"),
+                    _ => None,
                 },
             },
-            () = wake.notified() => true,
-            _ = poll.tick() => true,
+            () = wake.hint.notified() => Some("notify"),
+            () = wake.listening.notified() => Some("listen"),
+            _ = poll.tick() => Some("poll"),
         };
-        if !read {
+        let Some(trigger) = trigger else {
             continue;
-        }
-        match publish_new(&pool, &live, &mut cursor).await {
+        };
+        match tailer.read(trigger, &mut cursor).await {
             Ok(()) if failing => {
                 info!("reading new notifications works again");
                 failing = false;
@@ -705,31 +770,18 @@ async fn run_tailer(
     debug!("store tailer stopped");
 }
 
-async fn publish_new(
-    pool: &PgPool,
-    live: &broadcast::Sender<Arc<StoredNotification>>,
-    cursor: &mut u64,
-) -> Result<(), sqlx::Error> {
-    loop {
-        let page = list(pool, *cursor, None, PAGE).await?;
-        let full = page.len() == PAGE;
-        for event in page {
-            *cursor = event.sequence;
-            let _ = live.send(Arc::new(event));
-        }
-        if !full {
-            return Ok(());
-        }
-    }
-}
-
 /// Listens for commits of other replicas and wakes the tailer; reconnects
 /// after a failure (and wakes the tailer then too: hints sent meanwhile are
 /// lost).
-async fn run_listener(pool: PgPool, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+async fn run_listener(
+    pool: PgPool,
+    replica: Arc<str>,
+    wake: Arc<Wake>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
-            e = listen(&pool, &wake) => {
+            e = listen(&pool, &replica, &wake) => {
                 warn!(error = %e, "listening for other replicas' commits failed; polling until it works again");
             }
             _ = stop.wait_for(|stop| *stop) => break,
@@ -742,8 +794,9 @@ async fn run_listener(pool: PgPool, wake: Arc<Notify>, mut stop: watch::Receiver
     pool.close().await;
 }
 
-/// Wakes the tailer on every hint until the listening connection fails.
-async fn listen(pool: &PgPool, wake: &Notify) -> sqlx::Error {
+/// Wakes the tailer on every other replica's hint until the listening
+/// connection fails.
+async fn listen(pool: &PgPool, replica: &str, wake: &Wake) -> sqlx::Error {
     let mut listener = match PgListener::connect_with(pool).await {
         Ok(listener) => listener,
         Err(e) => return e,
@@ -751,14 +804,17 @@ async fn listen(pool: &PgPool, wake: &Notify) -> sqlx::Error {
     if let Err(e) = listener.listen(CHANNEL).await {
         return e;
     }
-    wake.notify_one();
+    wake.listening.notify_one();
     loop {
-        // `Ok(None)`: the connection was lost and is made again; hints sent
-        // meanwhile are gone, so the tailer reads anyway.
-        if let Err(e) = listener.try_recv().await {
-            return e;
+        match listener.try_recv().await {
+            // Our own commits are handed to the tailer directly.
+            Ok(Some(hint)) if hint.payload().split(' ').next() == Some(replica) => {}
+            Ok(Some(_)) => wake.hint.notify_one(),
+            // The connection was lost and is made again; hints sent
+            // meanwhile are gone, so the tailer reads anyway.
+            Ok(None) => wake.listening.notify_one(),
+            Err(e) => return e,
         }
-        wake.notify_one();
     }
 }
 

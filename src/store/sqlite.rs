@@ -392,6 +392,9 @@ fn run_writer(
                     elapsed_us = started.elapsed().as_micros() as u64,
                     "batch committed"
                 );
+                if let Some(m) = &metrics {
+                    m.feed_events("commit", events.len());
+                }
                 for event in events {
                     let _ = live.send(Arc::new(event));
                 }

@@ -519,3 +519,22 @@ pub fn assert_each_acknowledged_stored_once(
     }
     assert!(count.values().all(|c| *c == 1), "each stored once");
 }
+
+/// The Prometheus text of the admin listener at `admin`.
+pub async fn admin_metrics(admin: &str) -> String {
+    reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of one sample line, by its exact name and labels.
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}

@@ -347,21 +347,7 @@ async fn a_maximum_age_refuses_old_timestamps() {
 }
 
 async fn metrics(app: &TestApp) -> String {
-    reqwest::get(format!("http://{}/metrics", app.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-/// The value of one sample line, by its exact name and labels.
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    admin_metrics(&app.admin.to_string()).await
 }
 
 #[tokio::test]

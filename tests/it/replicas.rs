@@ -12,8 +12,8 @@ use tonic::{Streaming, transport::Channel};
 
 use crate::{
     helpers::{
-        Binary, DOCUMENT_TOKEN, assert_each_acknowledged_stored_once, kill_mid_flood, list_all,
-        next_notification, payment_notification, spawn_app_with,
+        Binary, DOCUMENT_TOKEN, admin_metrics, assert_each_acknowledged_stored_once,
+        kill_mid_flood, list_all, next_notification, payment_notification, sample, spawn_app_with,
     },
     pg::PgDatabase,
 };
@@ -55,6 +55,14 @@ async fn a_notification_posted_to_one_replica_reaches_a_subscriber_of_the_other(
     let db = PgDatabase::create().await;
     let (a, b) = (replica(&db), replica(&db));
     let mut on_b = subscribe(&b, 0).await;
+    // B listens before anything is posted (its first read follows LISTEN).
+    let reads = |trigger: &str| format!("kongtie_store_feed_reads_total{{trigger=\"{trigger}\"}}");
+    for _ in 0..100 {
+        if sample(&admin_metrics(&b.admin).await, &reads("listen")) >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let body = payment_notification("4333451", DOCUMENT_TOKEN);
     assert_eq!(
@@ -64,6 +72,24 @@ async fn a_notification_posted_to_one_replica_reaches_a_subscriber_of_the_other(
     let n = next_notification(&mut on_b).await;
     assert_eq!((n.sequence, n.out_trade_id.as_str()), (1, "4333451"));
     assert_eq!(n.amount_fen, Some(100));
+    // A published its own commit; B read it from the database on A's NOTIFY.
+    let events = |source: &str| format!("kongtie_store_feed_events_total{{source=\"{source}\"}}");
+    // (A's poll may, rarely, read it before the handover arrives.)
+    let on_a = admin_metrics(&a.admin).await;
+    assert_eq!(
+        sample(&on_a, &events("commit")) + sample(&on_a, &events("read")),
+        1.0
+    );
+    assert_eq!(sample(&admin_metrics(&b.admin).await, &events("read")), 1.0);
+    let mut notified = 0.0;
+    for _ in 0..100 {
+        notified = sample(&admin_metrics(&b.admin).await, &reads("notify"));
+        if notified >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(notified >= 1.0, "B never read on a NOTIFY");
 
     // Kongtie resends to the other replica: the same event, counted twice,
     // and not delivered again.
