@@ -19,10 +19,11 @@
 //! and only raises its receive count.
 //!
 //! **Live feed.** A tailer task per replica publishes new rows in sequence
-//! order. Commits of its own replica are handed to it directly; rows other
-//! replicas commit are read from the table when a `LISTEN/NOTIFY` hint
-//! arrives, and every [`POLL_EVERY`] regardless, because a hint sent while
-//! the listening connection was down is never replayed.
+//! order. Commits of its own replica are handed to it directly (and their
+//! NOTIFY, which names the replica, is ignored); rows other replicas commit
+//! are read from the table when their `LISTEN/NOTIFY` hint arrives, and
+//! every [`POLL_EVERY`] regardless, because a hint sent while the listening
+//! connection was down is never replayed.
 //!
 //! **Durability.** A commit returns once PostgreSQL has flushed it
 //! (`synchronous_commit` at least `on`; a server configured `off` is
