@@ -5,10 +5,13 @@
 mod postgres;
 mod sqlite;
 
-use std::{path::Path, sync::Arc};
+use std::{
+    path::Path,
+    sync::{Arc, Mutex, MutexGuard},
+};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -230,4 +233,51 @@ fn to_sql(v: u64) -> i64 {
 
 fn from_sql(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
+}
+
+/// New events kept for live subscribers before a slow one lags.
+const LIVE_BUFFER: usize = 1024;
+
+/// The sending end of a backend's live feed, held until the store closes;
+/// once every clone of the sender is gone, subscribers see the end.
+struct LiveFeed(Mutex<Option<broadcast::Sender<Arc<StoredNotification>>>>);
+
+impl LiveFeed {
+    /// The feed, and a sender for whoever publishes to it.
+    fn new() -> (Self, broadcast::Sender<Arc<StoredNotification>>) {
+        let (live, _) = broadcast::channel(LIVE_BUFFER);
+        (Self(Mutex::new(Some(live.clone()))), live)
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Arc<StoredNotification>> {
+        match &*lock(&self.0) {
+            Some(live) => live.subscribe(),
+            // Closed: a receiver that ends at once.
+            None => broadcast::channel(1).1,
+        }
+    }
+
+    fn close(&self) {
+        lock(&self.0).take();
+    }
+}
+
+/// A poisoned lock still guards valid data here (nothing panics while
+/// holding one mid-update), so it is used as it is.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Sends a request carrying its reply channel to a backend's writer and
+/// waits for the answer.
+async fn ask<Op, T>(
+    writer: mpsc::Sender<Op>,
+    request: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+) -> Result<T, StoreError> {
+    let (reply, answer) = oneshot::channel();
+    writer
+        .send(request(reply))
+        .await
+        .map_err(|_| StoreError::Closed)?;
+    answer.await.map_err(|_| StoreError::Closed)?
 }

@@ -50,8 +50,8 @@ use tracing::{debug, error, info, warn};
 use crate::metrics::Metrics;
 
 use super::{
-    HeldWrite, IncomingNotification, NotificationStore, Recorded, StoreError, StoredNotification,
-    from_sql, to_sql,
+    HeldWrite, IncomingNotification, LiveFeed, NotificationStore, Recorded, StoreError,
+    StoredNotification, ask, from_sql, lock, to_sql,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -60,8 +60,6 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 const MAX_BATCH: usize = 512;
 /// Requests queued for the writer before callers wait.
 const QUEUE: usize = 4096;
-/// New events kept for live subscribers before a slow one lags.
-const LIVE_BUFFER: usize = 1024;
 /// Connections for reads and acknowledgements. The writer has its own
 /// (so readers never keep intake waiting), and so has the listener.
 const POOL_SIZE: u32 = 16;
@@ -103,8 +101,8 @@ pub struct PostgresStore {
     writes: Mutex<Option<mpsc::Sender<Write>>>,
     /// Commits handed to the tailer; taken on close.
     committed: Mutex<Option<mpsc::UnboundedSender<Vec<StoredNotification>>>>,
-    /// Taken on close, so the live feed ends once the tailer stops.
-    live: Mutex<Option<broadcast::Sender<Arc<StoredNotification>>>>,
+    /// Closed on close, so the live feed ends once the tailer stops.
+    live: LiveFeed,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -193,7 +191,7 @@ impl PostgresStore {
 
         let (writes, queue) = mpsc::channel(QUEUE);
         let (committed, commits) = mpsc::unbounded_channel();
-        let (live, _) = broadcast::channel(LIVE_BUFFER);
+        let (feed, live) = LiveFeed::new();
         let (stop, stopped) = watch::channel(false);
         let wake = Arc::new(Wake::default());
         // Names this replica in its NOTIFY payloads.
@@ -209,7 +207,7 @@ impl PostgresStore {
             tokio::spawn(run_tailer(
                 Tailer {
                     pool: pool.clone(),
-                    live: live.clone(),
+                    live,
                     metrics,
                 },
                 from_sql(last),
@@ -229,7 +227,7 @@ impl PostgresStore {
             replica,
             writes: Mutex::new(Some(writes)),
             committed: Mutex::new(Some(committed)),
-            live: Mutex::new(Some(live)),
+            live: feed,
             stop,
             tasks: Mutex::new(tasks),
         })
@@ -240,22 +238,14 @@ impl PostgresStore {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 #[async_trait::async_trait]
 impl NotificationStore for PostgresStore {
     async fn record(&self, notification: IncomingNotification) -> Result<Recorded, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.writer()?
-            .send(Write {
-                notification,
-                reply,
-            })
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        ask(self.writer()?, |reply| Write {
+            notification,
+            reply,
+        })
+        .await
     }
 
     async fn record_held(
@@ -338,16 +328,13 @@ impl NotificationStore for PostgresStore {
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Arc<StoredNotification>> {
-        match &*lock(&self.live) {
-            Some(live) => live.subscribe(),
-            None => broadcast::channel(1).1,
-        }
+        self.live.subscribe()
     }
 
     async fn close(&self) {
         // The writer drains its queue and stops; the tailer stops once no
         // one can hand it commits, which ends the live feed.
-        lock(&self.live).take();
+        self.live.close();
         lock(&self.writes).take();
         lock(&self.committed).take();
         let _ = self.stop.send(true);

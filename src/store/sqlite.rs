@@ -24,16 +24,14 @@ use tracing::{debug, error, info};
 use crate::metrics::Metrics;
 
 use super::{
-    HeldWrite, IncomingNotification, NotificationStore, Recorded, StoreError, StoredNotification,
-    from_sql, to_sql,
+    HeldWrite, IncomingNotification, LiveFeed, NotificationStore, Recorded, StoreError,
+    StoredNotification, ask, from_sql, lock, to_sql,
 };
 
 /// Most requests committed in one transaction.
 const MAX_BATCH: usize = 512;
 /// Requests queued for the writer before callers wait.
 const QUEUE: usize = 4096;
-/// New events kept for live subscribers before a slow one lags.
-const LIVE_BUFFER: usize = 1024;
 const READERS: usize = 4;
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -85,8 +83,8 @@ pub struct SqliteStore {
     /// queue is drained.
     writes: Mutex<Option<mpsc::Sender<WriteOp>>>,
     writer: Mutex<Option<thread::JoinHandle<()>>>,
-    /// Taken on close, so the live feed ends once the writer is done.
-    live: Mutex<Option<broadcast::Sender<Arc<StoredNotification>>>>,
+    /// Closed on close, so the live feed ends once the writer is done.
+    live: LiveFeed,
     readers: Arc<ReadPool>,
 }
 
@@ -106,7 +104,7 @@ impl SqliteStore {
             .and_then(|c| c.pragma_update(None, "busy_timeout", 5000).map(|()| c))
             .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
         let (writes, queue) = mpsc::channel(QUEUE);
-        let (live, _) = broadcast::channel(LIVE_BUFFER);
+        let (feed, live) = LiveFeed::new();
         let (stop_checkpoints, checkpoint_stop) = std::sync::mpsc::channel::<()>();
         let checkpoints = thread::Builder::new()
             .name("store-checkpoint".into())
@@ -115,7 +113,6 @@ impl SqliteStore {
         let writer = thread::Builder::new()
             .name("store-writer".into())
             .spawn({
-                let live = live.clone();
                 move || {
                     run_writer(conn, queue, live, last, metrics);
                     // Closed means closed: the last checkpoint is done too.
@@ -127,7 +124,7 @@ impl SqliteStore {
         Ok(Self {
             writes: Mutex::new(Some(writes)),
             writer: Mutex::new(Some(writer)),
-            live: Mutex::new(Some(live)),
+            live: feed,
             readers: Arc::new(ReadPool {
                 path,
                 idle: Mutex::new(Vec::new()),
@@ -136,11 +133,7 @@ impl SqliteStore {
     }
 
     fn writer(&self) -> Result<mpsc::Sender<WriteOp>, StoreError> {
-        self.writes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or(StoreError::Closed)
+        lock(&self.writes).clone().ok_or(StoreError::Closed)
     }
 
     async fn read<R: Send + 'static>(
@@ -157,12 +150,10 @@ impl SqliteStore {
 #[async_trait::async_trait]
 impl NotificationStore for SqliteStore {
     async fn record(&self, notification: IncomingNotification) -> Result<Recorded, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.writer()?
-            .send(WriteOp::Record(Box::new(notification), reply))
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        ask(self.writer()?, |reply| {
+            WriteOp::Record(Box::new(notification), reply)
+        })
+        .await
     }
 
     async fn record_held(
@@ -170,12 +161,10 @@ impl NotificationStore for SqliteStore {
         notification: IncomingNotification,
         hold: HeldWrite,
     ) -> Result<Recorded, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.writer()?
-            .send(WriteOp::Held(Box::new(notification), reply, hold))
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        ask(self.writer()?, |reply| {
+            WriteOp::Held(Box::new(notification), reply, hold)
+        })
+        .await
     }
 
     async fn list(
@@ -223,12 +212,10 @@ impl NotificationStore for SqliteStore {
     }
 
     async fn ack(&self, consumer: &str, sequence: u64) -> Result<u64, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.writer()?
-            .send(WriteOp::Ack(consumer.to_owned(), sequence, reply))
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        ask(self.writer()?, |reply| {
+            WriteOp::Ack(consumer.to_owned(), sequence, reply)
+        })
+        .await
     }
 
     async fn acked(&self, consumer: &str) -> Result<u64, StoreError> {
@@ -246,17 +233,14 @@ impl NotificationStore for SqliteStore {
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Arc<StoredNotification>> {
-        match &*self.live.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some(live) => live.subscribe(),
-            None => broadcast::channel(1).1,
-        }
+        self.live.subscribe()
     }
 
     async fn close(&self) {
         // The live feed ends when the writer drops its clone too.
-        self.live.lock().unwrap_or_else(|p| p.into_inner()).take();
-        self.writes.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.live.close();
+        lock(&self.writes).take();
+        let writer = lock(&self.writer).take();
         if let Some(writer) = writer {
             let _ = tokio::task::spawn_blocking(move || writer.join()).await;
         }
@@ -597,7 +581,7 @@ struct ReadPool {
 
 impl ReadPool {
     fn with<R>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R>) -> Result<R, StoreError> {
-        let conn = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let conn = lock(&self.idle).pop();
         let conn = match conn {
             Some(c) => c,
             None => {
@@ -609,7 +593,7 @@ impl ReadPool {
             }
         };
         let result = f(&conn).map_err(backend);
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = lock(&self.idle);
         if idle.len() < READERS {
             idle.push(conn);
         }
