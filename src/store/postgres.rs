@@ -254,25 +254,12 @@ impl NotificationStore for PostgresStore {
         hold: HeldWrite,
     ) -> Result<Recorded, StoreError> {
         let committed = lock(&self.committed).clone().ok_or(StoreError::Closed)?;
-        match write(
-            &self.write_pool,
-            &self.replica,
-            &[&notification],
-            Some(hold),
-        )
-        .await
-        {
-            Ok(Some(written)) => {
-                let _ = committed.send(written.events);
-                Ok(written
-                    .recorded
-                    .into_iter()
-                    .next()
-                    .ok_or_else(|| StoreError::Backend("the write answered nothing".into()))?)
-            }
-            Ok(None) => Err(StoreError::RolledBack),
-            Err(e) => Err(backend(e)),
-        }
+        let write = One {
+            pool: &self.write_pool,
+            replica: &self.replica,
+            committed: &committed,
+        };
+        write.record(&notification, Some(hold)).await
     }
 
     async fn list(
@@ -393,22 +380,16 @@ async fn run_writer(
             // others of its batch down with it: write them one by one.
             Err(e) if size > 1 && is_data_error(&e) => {
                 warn!(size, error = %e, "batch refused; writing its notifications one by one");
+                let one = One {
+                    pool: &pool,
+                    replica: &replica,
+                    committed: &committed,
+                };
                 for w in batch.drain(..) {
-                    let answer = match write(&pool, &replica, &[&w.notification], None).await {
-                        Ok(Some(written)) => {
-                            let _ = committed.send(written.events);
-                            written
-                                .recorded
-                                .into_iter()
-                                .next()
-                                .ok_or(StoreError::Closed)
-                        }
-                        Ok(None) => Err(StoreError::RolledBack),
-                        Err(e) => {
-                            error!(error = %e, "notification not stored");
-                            Err(backend(e))
-                        }
-                    };
+                    let answer = one.record(&w.notification, None).await;
+                    if let Err(e) = &answer {
+                        error!(error = %e, "notification not stored");
+                    }
                     let _ = w.reply.send(answer);
                 }
             }
@@ -420,6 +401,35 @@ async fn run_writer(
         }
     }
     info!("store writer stopped");
+}
+
+/// Writes notifications one per transaction, handing each commit's event
+/// to the tailer.
+struct One<'a> {
+    pool: &'a PgPool,
+    replica: &'a str,
+    committed: &'a mpsc::UnboundedSender<Vec<StoredNotification>>,
+}
+
+impl One<'_> {
+    async fn record(
+        &self,
+        notification: &IncomingNotification,
+        hold: Option<HeldWrite>,
+    ) -> Result<Recorded, StoreError> {
+        match write(self.pool, self.replica, &[notification], hold).await {
+            Ok(Some(written)) => {
+                let _ = self.committed.send(written.events);
+                written
+                    .recorded
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| StoreError::Backend("the write answered nothing".into()))
+            }
+            Ok(None) => Err(StoreError::RolledBack),
+            Err(e) => Err(backend(e)),
+        }
+    }
 }
 
 fn fail_all(batch: &mut Vec<Write>, error: impl Fn() -> StoreError) {
