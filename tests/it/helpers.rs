@@ -21,6 +21,8 @@ use tonic::{Status, transport::Channel};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_types::StatusExt;
 
+use crate::pg::PgDatabase;
+
 pub const KTAPI_TOKEN: &str = "ktapi-test-token-1";
 pub const PAY_TOKEN: &str = "pay-test-token-2";
 pub const APP_ID: &str = "wxtestapp0000001";
@@ -69,8 +71,12 @@ pub struct TestApp {
     pub admin: SocketAddr,
     pub notify_url: String,
     pub sandbox: SandboxHandle,
-    /// Where the store lives; a test may start another gateway on it.
-    pub data_dir: tempfile::TempDir,
+    /// The gateway's data directory, removed with it.
+    _data_dir: tempfile::TempDir,
+    /// Where its notifications are stored; a test may start another
+    /// gateway on it.
+    pub store_url: String,
+    _db: Option<PgDatabase>,
     stop: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
 }
@@ -146,6 +152,9 @@ impl TestApp {
     }
 }
 
+/// Starts a sandbox and a gateway pointed at it, storing notifications in
+/// SQLite, or in a fresh PostgreSQL database with
+/// `KONGTIE_TEST_STORE=postgres` (CI runs the suite both ways).
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(&[], |_| {}).await
 }
@@ -158,8 +167,17 @@ pub async fn spawn_app_with(extra: &[&str], tweak: impl FnOnce(&mut Config)) -> 
     let mut config = serve_args(extra).config();
     config.upstream.ktapi_url = sandbox.ktapi_url();
     config.upstream.pay_url = sandbox.pay_url();
-    config.store_url = store_url(data_dir.path());
+    let db = match std::env::var("KONGTIE_TEST_STORE").as_deref() {
+        Ok("postgres") => Some(PgDatabase::create().await),
+        Ok("sqlite") | Err(_) => None,
+        Ok(other) => panic!("KONGTIE_TEST_STORE is sqlite or postgres, not {other:?}"),
+    };
+    config.store_url = match &db {
+        Some(db) => db.url.clone(),
+        None => store_url(data_dir.path()),
+    };
     tweak(&mut config);
+    let chosen_store = config.store_url.clone();
     let running = run_app(config).await;
     sandbox.set_notify_url(running.notify_url.parse().unwrap());
     TestApp {
@@ -167,7 +185,9 @@ pub async fn spawn_app_with(extra: &[&str], tweak: impl FnOnce(&mut Config)) -> 
         admin: running.admin,
         notify_url: running.notify_url,
         sandbox,
-        data_dir,
+        _data_dir: data_dir,
+        store_url: chosen_store,
+        _db: db,
         stop: Some(running.stop),
         done: Some(running.done),
     }

@@ -504,7 +504,7 @@ async fn notifications_and_positions_survive_a_restart_and_sequences_continue() 
         .unwrap();
     app.stop().await;
 
-    let store = store_url(app.data_dir.path());
+    let store = app.store_url.clone();
     let again = spawn_app_with(&[], |c| c.store_url = store).await;
     assert_eq!(all_stored(&again).await.len(), 2);
     again.notify(good("S3")).await;
