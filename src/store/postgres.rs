@@ -73,7 +73,7 @@ const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
 /// The `LISTEN/NOTIFY` channel commits are announced on.
 const CHANNEL: &str = "kongtie_notifications";
 /// How often the tailer reads new rows without a hint.
-pub const POLL_EVERY: Duration = Duration::from_millis(500);
+const POLL_EVERY: Duration = Duration::from_millis(500);
 /// Rows the tailer reads at a time.
 const PAGE: usize = 512;
 
