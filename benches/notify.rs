@@ -31,7 +31,7 @@ use axum::{Router, body::Bytes, routing::post};
 use clap::Parser;
 use futures::StreamExt;
 use kongtie_gateway::{
-    config::{Cli, Command as Cmd, DOCUMENT_TOKEN},
+    config::{Cli, Command as Cmd},
     proto::{SubscribeNotificationsRequest, payment_client::PaymentClient},
     sandbox::signed_notification,
     startup::Application,
@@ -62,7 +62,7 @@ fn body(n: u64) -> String {
         ("TradeTime", "2018/3/2 10:00:39"),
         ("TimeStamp", "1522233465"),
     ];
-    signed_notification(&fields, &SecretString::from(DOCUMENT_TOKEN))
+    signed_notification(&fields, &SecretString::from(BENCH_TOKEN))
 }
 
 /// The load generator: `connections()` keep-alive connections, each posting
@@ -123,6 +123,9 @@ enum Backend {
 }
 
 /// Every listener of the gateway on a free port.
+/// The signing token the benchmarked gateways are given.
+const BENCH_TOKEN: &str = "bench-token";
+
 const FREE_PORTS: [&str; 6] = [
     "--grpc-addr",
     "127.0.0.1:0",
@@ -136,11 +139,13 @@ const FREE_PORTS: [&str; 6] = [
 /// database `url`.
 async fn gateway(postgres: Option<&str>) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
-    let args = ["kongtie-gateway", "serve"].into_iter().chain(FREE_PORTS);
+    let args = ["kongtie-gateway", "serve", "--token", BENCH_TOKEN]
+        .into_iter()
+        .chain(FREE_PORTS);
     let Cmd::Serve(args) = Cli::try_parse_from(args).unwrap().command else {
         unreachable!()
     };
-    let mut config = args.config();
+    let mut config = args.config().unwrap();
     config.store_url = match postgres {
         Some(url) => url.to_owned(),
         None => format!("sqlite://{}", dir.path().join("n.db").display()),
@@ -404,6 +409,7 @@ async fn memory() {
     let dir = tempfile::tempdir().unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_kongtie-gateway"))
         .arg("serve")
+        .args(["--token", BENCH_TOKEN])
         .args(FREE_PORTS)
         .arg("--data-dir")
         .arg(dir.path())

@@ -31,7 +31,8 @@ ports=(--grpc-addr 127.0.0.1:0 --notify-addr 127.0.0.1:0 --admin-addr 127.0.0.1:
 "$BIN" serve --sandbox --sandbox-addr 127.0.0.1:0 "${ports[@]}" \
   --data-dir "$work/a" --store "$store" >"$work/a.log" 2>&1 &
 pids+=($!)
-"$BIN" serve "${ports[@]}" --data-dir "$work/b" --store "$store" >"$work/b.log" 2>&1 &
+"$BIN" serve --sandbox --sandbox-addr 127.0.0.1:0 "${ports[@]}" \
+  --data-dir "$work/b" --store "$store" >"$work/b.log" 2>&1 &
 pids+=($!)
 addr_of() { grep -m1 "$2" "$1" | sed -E 's/.*addr=([^ ]+).*/\1/'; }
 for log in "$work/a.log" "$work/b.log"; do

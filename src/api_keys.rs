@@ -31,6 +31,10 @@ impl ApiKeys {
         self.hashes.is_empty()
     }
 
+    pub fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
     pub fn accepts(&self, presented: &str) -> bool {
         let hash: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         let mut found = Choice::from(0);

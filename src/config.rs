@@ -37,15 +37,20 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Run only the sandbox simulator of the Kongtie upstream.
     Sandbox(Box<SandboxArgs>),
+    /// Check a configuration as `serve` would, open the store and make one
+    /// signed GetAccessToken call; one line per check, non-zero exit on a
+    /// failure.
+    Check(Box<ServeArgs>),
 }
 
 /// How to talk to Kongtie: shared by the gateway and the sandbox, so the
 /// same environment makes the two agree.
 #[derive(Debug, Clone, Args)]
 pub struct KongtieArgs {
-    /// Signing token of the three ktapi calls.
-    #[arg(long, env = "KONGTIE_TOKEN", default_value = DOCUMENT_TOKEN, hide_default_value = true, hide_env_values = true, value_parser = secret)]
-    pub token: SecretString,
+    /// Signing token of the three ktapi calls and of payment notifications
+    /// (required by `serve` without --sandbox).
+    #[arg(long, env = "KONGTIE_TOKEN", hide_env_values = true, value_parser = secret)]
+    pub token: Option<SecretString>,
     /// Signing token of ParTrade (defaults to KONGTIE_TOKEN).
     #[arg(long, env = "KONGTIE_PAY_TOKEN", hide_env_values = true, value_parser = secret)]
     pub pay_token: Option<SecretString>,
@@ -70,31 +75,82 @@ pub struct KongtieArgs {
     /// ParTrade fixed value PayMethod.
     #[arg(long, env = "KONGTIE_PAY_METHOD", default_value = "22", value_parser = non_empty)]
     pub pay_method: String,
-    /// Token payment notifications are signed with (defaults to the pay
-    /// token).
+    /// Token payment notifications are signed with (defaults to
+    /// KONGTIE_TOKEN, as the document's notify example is signed).
     #[arg(long, env = "KONGTIE_NOTIFY_TOKEN", hide_env_values = true, value_parser = secret)]
     pub notify_token: Option<SecretString>,
 }
 
 impl KongtieArgs {
+    /// `KONGTIE_TOKEN`, or the document's token where none is set (only the
+    /// sandbox gets that far without one: see [`ServeArgs::config`]).
+    fn token(&self) -> SecretString {
+        self.token
+            .clone()
+            .unwrap_or_else(|| SecretString::from(DOCUMENT_TOKEN))
+    }
+
     pub fn ktapi(&self) -> Credentials {
         Credentials {
             source_from: self.source_from.clone(),
-            token: self.token.clone(),
+            token: self.token(),
         }
     }
 
     pub fn pay(&self) -> Credentials {
         Credentials {
             source_from: self.pay_source_from.clone(),
-            token: self.pay_token.clone().unwrap_or_else(|| self.token.clone()),
+            token: self.pay_token.clone().unwrap_or_else(|| self.token()),
         }
     }
 
+    /// The document's notify example verifies with the ktapi token, not
+    /// with the payment host's: notifications come from Kongtie's side.
     pub fn notify_token(&self) -> SecretString {
-        self.notify_token
-            .clone()
-            .unwrap_or_else(|| self.pay().token)
+        self.notify_token.clone().unwrap_or_else(|| self.token())
+    }
+
+    /// Outside the sandbox: a token must be set, must not be the one the
+    /// public document prints (unless `allow_document_token`), and no
+    /// secret may still hold the example file's placeholder.
+    fn check_secrets(&self, allow_document_token: bool) -> Result<(), String> {
+        if self.token.is_none() {
+            return Err(
+                "KONGTIE_TOKEN is not set: give the signing token Kongtie issued you \
+                 (--token), or run with --sandbox"
+                    .into(),
+            );
+        }
+        for (var, value) in [
+            ("KONGTIE_TOKEN", self.token.as_ref()),
+            ("KONGTIE_PAY_TOKEN", self.pay_token.as_ref()),
+            ("KONGTIE_NOTIFY_TOKEN", self.notify_token.as_ref()),
+        ] {
+            if value.is_some_and(|v| v.expose_secret() == DOCUMENT_TOKEN) && !allow_document_token {
+                return Err(format!(
+                    "{var} is the token printed in Kongtie's public document: anyone who has \
+                     read it could sign a notification; set the token Kongtie issued you, or \
+                     KONGTIE_ALLOW_DOCUMENT_TOKEN=true (--allow-document-token) if Kongtie \
+                     really issued you this one"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_placeholders(&self) -> Result<(), String> {
+        let secrets = [
+            ("KONGTIE_TOKEN", self.token.as_ref()),
+            ("KONGTIE_PAY_TOKEN", self.pay_token.as_ref()),
+            ("KONGTIE_NOTIFY_TOKEN", self.notify_token.as_ref()),
+            ("KONGTIE_PLATFORM_TOKEN", Some(&self.platform_token)),
+        ];
+        for (var, value) in secrets {
+            if let Some(v) = value {
+                refuse_placeholder(var, v.expose_secret())?;
+            }
+        }
+        Ok(())
     }
 
     pub fn pay_fixed(&self) -> PayFixed {
@@ -128,6 +184,10 @@ pub struct ServeArgs {
     pub pay_url: Url,
     #[command(flatten)]
     pub kongtie: KongtieArgs,
+    /// Accept the token printed in Kongtie's public document as a signing
+    /// token (only if Kongtie really issued it to you).
+    #[arg(long, env = "KONGTIE_ALLOW_DOCUMENT_TOKEN")]
+    pub allow_document_token: bool,
     /// The official account's WeChat app id (authorize URLs, wx.config).
     #[arg(long, env = "KONGTIE_WECHAT_APP_ID", value_parser = non_empty)]
     pub wechat_app_id: Option<String>,
@@ -163,8 +223,17 @@ pub struct ServeArgs {
     /// password: never shown).
     #[arg(long, env = "KONGTIE_STORE", hide_env_values = true, value_parser = secret)]
     pub store: Option<SecretString>,
-    /// How long a notification request may take, store commit included, in
-    /// milliseconds.
+    /// Time a notify connection has to send a request's headers (from
+    /// opening, or from its previous answer: idle connections end then), and
+    /// then its body, in milliseconds.
+    #[arg(long, env = "KONGTIE_NOTIFY_READ_TIMEOUT_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub notify_read_timeout_ms: u64,
+    /// Connections the notify listener keeps open at once; past it, it stops
+    /// accepting until one closes.
+    #[arg(long, env = "KONGTIE_NOTIFY_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub notify_max_connections: u64,
+    /// How long a notification may take from its whole body to its answer,
+    /// store commit included, in milliseconds.
     #[arg(long, env = "KONGTIE_NOTIFY_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
     pub notify_timeout_ms: u64,
     /// Notification requests handled at once; more get 503.
@@ -313,7 +382,19 @@ pub struct Config {
 }
 
 impl ServeArgs {
-    pub fn config(&self) -> Config {
+    /// The checked configuration, or what is wrong with it (naming the
+    /// variable). `serve` and `check` both start here.
+    pub fn config(&self) -> Result<Config, String> {
+        if !self.sandbox {
+            self.kongtie.check_secrets(self.allow_document_token)?;
+        }
+        self.kongtie.check_placeholders()?;
+        for key in &self.api_keys {
+            refuse_placeholder("KONGTIE_API_KEYS", key)?;
+        }
+        if let Some(app_id) = &self.wechat_app_id {
+            refuse_placeholder("KONGTIE_WECHAT_APP_ID", app_id)?;
+        }
         let sandbox = self.sandbox.then(|| {
             let app_id = self
                 .wechat_app_id
@@ -328,7 +409,7 @@ impl ServeArgs {
             .wechat_app_id
             .clone()
             .or_else(|| sandbox.as_ref().map(|(_, s)| s.wechat_app_id.clone()));
-        Config {
+        Ok(Config {
             grpc_addr: self.grpc_addr,
             upstream: UpstreamConfig {
                 ktapi_url: self.ktapi_url.clone(),
@@ -350,6 +431,8 @@ impl ServeArgs {
                 path: self.notify_path.clone(),
                 token: self.kongtie.notify_token(),
                 max_body_bytes: usize::try_from(self.notify_max_body_bytes).unwrap_or(usize::MAX),
+                read_timeout: Duration::from_millis(self.notify_read_timeout_ms),
+                max_connections: usize::try_from(self.notify_max_connections).unwrap_or(usize::MAX),
                 request_timeout: Duration::from_millis(self.notify_timeout_ms),
                 max_concurrency: usize::try_from(self.notify_max_concurrency).unwrap_or(usize::MAX),
                 allow: self.notify_allow.clone(),
@@ -388,8 +471,26 @@ impl ServeArgs {
                 |url| url.expose_secret().to_owned(),
             ),
             sandbox,
-        }
+        })
     }
+}
+
+/// The prefix of every placeholder in `deploy/kongtie-gateway.env.example`.
+const PLACEHOLDER_PREFIX: &str = "change-me";
+
+/// Refuses a value left as the example file's placeholder.
+pub fn refuse_placeholder(var: &str, value: &str) -> Result<(), String> {
+    if value
+        .trim()
+        .to_ascii_lowercase()
+        .starts_with(PLACEHOLDER_PREFIX)
+    {
+        return Err(format!(
+            "{var} still holds the example file's placeholder ({PLACEHOLDER_PREFIX}...): \
+             set the real value"
+        ));
+    }
+    Ok(())
 }
 
 fn secret(s: &str) -> Result<SecretString, String> {

@@ -34,6 +34,15 @@ pub enum Error {
         message: String,
     },
 
+    /// Kongtie refused our `Sign`: the gateway's token or `SourceFrom` is
+    /// wrong, which only its operator can fix.
+    #[error("Kongtie {endpoint} refused the gateway's signature: {code} {message}")]
+    UpstreamSignatureRejected {
+        endpoint: Endpoint,
+        code: String,
+        message: String,
+    },
+
     #[error("Kongtie {endpoint} is unavailable: {detail}")]
     UpstreamUnavailable { endpoint: Endpoint, detail: String },
 
@@ -121,6 +130,18 @@ impl From<Error> for Status {
                     details.set_error_info("UPSTREAM_REJECTED", ERROR_DOMAIN, meta);
                     Code::FailedPrecondition
                 }
+            }
+            Error::UpstreamSignatureRejected {
+                endpoint,
+                code,
+                message,
+            } => {
+                let mut meta = endpoint_meta(*endpoint);
+                meta.insert("upstream_code".into(), code.clone());
+                meta.insert("upstream_message".into(), message.clone());
+                details.set_error_info("UPSTREAM_SIGNATURE_REJECTED", ERROR_DOMAIN, meta);
+                // The caller did nothing wrong and cannot fix it.
+                Code::Internal
             }
             Error::UpstreamUnavailable { endpoint, .. } => {
                 details.set_error_info(

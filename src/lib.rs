@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod api_keys;
 pub mod cache;
+pub mod check;
 pub mod config;
 pub mod domain;
 pub mod error;

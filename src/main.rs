@@ -2,6 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kongtie_gateway::{
+    check,
     config::{Cli, Command},
     sandbox::SandboxHandle,
     startup::{Application, shutdown_signal},
@@ -14,10 +15,20 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => {
             telemetry::init(args.log_format);
-            match Application::build(args.config()).await {
-                Ok(app) => app.run_until(shutdown_signal()).await,
-                Err(e) => Err(e),
+            match args.config() {
+                Ok(config) => match Application::build(config).await {
+                    Ok(app) => app.run_until(shutdown_signal()).await,
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e.into()),
             }
+        }
+        Command::Check(args) => {
+            return if check::run(&args).await {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
         }
         Command::Sandbox(args) => {
             telemetry::init(args.log_format);

@@ -74,6 +74,10 @@ pub struct Metrics {
     pub notifications: Family<OutcomeLabels, Counter>,
     pub notifications_rejected: Family<ReasonLabels, Counter>,
     pub subscribers: Gauge,
+    pub notify_connections: Gauge,
+    pub notify_connection_waits: Counter,
+    pub notify_accept_errors: Counter,
+    pub notify_connections_closed: Family<ReasonLabels, Counter>,
     pub store_commit_seconds: Histogram,
     pub store_batch_size: Histogram,
     pub store_feed_reads: Family<TriggerLabels, Counter>,
@@ -90,6 +94,10 @@ impl Metrics {
             notifications: Family::default(),
             notifications_rejected: Family::default(),
             subscribers: Gauge::default(),
+            notify_connections: Gauge::default(),
+            notify_connection_waits: Counter::default(),
+            notify_accept_errors: Counter::default(),
+            notify_connections_closed: Family::default(),
             store_commit_seconds: latency_histogram(),
             store_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             store_feed_reads: Family::default(),
@@ -125,6 +133,28 @@ impl Metrics {
             "subscribers",
             "Notification subscriptions open now",
             m.subscribers.clone(),
+        );
+        registry.register(
+            "notify_connections",
+            "Connections open now on the notify listener",
+            m.notify_connections.clone(),
+        );
+        registry.register(
+            "notify_connection_waits",
+            "Times the notify listener stopped accepting: all its connections were open",
+            m.notify_connection_waits.clone(),
+        );
+        registry.register(
+            "notify_accept_errors",
+            "Connections the notify listener failed to accept (out of file descriptors...)",
+            m.notify_accept_errors.clone(),
+        );
+        registry.register(
+            "notify_connections_closed",
+            "Notify listener connections ended, by reason: closed (by the client or \
+             after its answer), read_timeout (no request headers in time, idle \
+             included), shutdown, error",
+            m.notify_connections_closed.clone(),
         );
         registry.register(
             "store_commit_seconds",
@@ -176,6 +206,12 @@ impl Metrics {
 
     pub fn rejected(&self, reason: &'static str) {
         self.notifications_rejected
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn notify_connection_closed(&self, reason: &'static str) {
+        self.notify_connections_closed
             .get_or_create(&ReasonLabels { reason })
             .inc();
     }

@@ -256,11 +256,13 @@ impl Application {
             self.config.notify.clone(),
             Arc::clone(&self.metrics),
         );
-        let notify = axum::serve(
+        let notify = notify::serve(
             self.notify_listener,
-            notify_app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stopped(stopping.clone()));
+            notify_app,
+            self.config.notify.connection_limits(),
+            Arc::clone(&self.metrics),
+            stopping.clone(),
+        );
 
         info!(addr = %self.admin_addr, "admin listener listening");
         let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -275,17 +277,17 @@ impl Application {
             .into_future(),
         );
 
-        let serving = async { tokio::join!(grpc, async { notify.await }) };
+        let serving = async { tokio::join!(grpc, notify) };
         let grace = self.config.shutdown_grace;
         let deadline = async {
             stopped(stopping.clone()).await;
             tokio::time::sleep(grace).await;
         };
-        let (grpc, notify) = tokio::select! {
-            (grpc, notify) = serving => (grpc.map_err(BoxError::from), notify.map_err(BoxError::from)),
+        let grpc = tokio::select! {
+            (grpc, ()) = serving => grpc.map_err(BoxError::from),
             () = deadline => {
                 warn!(grace_secs = grace.as_secs(), "grace period over; closing with work still in flight");
-                (Ok(()), Ok(()))
+                Ok(())
             }
         };
         if let Some(sandbox) = self.sandbox {
@@ -297,7 +299,6 @@ impl Application {
         let _ = admin.await;
         info!("stopped");
         grpc?;
-        notify?;
         Ok(())
     }
 }
@@ -310,7 +311,7 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, BoxError> {
 
 /// The configured keys and the keys file's lines (blank lines and `#`
 /// comments skipped).
-fn load_api_keys(access: &AccessConfig) -> Result<ApiKeys, BoxError> {
+pub fn load_api_keys(access: &AccessConfig) -> Result<ApiKeys, BoxError> {
     let mut keys: Vec<String> = access
         .api_keys
         .iter()
@@ -330,6 +331,9 @@ fn load_api_keys(access: &AccessConfig) -> Result<ApiKeys, BoxError> {
             return Err(format!("the API keys file {} holds no key", path.display()).into());
         }
     }
+    for key in &keys {
+        crate::config::refuse_placeholder("an API key", key)?;
+    }
     if keys
         .iter()
         .any(|k| k.chars().any(|c| c.is_whitespace() || c == ','))
@@ -339,7 +343,7 @@ fn load_api_keys(access: &AccessConfig) -> Result<ApiKeys, BoxError> {
     Ok(ApiKeys::new(keys.iter().map(String::as_str)))
 }
 
-async fn load_tls(access: &AccessConfig) -> Result<Option<ServerTlsConfig>, BoxError> {
+pub async fn load_tls(access: &AccessConfig) -> Result<Option<ServerTlsConfig>, BoxError> {
     let Some(files) = &access.tls else {
         return Ok(None);
     };

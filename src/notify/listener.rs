@@ -1,9 +1,11 @@
 //! The side HTTP listener Kongtie POSTs payment notifications to.
 //!
-//! It faces the internet, so before a handler runs a guard checks the
-//! source network (when an allowlist is set), takes one of a bounded number
-//! of slots (503 when all are taken: Kongtie sends again) and bounds the
-//! request's time. The body size is limited, and only POST is routed.
+//! It faces the internet. Connections are bounded in number and time (see
+//! `server`); a guard checks the source network (when an allowlist is set);
+//! the handler reads the whole body within the read timeout (408 after it,
+//! 413 past the size limit), and only then takes one of a bounded number of
+//! slots (503 when all are taken: Kongtie sends again), so a client that
+//! sends slowly holds a connection, never a slot. Only POST is routed.
 //!
 //! A notification is verified in named steps (parse, required fields,
 //! signature over the document's field order, values exactly as sent, and
@@ -22,19 +24,21 @@ use std::{
 use axum::{
     Router,
     body::Bytes,
-    extract::{ConnectInfo, DefaultBodyLimit, Request, State},
-    http::{HeaderMap, StatusCode},
+    extract::{ConnectInfo, Request, State},
+    http::{HeaderMap, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::post,
 };
 use chrono::Utc;
+use http_body_util::BodyExt;
 use ipnet::IpNet;
 use secrecy::SecretString;
 use serde_json::value::RawValue;
 use tokio::sync::Semaphore;
 use tracing::{Instrument, error, info, info_span, warn};
 
+use super::server::{ConnectionLimits, InFlight};
 use crate::{
     domain::AmountFen,
     metrics::Metrics,
@@ -56,7 +60,12 @@ pub struct NotifySettings {
     pub token: SecretString,
     /// Largest body accepted.
     pub max_body_bytes: usize,
-    /// Longest a request may take, store commit included.
+    /// Time a connection has for a request's headers (from opening, or from
+    /// its previous answer), and then again for its body.
+    pub read_timeout: Duration,
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// Longest from a whole body to its answer, store commit included.
     pub request_timeout: Duration,
     /// Requests handled at once; more are refused with 503.
     pub max_concurrency: usize,
@@ -69,16 +78,25 @@ pub struct NotifySettings {
     pub max_age: Option<Duration>,
 }
 
+impl NotifySettings {
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            read_timeout: self.read_timeout,
+            max_connections: self.max_connections,
+        }
+    }
+}
+
 struct ListenerState {
     store: Arc<dyn NotificationStore>,
     settings: NotifySettings,
-    slots: Semaphore,
+    slots: Arc<Semaphore>,
     metrics: Arc<Metrics>,
 }
 
-/// The listener's routes. Serve with
-/// `into_make_service_with_connect_info::<SocketAddr>()`: the allowlist
-/// needs the peer address.
+/// The listener's routes. Serve with [`serve`](super::server::serve), which
+/// gives each request its peer address (the allowlist needs it) and its
+/// connection's [`InFlight`] count.
 pub fn router(
     store: Arc<dyn NotificationStore>,
     settings: NotifySettings,
@@ -86,18 +104,17 @@ pub fn router(
 ) -> Router {
     let state = Arc::new(ListenerState {
         store,
-        slots: Semaphore::new(settings.max_concurrency),
+        slots: Arc::new(Semaphore::new(settings.max_concurrency)),
         metrics,
         settings: settings.clone(),
     });
     Router::new()
         .route(&settings.path, post(receive))
-        .layer(DefaultBodyLimit::max(settings.max_body_bytes))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), guard))
         .with_state(state)
 }
 
-/// Source network, concurrency and time limits, before any handler.
+/// Source network, before any handler; counts refusals of the router.
 async fn guard(
     State(state): State<Arc<ListenerState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -113,23 +130,11 @@ async fn guard(
             return (StatusCode::FORBIDDEN, "source not allowed").into_response();
         }
     }
-    let Ok(_slot) = state.slots.try_acquire() else {
-        state.metrics.rejected("busy");
-        return (StatusCode::SERVICE_UNAVAILABLE, "busy, send again").into_response();
-    };
-    let response = match tokio::time::timeout(settings.request_timeout, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => {
-            warn!("notification request timed out; Kongtie will resend");
-            state.metrics.rejected("timeout");
-            return (StatusCode::SERVICE_UNAVAILABLE, "timed out, send again").into_response();
-        }
-    };
+    let response = next.run(request).await;
     // Refusals made before the handler ran are counted here; the handler
     // counts its own.
     let reason = match response.status() {
         StatusCode::METHOD_NOT_ALLOWED => Some("method_not_allowed"),
-        StatusCode::PAYLOAD_TOO_LARGE => Some("too_large"),
         StatusCode::NOT_FOUND => Some("not_found"),
         _ => None,
     };
@@ -162,9 +167,30 @@ fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
         .unwrap_or(peer)
 }
 
-async fn receive(State(state): State<Arc<ListenerState>>, body: Bytes) -> Response {
-    let checked = verify(&body, &state.settings.token).and_then(|n| {
-        check_age(&n, state.settings.max_age)?;
+async fn receive(State(state): State<Arc<ListenerState>>, request: Request) -> Response {
+    let settings = &state.settings;
+    let in_flight = request.extensions().get::<InFlight>().cloned();
+    // Step 0: the whole body, in time, before anything is held for it.
+    let body = match read_body(request, settings.max_body_bytes, settings.read_timeout).await {
+        Ok(body) => body,
+        Err(refusal) => {
+            state.metrics.rejected(refusal.metric);
+            // What is left of the body will not be read: the connection ends.
+            let mut response = refusal.into_response();
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            return response;
+        }
+    };
+    let _in_flight = in_flight.as_ref().map(InFlight::enter);
+    let Ok(slot) = Arc::clone(&state.slots).try_acquire_owned() else {
+        state.metrics.rejected("busy");
+        return (StatusCode::SERVICE_UNAVAILABLE, "busy, send again").into_response();
+    };
+    let checked = verify(&body, &settings.token).and_then(|n| {
+        check_age(&n, settings.max_age)?;
         Ok(n)
     });
     let notification = match checked {
@@ -175,35 +201,92 @@ async fn receive(State(state): State<Arc<ListenerState>>, body: Bytes) -> Respon
             return refusal.into_response();
         }
     };
-    let span = info_span!("notification", out_trade_id = %notification.out_trade_id);
-    async move {
-        match state.store.record(notification).await {
-            Ok(Recorded::New { sequence }) => {
-                info!(sequence, "notification stored");
-                state.metrics.notification("stored");
-                (StatusCode::OK, SUCCESS).into_response()
+    // Request values reach the log escaped (`?`): a newline or an ANSI
+    // escape in an order id cannot forge a log line.
+    let span = info_span!("notification", out_trade_id = ?notification.out_trade_id);
+    // The write runs to its end in a task of its own, holding the slot, so
+    // a commit that comes after we stopped waiting is logged and counted
+    // like any other.
+    let store = Arc::clone(&state.store);
+    let metrics = Arc::clone(&state.metrics);
+    let write = tokio::spawn(
+        async move {
+            let recorded = store.record(notification).await;
+            match &recorded {
+                Ok(Recorded::New { sequence }) => {
+                    info!(sequence, "notification stored");
+                    metrics.notification("stored");
+                }
+                Ok(Recorded::Repeat {
+                    sequence,
+                    receive_count,
+                }) => {
+                    info!(sequence, receive_count, "repeat of a stored notification");
+                    metrics.notification("duplicate");
+                }
+                Err(e) => {
+                    error!(error = %e, "notification not stored; Kongtie will resend");
+                }
             }
-            Ok(Recorded::Repeat {
-                sequence,
-                receive_count,
-            }) => {
-                info!(sequence, receive_count, "repeat of a stored notification");
-                state.metrics.notification("duplicate");
-                (StatusCode::OK, SUCCESS).into_response()
-            }
-            Err(e) => {
-                error!(error = %e, "notification not stored; Kongtie will resend");
-                state.metrics.rejected("store_unavailable");
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store unavailable, send again",
+            drop(slot);
+            recorded.is_ok()
+        }
+        .instrument(span.clone()),
+    );
+    match tokio::time::timeout(settings.request_timeout, write).await {
+        Ok(Ok(true)) => (StatusCode::OK, SUCCESS).into_response(),
+        Ok(Ok(false) | Err(_)) => {
+            state.metrics.rejected("store_unavailable");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store unavailable, send again",
+            )
+                .into_response()
+        }
+        Err(_) => {
+            span.in_scope(|| {
+                warn!(
+                    timeout_ms = settings.request_timeout.as_millis() as u64,
+                    "notification not stored in time; answered 503, Kongtie will resend"
                 )
-                    .into_response()
-            }
+            });
+            state.metrics.rejected("timeout");
+            (StatusCode::SERVICE_UNAVAILABLE, "timed out, send again").into_response()
         }
     }
-    .instrument(span)
-    .await
+}
+
+/// Reads the whole body: 413 past `max` bytes (by its Content-Length when
+/// it declares one, before reading), 408 when it has not all arrived within
+/// `timeout`.
+async fn read_body(request: Request, max: usize, timeout: Duration) -> Result<Bytes, Refusal> {
+    let too_large = || Refusal {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        reason: format!("body over {max} bytes"),
+        metric: "too_large",
+    };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    let limited = http_body_util::Limited::new(request.into_body(), max);
+    match tokio::time::timeout(timeout, limited.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(_)) => Err(Refusal {
+            status: StatusCode::BAD_REQUEST,
+            reason: "the body was cut off".into(),
+            metric: "body_incomplete",
+        }),
+        Err(_) => Err(Refusal {
+            status: StatusCode::REQUEST_TIMEOUT,
+            reason: "the body did not arrive in time".into(),
+            metric: "body_timeout",
+        }),
+    }
 }
 
 /// With a maximum age set, refuses a `TimeStamp` (unix seconds, or

@@ -50,6 +50,15 @@ impl Endpoint {
             Endpoint::ParTrade => "ParTrade",
         }
     }
+
+    /// The settings a request's signature to this endpoint is made of, for
+    /// an operator whose signature Kongtie refused.
+    pub fn signing_settings(self) -> &'static str {
+        match self {
+            Endpoint::ParTrade => "KONGTIE_PAY_TOKEN and KONGTIE_PAY_SOURCE_FROM",
+            _ => "KONGTIE_TOKEN and KONGTIE_SOURCE_FROM",
+        }
+    }
 }
 
 impl fmt::Display for Endpoint {
@@ -244,16 +253,11 @@ impl KongtieClient {
             let backoff = backoff(attempt);
             let time_left = remaining
                 .is_none_or(|r| r.saturating_sub(started.elapsed()) > backoff + MIN_ATTEMPT_TIME);
-            if attempt >= MAX_ATTEMPTS || !policy.allows(failure.kind) || !time_left {
+            let retry = attempt < MAX_ATTEMPTS && policy.allows(failure.kind) && time_left;
+            log_failure(endpoint, attempt, retry.then_some(backoff), &failure.error);
+            if !retry {
                 return Err(failure.error);
             }
-            warn!(
-                endpoint = endpoint.name(),
-                attempt,
-                backoff_ms = backoff.as_millis() as u64,
-                error = %failure.error,
-                "retrying upstream call"
-            );
             tokio::time::sleep(backoff).await;
             attempt += 1;
         }
@@ -274,6 +278,7 @@ impl KongtieClient {
                 Ok(_) => "ok",
                 Err(f) => match f.error {
                     Error::UpstreamRejected { .. } => "rejected",
+                    Error::UpstreamSignatureRejected { .. } => "signature_rejected",
                     Error::UpstreamTimeout { .. } => "timeout",
                     Error::UpstreamBadResponse { .. } => "bad_response",
                     _ => "unavailable",
@@ -360,10 +365,19 @@ impl KongtieClient {
             )
         })?;
         if envelope.head.code != wire::CODE_OK {
-            return Err(Error::UpstreamRejected {
-                endpoint,
-                code: envelope.head.code,
-                message: envelope.head.message,
+            let (code, message) = (envelope.head.code, envelope.head.message);
+            return Err(if refuses_signature(&message) {
+                Error::UpstreamSignatureRejected {
+                    endpoint,
+                    code,
+                    message,
+                }
+            } else {
+                Error::UpstreamRejected {
+                    endpoint,
+                    code,
+                    message,
+                }
             }
             .into());
         }
@@ -372,6 +386,48 @@ impl KongtieClient {
             .ok_or_else(|| bad(endpoint, "ResponseBody is missing"))?;
         Ok(parse_body(endpoint, &body)?)
     }
+}
+
+/// Logs one failed attempt once, at WARN: the endpoint, Kongtie's code and
+/// message when it answered, or the cause. Error texts never hold a token
+/// or a `Sign` (see [`Error`]).
+fn log_failure(endpoint: Endpoint, attempt: u32, retry_in: Option<Duration>, error: &Error) {
+    let retry_in_ms = retry_in.map(|b| b.as_millis() as u64);
+    match error {
+        Error::UpstreamRejected { code, message, .. } => warn!(
+            endpoint = endpoint.name(),
+            attempt,
+            upstream_code = %code,
+            upstream_message = ?message,
+            "Kongtie refused the request"
+        ),
+        Error::UpstreamSignatureRejected { code, message, .. } => warn!(
+            endpoint = endpoint.name(),
+            attempt,
+            upstream_code = %code,
+            upstream_message = ?message,
+            check = endpoint.signing_settings(),
+            "Kongtie refused the gateway's signature: a configuration problem"
+        ),
+        other => warn!(
+            endpoint = endpoint.name(),
+            attempt,
+            retry_in_ms,
+            error = %other,
+            "Kongtie call failed"
+        ),
+    }
+}
+
+/// Whether a refusal's `Message` is about our `Sign`. Kongtie's document
+/// lists no code for it (every failure is `0001`), so its words decide:
+/// "sign" as a word, "signature", or 签名 / 验签.
+fn refuses_signature(message: &str) -> bool {
+    let lower = message.to_lowercase();
+    lower.contains('签')
+        || lower
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .any(|w| w == "sign" || w.starts_with("signature"))
 }
 
 /// Attempts of one call at most.
@@ -495,7 +551,7 @@ fn transport_error(endpoint: Endpoint, timeout: Duration, e: &reqwest::Error) ->
             kind: FailureKind::Connect,
             error: Error::UpstreamUnavailable {
                 endpoint,
-                detail: "connection failed".into(),
+                detail: format!("connection failed: {}", connect_cause(e)),
             },
         }
     } else if e.is_timeout() {
@@ -504,12 +560,49 @@ fn transport_error(endpoint: Endpoint, timeout: Duration, e: &reqwest::Error) ->
             after: timeout,
         })
     } else {
-        let mut detail = String::from("request failed");
-        let mut source = std::error::Error::source(e);
-        while let Some(s) = source {
-            detail = format!("{detail}: {s}");
-            source = s.source();
-        }
+        let detail = match io_kind(e) {
+            Some(std::io::ErrorKind::ConnectionReset) => "connection reset".to_owned(),
+            _ => {
+                let mut detail = String::from("request failed");
+                let mut source = std::error::Error::source(e);
+                while let Some(s) = source {
+                    detail = format!("{detail}: {s}");
+                    source = s.source();
+                }
+                detail
+            }
+        };
         Failure::transient(Error::UpstreamUnavailable { endpoint, detail })
     }
+}
+
+/// Why a connection could not be made, in an operator's words.
+fn connect_cause(e: &reqwest::Error) -> &'static str {
+    use std::io::ErrorKind;
+    if e.is_timeout() {
+        return "connect timeout";
+    }
+    // hyper-util's resolver failure reads "dns error".
+    if chain(e).any(|s| s.to_string().contains("dns error")) {
+        return "DNS lookup failed";
+    }
+    match io_kind(e) {
+        Some(ErrorKind::ConnectionRefused) => "connection refused",
+        Some(ErrorKind::TimedOut) => "connect timeout",
+        Some(ErrorKind::ConnectionReset) => "connection reset",
+        Some(ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable) => "host unreachable",
+        _ => "could not connect",
+    }
+}
+
+/// The error and its sources, outermost first.
+fn chain<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |e| e.source())
+}
+
+/// The kind of the first I/O error among `e`'s sources.
+fn io_kind(e: &reqwest::Error) -> Option<std::io::ErrorKind> {
+    chain(e).find_map(|s| s.downcast_ref::<std::io::Error>().map(std::io::Error::kind))
 }

@@ -181,7 +181,7 @@ async fn a_used_code_fails_clearly_and_is_sent_upstream_once() {
         .unwrap();
 
     let other_dir = tempfile::tempdir().unwrap();
-    let mut config = serve_args(&[]).config();
+    let mut config = serve_args(&[]).config().unwrap();
     config.upstream.ktapi_url = app.sandbox.ktapi_url();
     config.store_url = store_url(other_dir.path());
     let other = run_app(config).await;

@@ -27,31 +27,30 @@ pub const KTAPI_TOKEN: &str = "ktapi-test-token-1";
 pub const PAY_TOKEN: &str = "pay-test-token-2";
 pub const APP_ID: &str = "wxtestapp0000001";
 
-/// The gateway's arguments as a deployment would give them, on port 0.
+/// The gateway's arguments as a deployment would give them, on port 0;
+/// a flag in `extra` replaces the default given here.
 pub fn serve_args(extra: &[&str]) -> ServeArgs {
-    let mut args = vec![
-        "kongtie-gateway",
-        "serve",
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--token",
-        KTAPI_TOKEN,
-        "--pay-token",
-        PAY_TOKEN,
-        "--wechat-app-id",
-        APP_ID,
-        "--notify-addr",
-        "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
+    let defaults = [
+        ("--grpc-addr", "127.0.0.1:0"),
+        ("--token", KTAPI_TOKEN),
+        ("--pay-token", PAY_TOKEN),
+        ("--wechat-app-id", APP_ID),
+        ("--notify-addr", "127.0.0.1:0"),
+        ("--admin-addr", "127.0.0.1:0"),
     ];
+    let mut args = vec!["kongtie-gateway", "serve"];
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            args.extend([flag, value]);
+        }
+    }
     args.extend_from_slice(extra);
     match Cli::try_parse_from(args)
         .expect("test arguments parse")
         .command
     {
         Command::Serve(args) => *args,
-        Command::Sandbox(_) => unreachable!("parsed a serve command"),
+        Command::Sandbox(_) | Command::Check(_) => unreachable!("parsed a serve command"),
     }
 }
 
@@ -164,7 +163,7 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(extra: &[&str], tweak: impl FnOnce(&mut Config)) -> TestApp {
     let sandbox = spawn_sandbox().await;
     let data_dir = tempfile::tempdir().unwrap();
-    let mut config = serve_args(extra).config();
+    let mut config = serve_args(extra).config().expect("a valid configuration");
     config.upstream.ktapi_url = sandbox.ktapi_url();
     config.upstream.pay_url = sandbox.pay_url();
     let db = match std::env::var("KONGTIE_TEST_STORE").as_deref() {
@@ -302,24 +301,31 @@ impl Binary {
         Self::start_with(args, &[], dir, keep)
     }
 
-    /// Starts it with more environment (`RUST_LOG` is `info` unless given).
+    /// Starts it with more environment (`RUST_LOG` is `info` and
+    /// `KONGTIE_TOKEN` is `KTAPI_TOKEN` unless given; an empty value removes
+    /// the variable).
     pub fn start_with(
         args: &[&str],
         env: &[(&str, &str)],
         dir: &std::path::Path,
         keep: Option<tempfile::TempDir>,
     ) -> Binary {
-        let mut child = Process::new(env!("CARGO_BIN_EXE_kongtie-gateway"))
+        let mut child = Process::new(env!("CARGO_BIN_EXE_kongtie-gateway"));
+        child
             .args(args)
             .args(["--grpc-addr", "127.0.0.1:0", "--notify-addr", "127.0.0.1:0"])
             .args(["--admin-addr", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(dir)
             .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting the binary");
+            // `serve` outside the sandbox needs a token; tests sign with it.
+            .env("KONGTIE_TOKEN", KTAPI_TOKEN)
+            .envs(env.iter().copied().filter(|(_, v)| !v.is_empty()))
+            .stderr(Stdio::piped());
+        for (k, _) in env.iter().filter(|(_, v)| v.is_empty()) {
+            child.env_remove(k);
+        }
+        let mut child = child.spawn().expect("starting the binary");
         let stderr = BufReader::new(child.stderr.take().unwrap());
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
@@ -387,7 +393,7 @@ impl Drop for Binary {
     }
 }
 
-/// The binary's default notify token: the document's.
+/// The token printed in Kongtie's public document.
 pub const DOCUMENT_TOKEN: &str = "#wugf543sxcv5*$#";
 
 /// A signed notification of a payment of its own: `id` is the order, the
@@ -410,7 +416,7 @@ pub fn payment_notification(id: &str, token: &str) -> String {
 pub type Acknowledged = Arc<Mutex<Vec<String>>>;
 
 /// Floods `url` from `workers` tasks with distinct notifications signed
-/// with the document's token, each task until a send fails.
+/// with the binary's token (`KTAPI_TOKEN`), each task until a send fails.
 pub fn flood(
     url: &str,
     prefix: &str,
@@ -429,7 +435,7 @@ pub fn flood(
             tokio::spawn(async move {
                 for i in 0.. {
                     let id = format!("{prefix}{i}");
-                    let body = payment_notification(&id, DOCUMENT_TOKEN);
+                    let body = payment_notification(&id, KTAPI_TOKEN);
                     let Ok(resp) = http.post(&url).body(body).send().await else {
                         return;
                     };

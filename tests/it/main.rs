@@ -12,5 +12,6 @@ mod production;
 mod replicas;
 mod store;
 mod ticket;
+mod trust;
 mod upstream_failures;
 mod validation;

@@ -36,10 +36,10 @@ fn signed(fields: &[(&'static str, String)], token: &str) -> String {
     signed_notification(&pairs, &SecretString::from(token))
 }
 
-/// Signed with the token the gateway verifies notifications with (the pay
-/// token, by default).
+/// Signed with the token the gateway verifies notifications with (the ktapi
+/// token, by default, even with a separate pay token).
 fn good(out_trade_id: &str) -> String {
-    signed(&example(out_trade_id, "1522233465"), PAY_TOKEN)
+    signed(&example(out_trade_id, "1522233465"), KTAPI_TOKEN)
 }
 
 async fn subscribe(
@@ -133,7 +133,7 @@ async fn ten_sends_of_one_notification_are_one_event_received_ten_times() {
     let app = spawn_app().await;
     for i in 0..10 {
         // Resends may carry a new TimeStamp, hence a new Sign.
-        let body = signed(&example("R1", &format!("15222334{i:02}")), PAY_TOKEN);
+        let body = signed(&example("R1", &format!("15222334{i:02}")), KTAPI_TOKEN);
         assert_eq!(app.notify(body).await, (200, "success".into()));
     }
     let stored = all_stored(&app).await;
@@ -151,7 +151,7 @@ async fn concurrent_repeats_race_into_one_event() {
             tokio::spawn(async move {
                 let body = signed(
                     &example("RACE1", &format!("{}", 1_600_000_000 + i)),
-                    PAY_TOKEN,
+                    KTAPI_TOKEN,
                 );
                 app.notify(body).await
             })
@@ -251,7 +251,7 @@ async fn a_subscription_can_follow_one_order() {
             ("TradeTime", "2018/3/2 10:00:40".into()),
             ("TimeStamp", "1".into()),
         ],
-        PAY_TOKEN,
+        KTAPI_TOKEN,
     );
     app.notify(y_again).await;
     let n = next_notification(&mut stream).await;

@@ -77,21 +77,47 @@ async fn the_pay_token_is_not_the_ktapi_token() {
 }
 
 #[tokio::test]
-async fn a_wrong_pay_token_is_refused_upstream_with_its_code_and_message() {
-    let app = spawn_app_with(&[], |c| c.upstream.pay.token = "not-the-pay-token".into()).await;
+async fn a_wrong_pay_token_is_a_signature_refusal_for_the_operator() {
+    let app = spawn_app_with(&["--pay-token", "not-the-pay-token"], |_| {}).await;
     let status = app
         .payment()
         .await
         .create_jsapi_order(order("C1", 100))
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    let (reason, meta) = error_info(&status);
+    assert_eq!(reason, "UPSTREAM_SIGNATURE_REJECTED");
+    assert_eq!(meta["endpoint"], "ParTrade");
+    assert_eq!(meta["upstream_code"], "0001");
+    assert_eq!(meta["upstream_message"], "sign error");
+    assert_eq!(
+        status.message(),
+        "Kongtie ParTrade refused the gateway's signature: 0001 sign error"
+    );
+}
+
+#[tokio::test]
+async fn a_business_refusal_keeps_its_own_reason_code_and_message() {
+    let app = spawn_app().await;
+    let mut payment = app.payment().await;
+    payment.create_jsapi_order(order("C2", 100)).await.unwrap();
+    // The sandbox, like WeChat, refuses an order number reused with other
+    // terms.
+    let status = payment
+        .create_jsapi_order(order("C2", 200))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     let (reason, meta) = error_info(&status);
     assert_eq!(reason, "UPSTREAM_REJECTED");
     assert_eq!(meta["endpoint"], "ParTrade");
     assert_eq!(meta["upstream_code"], "0001");
-    assert_eq!(meta["upstream_message"], "sign error");
-    assert!(!status.message().contains("not-the-pay-token"));
+    assert!(
+        !meta["upstream_message"].is_empty()
+            && status.message().contains(&meta["upstream_message"]),
+        "{status:?}"
+    );
 }
 
 #[tokio::test]

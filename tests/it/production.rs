@@ -48,7 +48,7 @@ fn notification(id: &str, time_stamp: &str) -> String {
         ("TradeTime", "2018/3/2 10:00:39"),
         ("TimeStamp", time_stamp),
     ];
-    signed_notification(&fields, &SecretString::from(PAY_TOKEN))
+    signed_notification(&fields, &SecretString::from(KTAPI_TOKEN))
 }
 
 #[tokio::test]
@@ -151,7 +151,7 @@ async fn keys_can_come_from_a_file() {
 #[tokio::test]
 async fn without_keys_a_public_address_is_refused_unless_explicitly_allowed() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = serve_args(&[]).config();
+    let mut config = serve_args(&[]).config().unwrap();
     config.grpc_addr = "0.0.0.0:0".parse().unwrap();
     config.store_url = store_url(dir.path());
     let err = Application::build(config.clone())
@@ -637,7 +637,7 @@ fn a_full_run_logs_no_secret() {
             ("TradeTime", "2018/3/2 10:00:39"),
             ("TimeStamp", "1522233465"),
         ];
-        let body = signed_notification(&fields, &SecretString::from("pay-secret-token-xyz"));
+        let body = signed_notification(&fields, &SecretString::from("ktapi-secret-token-xyz"));
         let sign: serde_json::Value = serde_json::from_str(&body).unwrap();
         let resp = http
             .post(bin.notify_url())
@@ -681,7 +681,7 @@ fn a_full_run_logs_no_secret() {
 }
 
 #[test]
-fn the_example_configuration_file_starts_the_gateway() {
+fn the_example_configuration_file_is_refused_until_its_placeholders_are_replaced() {
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/deploy/kongtie-gateway.env.example"
@@ -694,8 +694,25 @@ fn the_example_configuration_file_starts_the_gateway() {
         .map(|l| l.split_once('=').expect("NAME=value"))
         .collect();
     assert!(vars.iter().any(|(k, _)| *k == "KONGTIE_API_KEYS"));
-    // The listener flags Binary adds (port 0, a temporary data directory)
-    // override the file's addresses.
+    // As it is, the file starts nothing: the first placeholder is named.
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_kongtie-gateway"))
+        .arg("serve")
+        .envs(vars.iter().copied())
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("KONGTIE_TOKEN still holds the example file's placeholder"),
+        "{err}"
+    );
+    // Each placeholder replaced, it starts. The listener flags Binary adds
+    // (port 0, a temporary data directory) override the file's addresses.
+    let filled: Vec<(&str, String)> = vars
+        .iter()
+        .map(|(k, v)| (*k, v.replace("change-me", "real")))
+        .collect();
+    let vars: Vec<(&str, &str)> = filled.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let dir = tempfile::tempdir().unwrap();
     let bin = Binary::start_with(&["serve"], &vars, dir.path(), None);
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -12,8 +12,8 @@ use tonic::{Streaming, transport::Channel};
 
 use crate::{
     helpers::{
-        Binary, DOCUMENT_TOKEN, admin_metrics, assert_each_acknowledged_stored_once,
-        kill_mid_flood, list_all, next_notification, payment_notification, sample, spawn_app_with,
+        Binary, KTAPI_TOKEN, admin_metrics, assert_each_acknowledged_stored_once, kill_mid_flood,
+        list_all, next_notification, payment_notification, sample, spawn_app_with,
     },
     pg::PgDatabase,
 };
@@ -64,7 +64,7 @@ async fn a_notification_posted_to_one_replica_reaches_a_subscriber_of_the_other(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let body = payment_notification("4333451", DOCUMENT_TOKEN);
+    let body = payment_notification("4333451", KTAPI_TOKEN);
     assert_eq!(
         post(&a.notify_url(), body.clone()).await,
         (200, "success".into())
@@ -119,7 +119,7 @@ async fn a_notification_posted_to_one_replica_reaches_a_subscriber_of_the_other(
         .await
         .unwrap()
         .into_inner();
-    let body = payment_notification("4333452", DOCUMENT_TOKEN);
+    let body = payment_notification("4333452", KTAPI_TOKEN);
     assert_eq!(post(&a.notify_url(), body).await.0, 200);
     assert_eq!(
         next_notification(&mut resumed).await.sequence,
@@ -174,6 +174,7 @@ fn an_unreachable_database_stops_start_up_without_showing_the_password() {
         .args(["127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--store"])
         .arg("postgres://kongtie:S3cretPassw0rd@127.0.0.1:1/payments")
         .env("RUST_LOG", "debug")
+        .env("KONGTIE_TOKEN", KTAPI_TOKEN)
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -216,7 +217,7 @@ async fn replicas_recover_when_the_database_cuts_every_session() {
         .await
         .unwrap()
         .into_inner();
-    let body = |id: &str| payment_notification(id, crate::helpers::PAY_TOKEN);
+    let body = |id: &str| payment_notification(id, crate::helpers::KTAPI_TOKEN);
     assert_eq!(a.notify(body("BEFORE")).await.1, "success");
     assert_eq!(next_notification(&mut on_b).await.out_trade_id, "BEFORE");
 

@@ -22,6 +22,10 @@ async fn an_unreachable_upstream_is_unavailable_and_the_service_stays_healthy() 
     let status = app.access_token().await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!(error_info(&status).0, "UPSTREAM_UNAVAILABLE");
+    assert_eq!(
+        status.message(),
+        "Kongtie GetAccessToken is unavailable: connection failed: connection refused"
+    );
     let status = app
         .payment()
         .await

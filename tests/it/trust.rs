@@ -1,0 +1,339 @@
+//! Trust at the configuration edge: which token verifies notifications, no
+//! public secret outside the sandbox, and `kongtie-gateway check`.
+
+use std::{
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use crate::helpers::*;
+
+/// Runs the binary to its end (within 60 s) with `env` added and every
+/// `KONGTIE_*` variable of the test's own environment removed.
+async fn run_binary(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kongtie-gateway"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KONGTIE_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().expect("starting the binary");
+    let pid = child.id();
+    let waited = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await;
+    match waited {
+        Ok(output) => output.unwrap().unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("{args:?} did not end within 60 s");
+        }
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The document's notify example, exactly as printed, with the two hex
+/// digits its scan lost (`eb`, after `fcbb`) put back: the signature is
+/// Kongtie's, not one the crate computed.
+const DOCUMENT_NOTIFY_EXAMPLE: &str = r#"{
+  "TradeStatus": "0000",
+  "Message": "SUCCESS",
+  "OutTradeId": "4333451",
+  "TradeAmount": "0.20",
+  "TradeOrderId": "984_43334515",
+  "TradeBillNo": "2018030221001004080206230140",
+  "TradeTime": "2018/3/2 10:00:39",
+  "TimeStamp": "1522233465",
+  "Sign": "b93a80c08533fcbbeb201ded64815b49"
+}"#;
+
+#[tokio::test]
+async fn the_documents_notify_example_verifies_with_the_ktapi_token_beside_a_separate_pay_token() {
+    let app = spawn_app_with(
+        &[
+            "--token",
+            DOCUMENT_TOKEN,
+            "--allow-document-token",
+            "--pay-token",
+            "a-separate-pay-token",
+        ],
+        |_| {},
+    )
+    .await;
+    assert_eq!(
+        app.notify(DOCUMENT_NOTIFY_EXAMPLE).await,
+        (200, "success".into())
+    );
+    let stored = list_all(&app.addr.to_string()).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(
+        (stored[0].out_trade_id.as_str(), stored[0].amount_fen),
+        ("4333451", Some(20))
+    );
+}
+
+#[tokio::test]
+async fn notifications_are_verified_with_kongtie_token_not_the_pay_token() {
+    // The test gateway has KTAPI_TOKEN and a separate PAY_TOKEN.
+    let app = spawn_app().await;
+    assert_eq!(
+        app.notify(payment_notification("K1", KTAPI_TOKEN)).await,
+        (200, "success".into())
+    );
+    assert_eq!(
+        app.notify(payment_notification("K2", PAY_TOKEN)).await,
+        (401, "bad signature".into())
+    );
+    // KONGTIE_NOTIFY_TOKEN still overrides it.
+    let app = spawn_app_with(&["--notify-token", "a-notify-token"], |_| {}).await;
+    assert_eq!(
+        app.notify(payment_notification("K3", "a-notify-token"))
+            .await
+            .1,
+        "success"
+    );
+    assert_eq!(
+        app.notify(payment_notification("K4", KTAPI_TOKEN)).await.0,
+        401
+    );
+}
+
+#[tokio::test]
+async fn serve_without_a_token_refuses_to_start_and_names_the_variable() {
+    let out = run_binary(&["serve", "--grpc-addr", "127.0.0.1:0"], &[]).await;
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("KONGTIE_TOKEN is not set"),
+        "stderr says what is missing: {err}"
+    );
+}
+
+#[tokio::test]
+async fn the_documents_token_is_refused_unless_allowed() {
+    for var in ["KONGTIE_TOKEN", "KONGTIE_PAY_TOKEN", "KONGTIE_NOTIFY_TOKEN"] {
+        let mut env = vec![("KONGTIE_TOKEN", "a-real-token")];
+        env.push((var, DOCUMENT_TOKEN));
+        let out = run_binary(&["serve"], &env).await;
+        assert!(!out.status.success(), "{var}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(&format!(
+                "{var} is the token printed in Kongtie's public document"
+            )) && err.contains("KONGTIE_ALLOW_DOCUMENT_TOKEN=true"),
+            "{err}"
+        );
+        assert!(
+            !err.contains(DOCUMENT_TOKEN),
+            "the token is not echoed: {err}"
+        );
+    }
+    // Allowed, it starts (and says it is ready).
+    let dir = tempfile::tempdir().unwrap();
+    let bin = Binary::start_with(
+        &["serve", "--allow-document-token"],
+        &[("KONGTIE_TOKEN", DOCUMENT_TOKEN)],
+        dir.path(),
+        None,
+    );
+    let ready = reqwest::get(format!("http://{}/readyz", bin.admin))
+        .await
+        .unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn placeholders_of_the_example_file_are_refused_by_name() {
+    for (var, value) in [
+        ("KONGTIE_TOKEN", "change-me-the-token-kongtie-gave-you"),
+        ("KONGTIE_PAY_TOKEN", "change-me-the-payment-token"),
+        ("KONGTIE_NOTIFY_TOKEN", "change-me"),
+        ("KONGTIE_PLATFORM_TOKEN", "change-me-the-platform-token"),
+        ("KONGTIE_API_KEYS", "a-good-key,change-me-billing-key"),
+        ("KONGTIE_WECHAT_APP_ID", "change-me-wechat-app-id"),
+    ] {
+        let mut env = vec![("KONGTIE_TOKEN", "a-real-token")];
+        env.push((var, value));
+        // Placeholders are refused with --sandbox too: they are never real.
+        for args in [&["serve"][..], &["serve", "--sandbox"][..]] {
+            let out = run_binary(args, &env).await;
+            assert!(!out.status.success(), "{var} {args:?}");
+            let err = text(&out.stderr);
+            assert!(
+                err.contains(&format!("{var} still holds the example file's placeholder")),
+                "{var}: {err}"
+            );
+        }
+    }
+    let keys = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(keys.path(), "good-key\nchange-me-too\n").unwrap();
+    let out = run_binary(
+        &["serve", "--api-keys-file", keys.path().to_str().unwrap()],
+        &[("KONGTIE_TOKEN", "a-real-token")],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("an API key still holds the example file's placeholder"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn the_sandbox_needs_no_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    // An empty value removes the variable Binary would set.
+    let bin = Binary::start_with(
+        &["serve", "--sandbox", "--sandbox-addr", "127.0.0.1:0"],
+        &[("KONGTIE_TOKEN", "")],
+        dir.path(),
+        None,
+    );
+    let mut auth =
+        kongtie_gateway::proto::auth_client::AuthClient::connect(format!("http://{}", bin.grpc))
+            .await
+            .unwrap();
+    let token = auth
+        .get_access_token(kongtie_gateway::proto::GetAccessTokenRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!token.access_token.is_empty());
+}
+
+#[tokio::test]
+async fn check_passes_on_the_sandbox_and_prints_a_line_per_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let out = run_binary(&["check", "--sandbox", "--data-dir", data], &[]).await;
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    let names: Vec<&str> = lines
+        .iter()
+        .map(|l| {
+            assert!(l.starts_with("ok    "), "{l}");
+            l[6..].split(':').next().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "configuration",
+            "API keys",
+            "TLS",
+            "store",
+            "Kongtie GetAccessToken"
+        ]
+    );
+    assert!(
+        stdout.contains("SQLite opened, last sequence 0"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn check_names_the_variable_when_kongtie_refuses_the_signature() {
+    let sandbox = spawn_sandbox().await; // expects KTAPI_TOKEN
+    let dir = tempfile::tempdir().unwrap();
+    let ktapi = sandbox.ktapi_url().to_string();
+    let args = [
+        "check",
+        "--ktapi-url",
+        &ktapi,
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ];
+    let out = run_binary(&args, &[("KONGTIE_TOKEN", "a-wrong-token")]).await;
+    assert!(!out.status.success());
+    let stdout = text(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("Kongtie GetAccessToken"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert_eq!(
+        line,
+        "FAIL  Kongtie GetAccessToken: Kongtie GetAccessToken refused the gateway's signature: \
+         0001 sign error; check KONGTIE_TOKEN and KONGTIE_SOURCE_FROM"
+    );
+    assert!(!stdout.contains("a-wrong-token") && !text(&out.stderr).contains("a-wrong-token"));
+
+    // With the right token, every check passes.
+    let out = run_binary(&args, &[("KONGTIE_TOKEN", KTAPI_TOKEN)]).await;
+    assert!(out.status.success(), "{}", text(&out.stdout));
+
+    // A configuration `serve` would refuse, `check` refuses the same way.
+    let out = run_binary(&args, &[]).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stdout).starts_with("FAIL  configuration: KONGTIE_TOKEN is not set"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[tokio::test]
+async fn a_refused_signature_is_logged_once_at_warn_with_what_to_check_and_no_secret() {
+    let sandbox = spawn_sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ktapi = sandbox.ktapi_url().to_string();
+    let bin = Binary::start_with(
+        &["serve", "--ktapi-url", &ktapi],
+        &[("KONGTIE_TOKEN", "a-wrong-token-42")],
+        dir.path(),
+        None,
+    );
+    let status =
+        kongtie_gateway::proto::auth_client::AuthClient::connect(format!("http://{}", bin.grpc))
+            .await
+            .unwrap()
+            .get_access_token(kongtie_gateway::proto::GetAccessTokenRequest::default())
+            .await
+            .unwrap_err();
+    assert_eq!(error_info(&status).0, "UPSTREAM_SIGNATURE_REJECTED");
+    // The RPC's end is logged after the failure itself.
+    let log = wait_for_log(&bin, "GetAccessToken", "response failed").await;
+    let refusals: Vec<&String> = log
+        .iter()
+        .filter(|l| l.contains("refused the gateway's signature"))
+        .collect();
+    assert_eq!(refusals.len(), 1, "{log:#?}");
+    let line = refusals[0];
+    for part in [
+        "WARN",
+        "endpoint=\"GetAccessToken\"",
+        "upstream_code=0001",
+        "upstream_message=\"sign error\"",
+        "check=\"KONGTIE_TOKEN and KONGTIE_SOURCE_FROM\"",
+    ] {
+        assert!(line.contains(part), "{part} in {line}");
+    }
+    assert!(log.iter().all(|l| !l.contains("a-wrong-token-42")));
+}
+
+/// The log lines so far, once one holds both `a` and `b` (within 10 s).
+async fn wait_for_log(bin: &Binary, a: &str, b: &str) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = bin.log.lock().unwrap().clone();
+        if log.iter().any(|l| l.contains(a) && l.contains(b)) {
+            return log;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no log line with {a:?} and {b:?} within 10 s: {log:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
