@@ -333,9 +333,17 @@ fn bad(reason: impl Into<String>) -> Refusal {
 
 /// Parses and verifies a notification body, whatever its Content-Type.
 fn verify(body: &[u8], token: &SecretString) -> Result<IncomingNotification, Refusal> {
-    // Step 1: a JSON object, each value kept as the raw text that was sent.
-    let object: HashMap<String, Box<RawValue>> =
+    // Step 1: a JSON object, each value kept as the raw text that was sent,
+    // each key once: with a key twice, the value we verify and the value an
+    // auditor reads from the raw body could differ.
+    let Members(members) =
         serde_json::from_slice(body).map_err(|_| bad("body is not a JSON object"))?;
+    let mut object: HashMap<String, Box<RawValue>> = HashMap::with_capacity(members.len());
+    for (key, value) in members {
+        if let Some(_first) = object.insert(key, value) {
+            return Err(bad("a key appears more than once in the body"));
+        }
+    }
     let text = |name: &str| -> Result<String, Refusal> {
         let raw = object
             .get(name)
@@ -400,6 +408,33 @@ fn verify(body: &[u8], token: &SecretString) -> Result<IncomingNotification, Ref
         raw_body: String::from_utf8_lossy(body).into_owned(),
         received_at: Utc::now(),
     })
+}
+
+/// A JSON object's members in the order sent, repeated keys included
+/// (serde's maps keep the last value of a repeated key and say nothing).
+struct Members(Vec<(String, Box<RawValue>)>);
+
+impl<'de> serde::Deserialize<'de> for Members {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Members;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Members, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = map.next_entry()? {
+                    members.push(member);
+                }
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
 }
 
 #[cfg(test)]
@@ -500,6 +535,28 @@ mod tests {
         let err = verify(body.as_bytes(), &"t".into()).err().unwrap();
         assert_eq!(err.status, StatusCode::BAD_REQUEST);
         assert_eq!(err.reason, "field Message contains a NUL character");
+    }
+
+    #[test]
+    fn a_key_sent_twice_is_refused() {
+        let body = signed(&EXAMPLE, "t");
+        // The signed amount first, another one after it.
+        let twice = body.replacen('{', r#"{"TradeAmount":"999.00","#, 1);
+        let err = verify(twice.as_bytes(), &"t".into()).err().unwrap();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert_eq!(err.reason, "a key appears more than once in the body");
+    }
+
+    #[test]
+    fn null_booleans_objects_and_arrays_are_no_fields_text() {
+        for value in ["null", "true", "false", r#"{"a":1}"#, "[]"] {
+            let body = signed(&EXAMPLE, "t").replace(r#""SUCCESS""#, value);
+            let err = verify(body.as_bytes(), &"t".into()).err().unwrap();
+            assert_eq!(
+                err.reason, "field Message must be a string or a number",
+                "{value}"
+            );
+        }
     }
 
     #[test]

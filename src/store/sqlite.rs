@@ -410,7 +410,10 @@ fn commit_batch(
     let mut replies = Vec::new();
     let mut events = Vec::new();
     let mut seq = last;
-    let tx = match conn.transaction() {
+    // IMMEDIATE: take the write lock first, waiting (busy_timeout) for
+    // whoever holds it. A deferred transaction that reads and then writes
+    // fails at once, without waiting, when another connection writes.
+    let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
             // Answer every request of the batch; none was applied.

@@ -176,15 +176,14 @@ pub fn integer<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
 }
 
 /// The text of a raw JSON value the way a signer saw it: a string's
-/// contents, or a number's (or literal's) text exactly as sent.
+/// contents, or a number's text exactly as sent; `None` for anything else.
 pub fn raw_text(raw: &RawValue) -> Option<String> {
     let s = raw.get();
-    if s.starts_with('"') {
-        serde_json::from_str::<String>(s).ok()
-    } else if s.starts_with(['{', '[']) {
-        None
-    } else {
-        Some(s.to_owned())
+    match s.as_bytes().first()? {
+        b'"' => serde_json::from_str::<String>(s).ok(),
+        b'-' | b'0'..=b'9' => Some(s.to_owned()),
+        // null, true, false, objects and arrays are no field's text.
+        _ => None,
     }
 }
 
@@ -217,7 +216,9 @@ mod tests {
         assert_eq!(raw_text(&raw).as_deref(), Some("0.20"));
         let raw: Box<RawValue> = serde_json::from_str(r#""0.20""#).unwrap();
         assert_eq!(raw_text(&raw).as_deref(), Some("0.20"));
-        let raw: Box<RawValue> = serde_json::from_str(r#"{"a":1}"#).unwrap();
-        assert_eq!(raw_text(&raw), None);
+        for not_text in [r#"{"a":1}"#, "[1]", "null", "true", "false"] {
+            let raw: Box<RawValue> = serde_json::from_str(not_text).unwrap();
+            assert_eq!(raw_text(&raw), None, "{not_text}");
+        }
     }
 }

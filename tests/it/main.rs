@@ -5,6 +5,7 @@ mod auth;
 mod crash;
 mod grpcurl;
 mod helpers;
+mod hostile_notify;
 mod notifications;
 mod payment;
 mod pg;

@@ -1,0 +1,378 @@
+//! The notify listener faces the internet: clients that connect and stall,
+//! send slowly, or send what they should not, cannot hold it shut, forge a
+//! log line, or make the signed value differ from the stored one.
+
+use std::time::{Duration, Instant};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use crate::helpers::*;
+
+/// A connection the test holds open, and what it has sent.
+struct Stalled {
+    stream: TcpStream,
+    opened: Instant,
+}
+
+async fn open(addr: &str, send: &[u8]) -> Stalled {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    if !send.is_empty() {
+        stream.write_all(send).await.unwrap();
+    }
+    Stalled {
+        stream,
+        opened: Instant::now(),
+    }
+}
+
+/// Waits (up to `deadline` after the connection opened) for the server to
+/// close it; returns what it sent first and how long after opening it
+/// closed.
+async fn closed_by_server(mut c: Stalled, deadline: Duration) -> (String, Duration) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let left = deadline.saturating_sub(c.opened.elapsed());
+        match tokio::time::timeout(left, c.stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return (
+                    String::from_utf8_lossy(&got).into_owned(),
+                    c.opened.elapsed(),
+                );
+            }
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!(
+                "a stalled connection was still open {:?} after it opened",
+                c.opened.elapsed()
+            ),
+        }
+    }
+}
+
+const HEAD: &str = "POST /kongtie/payment-notify HTTP/1.1\r\nHost: gateway\r\n";
+
+fn slow_body_start() -> Vec<u8> {
+    format!("{HEAD}Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{").into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_connections_cannot_hold_the_listener_shut_nor_delay_shutdown() {
+    const READ_TIMEOUT: Duration = Duration::from_secs(4);
+    let dir = tempfile::tempdir().unwrap();
+    let mut bin = Binary::start_in(
+        &["serve", "--notify-read-timeout-ms", "4000"],
+        dir.path(),
+        None,
+    );
+    let addr = bin.notify.clone();
+
+    // 260 slow bodies (more than the 256 notification slots), 200 slow
+    // headers, 200 idle connections.
+    let mut stalled = Vec::new();
+    for _ in 0..260 {
+        stalled.push(("slow body", open(&addr, &slow_body_start()).await));
+    }
+    for _ in 0..200 {
+        stalled.push(("slow header", open(&addr, HEAD.as_bytes()).await));
+    }
+    for _ in 0..200 {
+        stalled.push(("idle", open(&addr, b"").await));
+    }
+    // The gateway has accepted them all (on a loaded machine, a moment
+    // after the test's connects returned).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sample(
+        &admin_metrics(&bin.admin).await,
+        "kongtie_notify_connections",
+    ) < 660.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "660 connections not open within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A genuine notification is answered at once all the same.
+    let started = Instant::now();
+    let resp = reqwest::Client::new()
+        .post(bin.notify_url())
+        .body(payment_notification("GENUINE1", KTAPI_TOKEN))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(resp.text().await.unwrap(), "success");
+    assert!(took < Duration::from_secs(1), "answered after {took:?}");
+    assert!(
+        sample(
+            &admin_metrics(&bin.admin).await,
+            "kongtie_notify_connections"
+        ) >= 660.0,
+        "the stalled connections were all still open"
+    );
+
+    // Each stalled connection is closed by the server after its read
+    // timeout (not before), within generous slack for a loaded machine.
+    let closes: Vec<_> = stalled
+        .into_iter()
+        .map(|(kind, c)| {
+            tokio::spawn(async move { (kind, closed_by_server(c, READ_TIMEOUT * 5).await) })
+        })
+        .collect();
+    let mut slowest = Duration::ZERO;
+    for close in closes {
+        let (kind, (answer, after)) = close.await.unwrap();
+        assert!(
+            after >= READ_TIMEOUT - Duration::from_millis(100),
+            "{kind} closed after {after:?}"
+        );
+        slowest = slowest.max(after);
+        if kind == "slow body" {
+            assert!(answer.starts_with("HTTP/1.1 408"), "{kind}: {answer:?}");
+        } else {
+            assert_eq!(answer, "", "{kind} gets no answer");
+        }
+    }
+    println!("every stalled connection closed, the last {slowest:?} after opening");
+
+    let metrics = admin_metrics(&bin.admin).await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"kongtie_notifications_rejected_total{reason="body_timeout"}"#
+        ),
+        260.0
+    );
+    assert!(
+        sample(
+            &metrics,
+            r#"kongtie_notify_connections_closed_total{reason="read_timeout"}"#
+        ) >= 400.0,
+        "{metrics}"
+    );
+    assert!(
+        sample(
+            &metrics,
+            r#"kongtie_notifications_rejected_total{reason="busy"}"#
+        ) == 0.0
+    );
+    assert_eq!(sample(&metrics, "kongtie_notify_connections"), 0.0);
+
+    // Three half-sent requests do not make SIGTERM wait out the grace
+    // period (10 s by default).
+    let mut half_sent = Vec::new();
+    for _ in 0..3 {
+        half_sent.push(open(&addr, &slow_body_start()).await);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let pid = bin.child.id().to_string();
+    let signalled = Instant::now();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = bin.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running 10 s after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })
+    .await
+    .unwrap();
+    let exit = signalled.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        exit < Duration::from_secs(2),
+        "exited {exit:?} after SIGTERM"
+    );
+    drop(half_sent);
+}
+
+#[tokio::test]
+async fn a_body_that_declares_too_much_is_refused_before_it_is_read() {
+    let app = spawn_app().await;
+    let addr = app
+        .notify_url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let c = open(
+        &addr,
+        format!("{HEAD}Content-Length: 100000000\r\n\r\n").as_bytes(),
+    )
+    .await;
+    let (answer, _) = closed_by_server(c, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer:?}");
+}
+
+#[tokio::test]
+async fn a_key_sent_twice_or_a_null_field_is_refused_and_nothing_is_stored() {
+    let app = spawn_app().await;
+    let body = payment_notification("DUP1", KTAPI_TOKEN);
+    let twice = body.replacen('{', r#"{"TradeAmount":"999.00","#, 1);
+    assert_eq!(
+        app.notify(twice).await,
+        (400, "a key appears more than once in the body".into())
+    );
+    let null = body.replace(r#""SUCCESS""#, "null");
+    assert_eq!(
+        app.notify(null).await,
+        (400, "field Message must be a string or a number".into())
+    );
+    assert!(list_all(&app.addr.to_string()).await.is_empty());
+    let metrics = admin_metrics(&app.admin.to_string()).await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"kongtie_notifications_rejected_total{reason="malformed"}"#
+        ),
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn an_order_id_with_a_newline_or_an_escape_cannot_forge_a_log_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = Binary::start_in(&["serve"], dir.path(), None);
+    let forged = "X1\n2026-11-26T00:00:00Z  INFO FORGED line\u{1b}[31m";
+    let fields = [
+        ("TradeStatus", "0000"),
+        ("Message", "SUCCESS"),
+        ("OutTradeId", forged),
+        ("TradeAmount", "0.20"),
+        ("TradeOrderId", "984_1"),
+        ("TradeBillNo", "1"),
+        ("TradeTime", "2018/3/2 10:00:39"),
+        ("TimeStamp", "1522233465"),
+    ];
+    let body = kongtie_gateway::sandbox::signed_notification(
+        &fields,
+        &secrecy::SecretString::from(KTAPI_TOKEN),
+    );
+    let resp = reqwest::Client::new()
+        .post(bin.notify_url())
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.text().await.unwrap(), "success");
+    let log = wait_for_line(&bin, "notification stored").await;
+    assert!(
+        log.iter().all(|l| !l.starts_with("2026-11-26T00:00:00Z")),
+        "a forged line: {log:#?}"
+    );
+    assert!(log.iter().all(|l| !l.contains('\u{1b}')), "{log:#?}");
+    let stored = log
+        .iter()
+        .find(|l| l.contains("notification stored"))
+        .unwrap();
+    assert!(
+        stored.contains(r#"out_trade_id="X1\n2026-11-26T00:00:00Z  INFO FORGED line\u{1b}[31m""#),
+        "{stored}"
+    );
+}
+
+/// The binary's log, once a line holds `what` (within 10 s).
+async fn wait_for_line(bin: &Binary, what: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = bin.log.lock().unwrap().clone();
+        if log.iter().any(|l| l.contains(what)) {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what:?} within 10 s: {log:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_after_its_request_timed_out_is_logged_and_counted_like_any_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = Binary::start_in(&["serve", "--notify-timeout-ms", "300"], dir.path(), None);
+    // Another connection holds SQLite's write lock: the gateway's commit
+    // waits for it (its busy timeout is 5 s).
+    let db = dir.path().join("notifications.db");
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let conn = rusqlite::Connection::open(db).unwrap();
+        conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        locked_tx.send(()).unwrap();
+        let _ = release_rx.recv_timeout(Duration::from_secs(30));
+        conn.execute_batch("ROLLBACK").unwrap();
+    });
+    locked_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+
+    let http = reqwest::Client::new();
+    let body = payment_notification("SLOW1", KTAPI_TOKEN);
+    let resp = http
+        .post(bin.notify_url())
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(resp.text().await.unwrap(), "timed out, send again");
+    let log = wait_for_line(&bin, "not stored in time").await;
+    let warning = log
+        .iter()
+        .find(|l| l.contains("not stored in time"))
+        .unwrap();
+    assert!(
+        warning.contains("WARN") && warning.contains(r#"out_trade_id="SLOW1""#),
+        "{warning}"
+    );
+
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    let log = wait_for_line(&bin, "notification stored").await;
+    let stored = log
+        .iter()
+        .find(|l| l.contains("notification stored"))
+        .unwrap();
+    assert!(
+        stored.contains(r#"out_trade_id="SLOW1""#) && stored.contains("sequence=1"),
+        "{stored}"
+    );
+    let metrics = admin_metrics(&bin.admin).await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"kongtie_notifications_received_total{outcome="stored"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"kongtie_notifications_rejected_total{reason="timeout"}"#
+        ),
+        1.0
+    );
+    // Kongtie's resend is the same event.
+    let resp = http.post(bin.notify_url()).body(body).send().await.unwrap();
+    assert_eq!(resp.text().await.unwrap(), "success");
+    let stored = list_all(&bin.grpc).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].receive_count, 2);
+}
