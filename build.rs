@@ -20,6 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
 
     tonic_prost_build::configure()
+        // Undecodable requests are INVALID_ARGUMENT (see src/grpc/codec.rs).
+        .codec_path("crate::grpc::codec::Codec")
         .file_descriptor_set_path(out_dir.join("kongtie_descriptor.bin"))
         .compile_protos(
             &PROTOS.iter().map(PathBuf::from).collect::<Vec<_>>(),

@@ -55,8 +55,20 @@ pub enum Error {
     #[error("the caller's deadline of {}ms passed", .0.as_millis())]
     DeadlineExceeded(Duration),
 
-    #[error("the notification store is unavailable: {0}")]
+    /// The store failed. Its text (the database's own words) goes to the
+    /// server log only; the caller is told the store is unavailable.
+    #[error("the notification store is unavailable; try again")]
     Store(String),
+
+    /// A sequence past the newest stored one: a position from elsewhere
+    /// (another deployment, a restored backup), which waiting would never
+    /// reach.
+    #[error("{field} {requested} is beyond the newest stored sequence {last}")]
+    SequenceBeyondLast {
+        field: &'static str,
+        requested: u64,
+        last: u64,
+    },
 
     #[error("not configured: {0}")]
     NotConfigured(&'static str),
@@ -164,7 +176,17 @@ impl From<Error> for Status {
                 Code::Internal
             }
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
-            Error::Store(_) => {
+            Error::SequenceBeyondLast { field, last, .. } => {
+                details.add_bad_request_violation(*field, message.clone());
+                details.set_error_info(
+                    "SEQUENCE_BEYOND_LAST",
+                    ERROR_DOMAIN,
+                    HashMap::from([("last_sequence".to_owned(), last.to_string())]),
+                );
+                Code::OutOfRange
+            }
+            Error::Store(detail) => {
+                tracing::error!(error = %detail, "store failure answered UNAVAILABLE");
                 details.set_error_info("STORE_UNAVAILABLE", ERROR_DOMAIN, HashMap::new());
                 Code::Unavailable
             }
@@ -175,21 +197,6 @@ impl From<Error> for Status {
             Error::Internal(_) => Code::Internal,
         };
         Status::with_error_details(code, message, details)
-    }
-}
-
-impl From<crate::store::StoreError> for Error {
-    fn from(e: crate::store::StoreError) -> Self {
-        use crate::store::StoreError;
-        match e {
-            StoreError::BeyondLast { requested, last } => Error::invalid(
-                "sequence",
-                format!("{requested} is beyond the last stored sequence {last}"),
-            ),
-            e @ (StoreError::Backend(_) | StoreError::Closed | StoreError::RolledBack) => {
-                Error::Store(e.to_string())
-            }
-        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! request, calling [`Gateway`](crate::gateway::Gateway) and mapping back.
 
 mod auth;
+pub mod codec;
 mod payment;
 mod ticket;
 

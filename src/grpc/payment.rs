@@ -53,6 +53,49 @@ impl PaymentService {
     }
 }
 
+impl PaymentService {
+    /// Refuses a position past the newest stored sequence: waiting would
+    /// never reach it (a position from another deployment, or from before a
+    /// backup was restored).
+    async fn within_stored(&self, field: &'static str, after: u64) -> Result<(), Status> {
+        if after == 0 {
+            return Ok(());
+        }
+        let last = self.store.last_sequence().await.map_err(Error::from)?;
+        if after > last {
+            return Err(Error::SequenceBeyondLast {
+                field,
+                requested: after,
+                last,
+            }
+            .into());
+        }
+        Ok(())
+    }
+}
+
+/// The largest `ListNotifications` answer: what every gRPC client accepts
+/// by default (4 MiB), less room for the envelope.
+const MAX_PAGE_BYTES: usize = (4 << 20) - 1024;
+
+/// As many of `notifications` as fit in [`MAX_PAGE_BYTES`] (at least one).
+fn fit_page(
+    notifications: impl Iterator<Item = proto::PaymentNotification>,
+) -> Vec<proto::PaymentNotification> {
+    use prost::Message;
+    let mut page = Vec::new();
+    let mut bytes = 0;
+    for n in notifications {
+        // The field's tag and length prefix: at most 1 + 5 bytes.
+        bytes += n.encoded_len() + 6;
+        if bytes > MAX_PAGE_BYTES && !page.is_empty() {
+            break;
+        }
+        page.push(n);
+    }
+    page
+}
+
 type NotificationStream =
     Pin<Box<dyn Stream<Item = Result<proto::PaymentNotification, Status>> + Send>>;
 
@@ -127,11 +170,15 @@ impl Payment for PaymentService {
         if let Some(order) = &order {
             tracing::Span::current().record("out_trade_id", order.as_str());
         }
-        let after = match (req.after_sequence, &consumer) {
-            (Some(after), _) => after,
-            (None, Some(consumer)) => self.store.acked(consumer).await.map_err(Error::from)?,
-            (None, None) => 0,
+        let (after, field) = match (req.after_sequence, &consumer) {
+            (Some(after), _) => (after, "after_sequence"),
+            (None, Some(consumer)) => (
+                self.store.acked(consumer).await.map_err(Error::from)?,
+                "consumer",
+            ),
+            (None, None) => (0, "after_sequence"),
         };
+        self.within_stored(field, after).await?;
         let (tx, rx) = mpsc::channel(crate::notify::STREAM_BUFFER);
         let subscription = Subscription {
             store: Arc::clone(&self.store),
@@ -206,7 +253,9 @@ impl Payment for PaymentService {
             },
         );
         let (order, page_size) = v.finish(|| Some((order?, page_size?)))?;
-        let page = self
+        self.within_stored("after_sequence", req.after_sequence)
+            .await?;
+        let mut page = self
             .store
             .list(
                 req.after_sequence,
@@ -215,9 +264,12 @@ impl Payment for PaymentService {
             )
             .await
             .map_err(Error::from)?;
-        let next_after_sequence = page.last().map_or(req.after_sequence, |n| n.sequence);
+        let notifications = fit_page(page.drain(..).map(|n| to_proto(&n)));
+        let next_after_sequence = notifications
+            .last()
+            .map_or(req.after_sequence, |n| n.sequence);
         Ok(Response::new(proto::ListNotificationsResponse {
-            notifications: page.iter().map(to_proto).collect(),
+            notifications,
             next_after_sequence,
         }))
     }

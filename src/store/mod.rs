@@ -16,7 +16,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
-use crate::metrics::Metrics;
+use crate::{error::Error, metrics::Metrics};
 
 /// A notification as verified by the listener, not yet stored.
 #[derive(Debug, Clone)]
@@ -129,6 +129,21 @@ pub enum StoreError {
     BeyondLast { requested: u64, last: u64 },
     #[error("the write was rolled back")]
     RolledBack,
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::BeyondLast { requested, last } => Error::SequenceBeyondLast {
+                field: "sequence",
+                requested,
+                last,
+            },
+            e @ (StoreError::Backend(_) | StoreError::Closed | StoreError::RolledBack) => {
+                Error::Store(e.to_string())
+            }
+        }
+    }
 }
 
 /// Durable notifications, their total order, and consumer positions.

@@ -302,8 +302,13 @@ async fn bad_subscription_ack_and_list_requests_name_their_fields() {
         })
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(status.code(), Code::OutOfRange);
     assert_eq!(violated_fields(&status), ["sequence"]);
+    let (reason, meta) = error_info(&status);
+    assert_eq!(
+        (reason.as_str(), meta["last_sequence"].as_str()),
+        ("SEQUENCE_BEYOND_LAST", "1")
+    );
     let status = payment
         .ack_notifications(AckNotificationsRequest {
             consumer: "bad name!".into(),
@@ -519,4 +524,98 @@ async fn notifications_and_positions_survive_a_restart_and_sequences_continue() 
     assert_eq!(next_notification(&mut stream).await.out_trade_id, "S2");
     let n = next_notification(&mut stream).await;
     assert_eq!((n.out_trade_id.as_str(), n.sequence), ("S3", 3));
+}
+
+#[tokio::test]
+async fn reading_past_the_newest_sequence_is_out_of_range_not_a_silent_wait() {
+    let app = spawn_app().await;
+    app.notify(good("P1")).await;
+    app.notify(good("P2")).await;
+    let mut payment = app.payment().await;
+    let expect_out_of_range = |status: tonic::Status, field: &str| {
+        assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+        assert_eq!(violated_fields(&status), [field]);
+        let (reason, meta) = error_info(&status);
+        assert_eq!(reason, "SEQUENCE_BEYOND_LAST");
+        assert_eq!(meta["last_sequence"], "2");
+        assert_eq!(
+            status.message(),
+            format!("{field} 7 is beyond the newest stored sequence 2")
+        );
+    };
+    let status = payment
+        .subscribe_notifications(SubscribeNotificationsRequest {
+            after_sequence: Some(7),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    expect_out_of_range(status, "after_sequence");
+    let status = payment
+        .list_notifications(ListNotificationsRequest {
+            after_sequence: 7,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    expect_out_of_range(status, "after_sequence");
+    // At the newest sequence is fine: the next one is awaited.
+    let page = payment
+        .list_notifications(ListNotificationsRequest {
+            after_sequence: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(page.notifications.is_empty());
+    assert_eq!(page.next_after_sequence, 2);
+    payment
+        .subscribe_notifications(SubscribeNotificationsRequest {
+            after_sequence: Some(2),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_page_of_large_notifications_fits_what_a_default_client_accepts() {
+    let app = spawn_app().await;
+    // 100 notifications of about 60 kB each: 6 MB in all, more than the
+    // 4 MiB a default gRPC client accepts in one message.
+    let message = "M".repeat(60_000);
+    for i in 0..100 {
+        let mut fields = example(&format!("BIG{i}"), "1522233465");
+        fields[1].1 = message.clone();
+        assert_eq!(app.notify(signed(&fields, KTAPI_TOKEN)).await.1, "success");
+    }
+    // The generated client keeps tonic's default 4 MiB receive limit.
+    let mut payment = app.payment().await;
+    let mut after = 0;
+    let mut pages = Vec::new();
+    loop {
+        let page = payment
+            .list_notifications(ListNotificationsRequest {
+                after_sequence: after,
+                page_size: 100,
+                ..Default::default()
+            })
+            .await
+            .expect("every page within the default limit")
+            .into_inner();
+        if page.notifications.is_empty() {
+            break;
+        }
+        let sequences: Vec<u64> = page.notifications.iter().map(|n| n.sequence).collect();
+        assert_eq!(
+            sequences,
+            (after + 1..=after + sequences.len() as u64).collect::<Vec<_>>()
+        );
+        after = page.next_after_sequence;
+        pages.push(sequences.len());
+    }
+    assert_eq!(pages.iter().sum::<usize>(), 100);
+    assert!(pages.len() >= 2, "cut by size: {pages:?}");
+    assert!(pages[0] >= 60, "as many as fit: {pages:?}");
 }

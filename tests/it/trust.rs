@@ -337,3 +337,38 @@ async fn wait_for_log(bin: &Binary, a: &str, b: &str) -> Vec<String> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn a_store_failure_is_unavailable_to_the_caller_and_only_the_log_has_its_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = Binary::start_in(&["serve"], dir.path(), None);
+    // Break the store under the gateway: its consumer positions are gone.
+    rusqlite::Connection::open(dir.path().join("notifications.db"))
+        .unwrap()
+        .execute_batch("DROP TABLE consumers")
+        .unwrap();
+    let status = kongtie_gateway::proto::payment_client::PaymentClient::connect(format!(
+        "http://{}",
+        bin.grpc
+    ))
+    .await
+    .unwrap()
+    .subscribe_notifications(kongtie_gateway::proto::SubscribeNotificationsRequest {
+        consumer: "orders".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(error_info(&status).0, "STORE_UNAVAILABLE");
+    assert_eq!(
+        status.message(),
+        "the notification store is unavailable; try again"
+    );
+    let log = wait_for_log(&bin, "store failure", "no such table").await;
+    assert!(
+        log.iter()
+            .any(|l| l.contains("ERROR") && l.contains("no such table: consumers")),
+        "{log:#?}"
+    );
+}

@@ -315,3 +315,87 @@ async fn bad_auth_and_ticket_fields_are_named_and_nothing_is_sent() {
         "bad input reached the upstream"
     );
 }
+
+/// Sends `bytes` as the request message of `method`, as a careless or
+/// hostile client might, and returns the status.
+async fn raw_call(app: &TestApp, method: &'static str, bytes: Vec<u8>) -> Status {
+    let mut grpc = tonic::client::Grpc::new(app.channel().await);
+    grpc.ready().await.unwrap();
+    grpc.unary(
+        tonic::Request::new(bytes),
+        tonic::codegen::http::uri::PathAndQuery::from_static(method),
+        RawCodec,
+    )
+    .await
+    .unwrap_err()
+}
+
+/// Bytes in, bytes out: no protobuf on the client side.
+#[derive(Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Status> {
+        prost::bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        let n = prost::bytes::Buf::remaining(src);
+        Ok(Some(prost::bytes::Buf::copy_to_bytes(src, n).to_vec()))
+    }
+}
+
+#[tokio::test]
+async fn bytes_that_do_not_decode_are_invalid_argument_and_nothing_goes_upstream() {
+    let app = spawn_app().await;
+    // Field 1 (out_trade_id) holding bytes that are not UTF-8.
+    let status = raw_call(
+        &app,
+        "/kongtie.v1.Payment/CreateJsapiOrder",
+        vec![0x0a, 0x02, 0xff, 0xfe],
+    )
+    .await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status
+            .message()
+            .starts_with("the message does not decode as CreateJsapiOrderRequest"),
+        "{}",
+        status.message()
+    );
+    // A length prefix promising more than the message holds.
+    let status = raw_call(
+        &app,
+        "/kongtie.v1.Auth/ExchangeOAuthCode",
+        vec![0x0a, 0x40, b'a'],
+    )
+    .await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    for endpoint in kongtie_gateway::upstream::Endpoint::ALL {
+        assert_eq!(app.sandbox.calls(endpoint), 0, "nothing was sent upstream");
+    }
+}
