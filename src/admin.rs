@@ -1,6 +1,6 @@
 //! The admin HTTP listener: `/metrics` (Prometheus), `/healthz` (the
-//! process answers) and `/readyz` (the store is open and we are not
-//! shutting down). Keep it off the internet.
+//! process answers) and `/readyz` (not shutting down, and the store can
+//! write). Keep it off the internet.
 
 use std::sync::Arc;
 
@@ -19,15 +19,25 @@ use crate::metrics::Metrics;
 struct AdminState {
     metrics: Arc<Metrics>,
     ready: watch::Receiver<bool>,
+    writable: watch::Receiver<bool>,
 }
 
-/// `ready` is true while the gateway can take work.
-pub fn router(metrics: Arc<Metrics>, ready: watch::Receiver<bool>) -> Router {
+/// `ready` is true until shutdown begins; `writable` while the store can
+/// write (a notification could not be stored otherwise).
+pub fn router(
+    metrics: Arc<Metrics>,
+    ready: watch::Receiver<bool>,
+    writable: watch::Receiver<bool>,
+) -> Router {
     Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .with_state(AdminState { metrics, ready })
+        .with_state(AdminState {
+            metrics,
+            ready,
+            writable,
+        })
 }
 
 async fn metrics_text(State(state): State<AdminState>) -> impl IntoResponse {
@@ -41,9 +51,14 @@ async fn metrics_text(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {
-    if *state.ready.borrow() {
-        (StatusCode::OK, "ready")
+    if !*state.ready.borrow() {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: shutting down")
+    } else if !*state.writable.borrow() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the store cannot write",
+        )
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+        (StatusCode::OK, "ready")
     }
 }

@@ -79,6 +79,7 @@ pub struct Metrics {
     pub notify_accept_errors: Counter,
     pub notify_connections_closed: Family<ReasonLabels, Counter>,
     pub store_commit_seconds: Histogram,
+    pub store_checkpoint_failures: Counter,
     pub store_batch_size: Histogram,
     pub store_feed_reads: Family<TriggerLabels, Counter>,
     pub store_feed_events: Family<SourceLabels, Counter>,
@@ -99,6 +100,7 @@ impl Metrics {
             notify_accept_errors: Counter::default(),
             notify_connections_closed: Family::default(),
             store_commit_seconds: latency_histogram(),
+            store_checkpoint_failures: Counter::default(),
             store_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             store_feed_reads: Family::default(),
             store_feed_events: Family::default(),
@@ -155,6 +157,11 @@ impl Metrics {
              after its answer), read_timeout (no request headers in time, idle \
              included), shutdown, error",
             m.notify_connections_closed.clone(),
+        );
+        registry.register(
+            "store_checkpoint_failures",
+            "SQLite WAL checkpoints that failed (a full disk...); logged at most once a minute",
+            m.store_checkpoint_failures.clone(),
         );
         registry.register(
             "store_commit_seconds",

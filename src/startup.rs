@@ -269,7 +269,7 @@ impl Application {
         let admin = tokio::spawn(
             axum::serve(
                 self.admin_listener,
-                admin::router(Arc::clone(&self.metrics), ready),
+                admin::router(Arc::clone(&self.metrics), ready, self.store.writable()),
             )
             .with_graceful_shutdown(async {
                 let _ = admin_stopped.await;

@@ -213,16 +213,18 @@ async fn receive(State(state): State<Arc<ListenerState>>, request: Request) -> R
         async move {
             let recorded = store.record(notification).await;
             match &recorded {
+                // Counted before logged: whoever reads the log line finds
+                // the count.
                 Ok(Recorded::New { sequence }) => {
-                    info!(sequence, "notification stored");
                     metrics.notification("stored");
+                    info!(sequence, "notification stored");
                 }
                 Ok(Recorded::Repeat {
                     sequence,
                     receive_count,
                 }) => {
-                    info!(sequence, receive_count, "repeat of a stored notification");
                     metrics.notification("duplicate");
+                    info!(sequence, receive_count, "repeat of a stored notification");
                 }
                 Err(e) => {
                     error!(error = %e, "notification not stored; Kongtie will resend");

@@ -11,7 +11,11 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::{
+    sync::{broadcast, mpsc, oneshot, watch},
+    task::JoinHandle,
+};
+use tracing::{info, warn};
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -203,6 +207,10 @@ pub trait NotificationStore: Send + Sync + 'static {
     /// New events, after commit, in sequence order.
     fn subscribe(&self) -> broadcast::Receiver<Arc<StoredNotification>>;
 
+    /// Whether the store can write now: false from a failed commit until a
+    /// commit, or a probe write, succeeds again (see [`WriteHealth`]).
+    fn writable(&self) -> watch::Receiver<bool>;
+
     /// Finishes pending writes and ends the live feed.
     async fn close(&self);
 }
@@ -295,4 +303,75 @@ async fn ask<Op, T>(
         .await
         .map_err(|_| StoreError::Closed)?;
     answer.await.map_err(|_| StoreError::Closed)?
+}
+
+/// How often a store that cannot write tries a small write.
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether a backend can write, as its writer last found: set after each
+/// commit. While it is false a prober makes a small write every
+/// [`PROBE_EVERY`], so it turns true again without waiting for traffic
+/// (a replica that its load balancer took out of rotation gets none).
+#[derive(Clone)]
+pub struct WriteHealth(Arc<watch::Sender<bool>>);
+
+impl WriteHealth {
+    fn new() -> Self {
+        Self(Arc::new(watch::Sender::new(true)))
+    }
+
+    /// Records a commit's outcome, logging each change once.
+    fn set(&self, writable: bool) {
+        let changed = self.0.send_if_modified(|now| {
+            let changed = *now != writable;
+            *now = writable;
+            changed
+        });
+        if changed && writable {
+            info!("the store writes again");
+        } else if changed {
+            warn!("the store cannot write; /readyz answers 503 until it can");
+        }
+    }
+
+    fn subscribe(&self) -> watch::Receiver<bool> {
+        self.0.subscribe()
+    }
+
+    /// Probes whenever the store cannot write, until `closed` completes or
+    /// `probe` answers `None` (the store closed). `probe` should write
+    /// something durable; the backend records its outcome with
+    /// [`set`](Self::set).
+    fn spawn_prober<F, Fut>(
+        &self,
+        closed: impl Future<Output = ()> + Send + 'static,
+        probe: F,
+    ) -> JoinHandle<()>
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: Future<Output = Option<()>> + Send,
+    {
+        let mut writable = self.subscribe();
+        let probing = async move {
+            loop {
+                if writable.wait_for(|w| !*w).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(PROBE_EVERY).await;
+                if *writable.borrow() {
+                    // A commit succeeded meanwhile.
+                    continue;
+                }
+                if probe().await.is_none() {
+                    return;
+                }
+            }
+        };
+        tokio::spawn(async move {
+            tokio::select! {
+                () = probing => {}
+                () = closed => {}
+            }
+        })
+    }
 }

@@ -51,7 +51,7 @@ use crate::metrics::Metrics;
 
 use super::{
     HeldWrite, IncomingNotification, LiveFeed, NotificationStore, Recorded, StoreError,
-    StoredNotification, ask, from_sql, lock, to_sql,
+    StoredNotification, WriteHealth, ask, from_sql, lock, to_sql,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -93,6 +93,7 @@ struct Written {
 }
 
 pub struct PostgresStore {
+    health: WriteHealth,
     pool: PgPool,
     write_pool: PgPool,
     /// Random, per process: the NOTIFY payloads of our own commits.
@@ -196,13 +197,35 @@ impl PostgresStore {
         let wake = Arc::new(Wake::default());
         // Names this replica in its NOTIFY payloads.
         let replica: Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
+        let health = WriteHealth::new();
+        let prober = {
+            let (pool, health) = (write_pool.clone(), health.clone());
+            let mut closing = stop.subscribe();
+            let closed = async move {
+                let _ = closing.wait_for(|s| *s).await;
+            };
+            health.clone().spawn_prober(closed, move || {
+                let (pool, health) = (pool.clone(), health.clone());
+                async move {
+                    // A write that changes nothing, under the sequencer's
+                    // lock for a moment.
+                    let probed = sqlx::query("UPDATE notification_sequence SET last = last")
+                        .execute(&pool)
+                        .await;
+                    health.set(probed.is_ok());
+                    Some(())
+                }
+            })
+        };
         let tasks = vec![
+            prober,
             tokio::spawn(run_writer(
                 write_pool.clone(),
                 Arc::clone(&replica),
                 queue,
                 committed.clone(),
                 metrics.clone(),
+                health.clone(),
             )),
             tokio::spawn(run_tailer(
                 Tailer {
@@ -222,6 +245,7 @@ impl PostgresStore {
             )),
         ];
         Ok(Self {
+            health,
             pool,
             write_pool,
             replica,
@@ -318,6 +342,10 @@ impl NotificationStore for PostgresStore {
         self.live.subscribe()
     }
 
+    fn writable(&self) -> watch::Receiver<bool> {
+        self.health.subscribe()
+    }
+
     async fn close(&self) {
         // The writer drains its queue and stops; the tailer stops once no
         // one can hand it commits, which ends the live feed.
@@ -340,6 +368,7 @@ async fn run_writer(
     mut queue: mpsc::Receiver<Write>,
     committed: mpsc::UnboundedSender<Vec<StoredNotification>>,
     metrics: Option<Arc<Metrics>>,
+    health: WriteHealth,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.recv().await {
@@ -358,6 +387,7 @@ async fn run_writer(
         };
         match outcome {
             Ok(Some(written)) => {
+                health.set(true);
                 if let Some(m) = &metrics {
                     m.store_commit_seconds
                         .observe(started.elapsed().as_secs_f64());
@@ -387,6 +417,9 @@ async fn run_writer(
                 };
                 for w in batch.drain(..) {
                     let answer = one.record(&w.notification, None).await;
+                    if answer.is_ok() {
+                        health.set(true);
+                    }
                     if let Err(e) = &answer {
                         error!(error = %e, "notification not stored");
                     }
@@ -394,6 +427,7 @@ async fn run_writer(
                 }
             }
             Err(e) => {
+                health.set(false);
                 error!(size, error = %e, "batch failed; nothing of it was stored");
                 let message = e.to_string();
                 fail_all(&mut batch, || StoreError::Backend(message.clone()));

@@ -18,14 +18,14 @@ use chrono::{DateTime, Utc};
 use std::sync::mpsc::RecvTimeoutError;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{debug, error, info};
 
-use crate::metrics::Metrics;
+use crate::{metrics::Metrics, telemetry::RateLimited};
 
 use super::{
     HeldWrite, IncomingNotification, LiveFeed, NotificationStore, Recorded, StoreError,
-    StoredNotification, ask, from_sql, lock, to_sql,
+    StoredNotification, WriteHealth, ask, from_sql, lock, to_sql,
 };
 
 /// Most requests committed in one transaction.
@@ -34,8 +34,11 @@ const MAX_BATCH: usize = 512;
 const QUEUE: usize = 4096;
 const READERS: usize = 4;
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+/// A failing checkpoint is logged at most this often.
+const CHECKPOINT_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE notifications (
         sequence            INTEGER PRIMARY KEY,
         dedup_key           TEXT    NOT NULL UNIQUE,
@@ -59,7 +62,21 @@ const MIGRATIONS: &[&str] = &["
         acked_sequence INTEGER NOT NULL,
         updated_at_ms  INTEGER NOT NULL
     );
-"];
+",
+    "
+    -- One row, rewritten by the write probe while the store cannot write.
+    CREATE TABLE store_probe (
+        id    INTEGER PRIMARY KEY CHECK (id = 1),
+        at_ms INTEGER NOT NULL,
+        room  BLOB    NOT NULL
+    );
+",
+];
+
+/// What the write probe writes: room for the largest notification (its
+/// fields and its raw body, at the largest default body), so that "the
+/// probe wrote" means "a notification would have been stored".
+const PROBE_BYTES: i64 = 128 << 10;
 
 const SELECT_COLUMNS: &str = "sequence, out_trade_id, trade_order_id, trade_bill_no, trade_status, \
      message, trade_amount, amount_fen, trade_time, received_at_ms, receive_count";
@@ -76,6 +93,8 @@ enum WriteOp {
         oneshot::Sender<Result<Recorded, StoreError>>,
         HeldWrite,
     ),
+    /// A small durable write, to learn whether the store can write again.
+    Probe(oneshot::Sender<Result<(), StoreError>>),
 }
 
 pub struct SqliteStore {
@@ -86,6 +105,7 @@ pub struct SqliteStore {
     /// Closed on close, so the live feed ends once the writer is done.
     live: LiveFeed,
     readers: Arc<ReadPool>,
+    health: WriteHealth,
 }
 
 impl SqliteStore {
@@ -108,20 +128,38 @@ impl SqliteStore {
         let (stop_checkpoints, checkpoint_stop) = std::sync::mpsc::channel::<()>();
         let checkpoints = thread::Builder::new()
             .name("store-checkpoint".into())
-            .spawn(move || run_checkpointer(checkpointer, checkpoint_stop))
+            .spawn({
+                let metrics = metrics.clone();
+                move || run_checkpointer(checkpointer, checkpoint_stop, metrics)
+            })
             .map_err(|e| StoreError::Backend(format!("starting the checkpointer: {e}")))?;
+        let health = WriteHealth::new();
         let writer = thread::Builder::new()
             .name("store-writer".into())
             .spawn({
+                let health = health.clone();
                 move || {
-                    run_writer(conn, queue, live, last, metrics);
+                    run_writer(conn, queue, live, last, metrics, &health);
                     // Closed means closed: the last checkpoint is done too.
                     drop(stop_checkpoints);
                     let _ = checkpoints.join();
                 }
             })
             .map_err(|e| StoreError::Backend(format!("starting the writer: {e}")))?;
+        let prober = writes.downgrade();
+        // It ends with the writer (its queue closed) or with the store.
+        health.spawn_prober(std::future::pending(), move || {
+            let writer = prober.upgrade();
+            async move {
+                match ask(writer?, WriteOp::Probe).await {
+                    Err(StoreError::Closed) => None,
+                    // The writer recorded the outcome.
+                    _ => Some(()),
+                }
+            }
+        });
         Ok(Self {
+            health,
             writes: Mutex::new(Some(writes)),
             writer: Mutex::new(Some(writer)),
             live: feed,
@@ -236,6 +274,10 @@ impl NotificationStore for SqliteStore {
         self.live.subscribe()
     }
 
+    fn writable(&self) -> watch::Receiver<bool> {
+        self.health.subscribe()
+    }
+
     async fn close(&self) {
         // The live feed ends when the writer drops its clone too.
         self.live.close();
@@ -274,12 +316,33 @@ fn open_writer(path: &Path) -> rusqlite::Result<(Connection, u64)> {
     Ok((conn, from_sql(last)))
 }
 
+/// Writes [`PROBE_BYTES`] durably, in a transaction of its own, to the
+/// probe's one row.
+fn probe(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    tx.execute(
+        "INSERT OR REPLACE INTO store_probe (id, at_ms, room) VALUES (1, ?1, zeroblob(?2))",
+        params![Utc::now().timestamp_millis(), PROBE_BYTES],
+    )?;
+    tx.commit()
+}
+
 /// Copies the WAL back into the database now and then, without blocking
 /// the writer (PASSIVE), until the writer stops.
-fn run_checkpointer(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
+fn run_checkpointer(
+    conn: Connection,
+    stop: std::sync::mpsc::Receiver<()>,
+    metrics: Option<Arc<Metrics>>,
+) {
+    // A full disk fails every checkpoint: say so now and then, not at
+    // each one.
+    let failures = RateLimited::new(CHECKPOINT_WARN_EVERY);
     while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(error = %e, "checkpoint failed");
+            if let Some(m) = &metrics {
+                m.store_checkpoint_failures.inc();
+            }
+            failures.log(|suppressed| tracing::warn!(error = %e, suppressed, "checkpoint failed"));
         }
     }
     // A last full checkpoint leaves a small WAL behind.
@@ -307,6 +370,8 @@ enum Reply {
         oneshot::Sender<Result<u64, StoreError>>,
         Result<u64, StoreError>,
     ),
+    /// A probe that met a batch: the batch's commit answers it.
+    Probe(oneshot::Sender<Result<(), StoreError>>),
 }
 
 impl Reply {
@@ -314,6 +379,7 @@ impl Reply {
         match self {
             Reply::Record(tx, _) => Reply::Record(tx, Err(StoreError::RolledBack)),
             Reply::Ack(tx, _) => Reply::Ack(tx, Err(StoreError::RolledBack)),
+            probe @ Reply::Probe(_) => probe,
         }
     }
 
@@ -326,6 +392,9 @@ impl Reply {
             Reply::Ack(tx, r) => {
                 let _ = tx.send(failed.map_or(r, |e| Err(err(e))));
             }
+            Reply::Probe(tx) => {
+                let _ = tx.send(failed.map_or(Ok(()), |e| Err(err(e))));
+            }
         }
     }
 }
@@ -336,6 +405,7 @@ fn run_writer(
     live: broadcast::Sender<Arc<StoredNotification>>,
     mut last: u64,
     metrics: Option<Arc<Metrics>>,
+    health: &WriteHealth,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     // A held record met while filling a batch goes first into the next.
@@ -347,6 +417,12 @@ fn run_writer(
             WriteOp::Held(n, reply, hold) => {
                 batch.push(WriteOp::Record(n, reply));
                 release = Some(hold);
+            }
+            WriteOp::Probe(reply) => {
+                let probed = probe(&mut conn);
+                health.set(probed.is_ok());
+                let _ = reply.send(probed.map_err(|e| StoreError::Backend(e.to_string())));
+                continue;
             }
             op => batch.push(op),
         }
@@ -364,6 +440,7 @@ fn run_writer(
         let started = std::time::Instant::now();
         match commit_batch(&mut conn, batch.drain(..), last, release) {
             Ok((replies, events, new_last)) => {
+                health.set(true);
                 last = new_last;
                 if let Some(m) = &metrics {
                     m.store_commit_seconds
@@ -387,6 +464,7 @@ fn run_writer(
                 }
             }
             Err((replies, e)) => {
+                health.set(false);
                 error!(size, error = %e, "batch failed; nothing of it was stored");
                 let message = e.to_string();
                 for reply in replies {
@@ -442,6 +520,7 @@ fn commit_batch(
                     }
                 }
             }
+            WriteOp::Probe(reply) => replies.push(Reply::Probe(reply)),
             WriteOp::Ack(consumer, sequence, reply) => {
                 if sequence > seq {
                     let err = StoreError::BeyondLast {
@@ -483,6 +562,7 @@ fn unapplied(op: WriteOp) -> Reply {
     match op {
         WriteOp::Record(_, reply) | WriteOp::Held(_, reply, _) => Reply::Record(reply, Err(err())),
         WriteOp::Ack(_, _, reply) => Reply::Ack(reply, Err(err())),
+        WriteOp::Probe(reply) => Reply::Probe(reply),
     }
 }
 

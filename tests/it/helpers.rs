@@ -166,15 +166,19 @@ pub async fn spawn_app_with(extra: &[&str], tweak: impl FnOnce(&mut Config)) -> 
     let mut config = serve_args(extra).config().expect("a valid configuration");
     config.upstream.ktapi_url = sandbox.ktapi_url();
     config.upstream.pay_url = sandbox.pay_url();
+    // A store named by the test's flags is kept.
     let db = match std::env::var("KONGTIE_TEST_STORE").as_deref() {
+        _ if extra.contains(&"--store") => None,
         Ok("postgres") => Some(PgDatabase::create().await),
         Ok("sqlite") | Err(_) => None,
         Ok(other) => panic!("KONGTIE_TEST_STORE is sqlite or postgres, not {other:?}"),
     };
-    config.store_url = match &db {
-        Some(db) => db.url.clone(),
-        None => store_url(data_dir.path()),
-    };
+    if !extra.contains(&"--store") {
+        config.store_url = match &db {
+            Some(db) => db.url.clone(),
+            None => store_url(data_dir.path()),
+        };
+    }
     tweak(&mut config);
     let chosen_store = config.store_url.clone();
     let running = run_app(config).await;

@@ -140,7 +140,16 @@ async fn stalled_connections_cannot_hold_the_listener_shut_nor_delay_shutdown() 
     }
     println!("every stalled connection closed, the last {slowest:?} after opening");
 
-    let metrics = admin_metrics(&bin.admin).await;
+    // The server counts a connection just after closing it: wait for the
+    // counts to settle.
+    let metrics = until_metrics(&bin.admin, |m| {
+        sample(m, "kongtie_notify_connections") == 0.0
+            && sample(
+                m,
+                r#"kongtie_notify_connections_closed_total{reason="read_timeout"}"#,
+            ) == 400.0
+    })
+    .await;
     assert_eq!(
         sample(
             &metrics,
@@ -148,20 +157,13 @@ async fn stalled_connections_cannot_hold_the_listener_shut_nor_delay_shutdown() 
         ),
         260.0
     );
-    assert!(
-        sample(
-            &metrics,
-            r#"kongtie_notify_connections_closed_total{reason="read_timeout"}"#
-        ) >= 400.0,
-        "{metrics}"
-    );
-    assert!(
+    assert_eq!(
         sample(
             &metrics,
             r#"kongtie_notifications_rejected_total{reason="busy"}"#
-        ) == 0.0
+        ),
+        0.0
     );
-    assert_eq!(sample(&metrics, "kongtie_notify_connections"), 0.0);
 
     // Three half-sent requests do not make SIGTERM wait out the grace
     // period (10 s by default).
@@ -375,4 +377,20 @@ async fn a_commit_after_its_request_timed_out_is_logged_and_counted_like_any_oth
     let stored = list_all(&bin.grpc).await;
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].receive_count, 2);
+}
+
+/// The admin metrics once `settled` holds of them (within 10 s).
+async fn until_metrics(admin: &str, settled: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = admin_metrics(admin).await;
+        if settled(&metrics) {
+            return metrics;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not settled within 10 s: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -249,3 +249,94 @@ async fn replicas_recover_when_the_database_cuts_every_session() {
     assert_eq!((n.sequence, n.out_trade_id.as_str()), (2, "AFTER"));
     println!("sends until success after the cut: {sends}");
 }
+
+/// PostgreSQL turned read-only (as a failover to a standby, or an operator,
+/// can do): `/readyz` turns 503 at the first failed write and stays so
+/// while the database refuses writes, then ready again by the gateway's own
+/// probe, with no traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_whether_postgresql_takes_writes() {
+    let db = PgDatabase::create().await;
+    let app = spawn_app_with(&["--store", &db.url], |_| {}).await;
+    let ready = || async {
+        reqwest::get(format!("http://{}/readyz", app.admin))
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    let name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let set_read_only = |on: bool| {
+        let setting = if on {
+            format!("ALTER DATABASE {name} SET default_transaction_read_only = on")
+        } else {
+            format!("ALTER DATABASE {name} RESET default_transaction_read_only")
+        };
+        sqlx::AssertSqlSafe(setting)
+    };
+    let cut_sessions = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'kongtie-gateway'";
+
+    assert_eq!(
+        app.notify(payment_notification("RO1", KTAPI_TOKEN)).await.1,
+        "success"
+    );
+    assert_eq!(ready().await, 200);
+    sqlx::query(set_read_only(true))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let _: i64 = sqlx::query_scalar(cut_sessions)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    // The first write after the cut may meet a dead connection; the ones
+    // after meet a read-only database.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = app.notify(payment_notification("RO2", KTAPI_TOKEN)).await;
+        if status == 503 && ready().await == 503 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still taking writes: {status}, ready {}",
+            ready().await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        ready().await,
+        503,
+        "not ready while the database refuses writes"
+    );
+
+    sqlx::query(set_read_only(false))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let _: i64 = sqlx::query_scalar(cut_sessions)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while ready().await != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not ready 10 s after the database took writes again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        app.notify(payment_notification("RO2", KTAPI_TOKEN)).await.1,
+        "success"
+    );
+    assert_eq!(list_all(&app.addr.to_string()).await.len(), 2);
+}

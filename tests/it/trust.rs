@@ -3,7 +3,7 @@
 
 use std::{
     process::{Command, Output, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crate::helpers::*;
@@ -371,4 +371,125 @@ async fn a_store_failure_is_unavailable_to_the_caller_and_only_the_log_has_its_t
             .any(|l| l.contains("ERROR") && l.contains("no such table: consumers")),
         "{log:#?}"
     );
+}
+
+/// A small tmpfs mounted for one test (the tests run as root, as CI does),
+/// unmounted on drop.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("running mount");
+        assert!(
+            status.success(),
+            "mounting a tmpfs failed: this test needs root (as CI has)"
+        );
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_not_ready_while_the_disk_is_full_and_back_once_it_is_not() {
+    let disk = Tmpfs::mount("2m");
+    let data = disk.0.path().join("data");
+    let bin = Binary::start_in(&["serve"], &data, None);
+    let ready = || async {
+        let resp = reqwest::get(format!("http://{}/readyz", bin.admin))
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    };
+    assert_eq!(ready().await.0, 200);
+    let http = reqwest::Client::new();
+    let send = |id: String| {
+        let http = http.clone();
+        let url = bin.notify_url();
+        async move {
+            let resp = http
+                .post(url)
+                .body(payment_notification(&id, KTAPI_TOKEN))
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    assert_eq!(send("ROOM0".into()).await.1, "success");
+
+    // Fill the disk to the last byte, then notify until the store's spare
+    // room (the WAL's) runs out too.
+    let filler = disk.0.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.write_all(&[0]);
+    }
+    let mut refused = None;
+    for i in 1..2000 {
+        match send(format!("ROOM{i}")).await {
+            (200, _) => continue,
+            (503, text) => {
+                assert_eq!(text, "store unavailable, send again");
+                refused = Some(i);
+                break;
+            }
+            other => panic!("answered {other:?}"),
+        }
+    }
+    let refused = refused.expect("a full disk refuses a notification within 2000");
+    assert_eq!(
+        ready().await,
+        (503, "not ready: the store cannot write".into())
+    );
+    // It stays so while the disk is full: probes every second, checkpoints
+    // every 500 ms fail, and neither floods the log.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(ready().await.0, 503);
+    let log = bin.log.lock().unwrap().clone();
+    let count = |what: &str| log.iter().filter(|l| l.contains(what)).count();
+    assert_eq!(count("the store cannot write"), 1, "{log:#?}");
+    let metrics = admin_metrics(&bin.admin).await;
+    // Checkpoints failed several times in those 3 s: one line.
+    assert!(
+        sample(&metrics, "kongtie_store_checkpoint_failures_total") >= 3.0,
+        "{metrics}"
+    );
+    assert_eq!(count("checkpoint failed"), 1, "{log:#?}");
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"kongtie_notifications_rejected_total{reason="store_unavailable"}"#
+        ),
+        1.0
+    );
+
+    // Room again: ready again without any traffic (the prober wrote), and
+    // Kongtie's resend of the refused notification is stored.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ready().await.0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "not ready 10 s after space was freed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_for_log(&bin, "the store writes again", "INFO").await;
+    assert_eq!(send(format!("ROOM{refused}")).await.1, "success");
+    let stored = list_all(&bin.grpc).await;
+    assert_eq!(stored.len(), refused + 1);
+    drop(bin);
 }
