@@ -129,9 +129,7 @@ impl From<Error> for Status {
                 code,
                 message,
             } => {
-                let mut meta = endpoint_meta(*endpoint);
-                meta.insert("upstream_code".into(), code.clone());
-                meta.insert("upstream_message".into(), message.clone());
+                let meta = upstream_meta(*endpoint, code, message);
                 if *endpoint == Endpoint::GetWeChatAccessToken {
                     // The one input of a code exchange is the code: a refusal
                     // means that code is bad (used, expired or unknown).
@@ -148,9 +146,7 @@ impl From<Error> for Status {
                 code,
                 message,
             } => {
-                let mut meta = endpoint_meta(*endpoint);
-                meta.insert("upstream_code".into(), code.clone());
-                meta.insert("upstream_message".into(), message.clone());
+                let meta = upstream_meta(*endpoint, code, message);
                 details.set_error_info("UPSTREAM_SIGNATURE_REJECTED", ERROR_DOMAIN, meta);
                 // The caller did nothing wrong and cannot fix it.
                 Code::Internal
@@ -202,6 +198,14 @@ impl From<Error> for Status {
 
 fn endpoint_meta(endpoint: Endpoint) -> HashMap<String, String> {
     HashMap::from([("endpoint".to_owned(), endpoint.to_string())])
+}
+
+/// The endpoint, and Kongtie's own code and message for its refusal.
+fn upstream_meta(endpoint: Endpoint, code: &str, message: &str) -> HashMap<String, String> {
+    let mut meta = endpoint_meta(endpoint);
+    meta.insert("upstream_code".into(), code.to_owned());
+    meta.insert("upstream_message".into(), message.to_owned());
+    meta
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -272,30 +272,32 @@ async fn readyz_follows_whether_postgresql_takes_writes() {
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    let set_read_only = |on: bool| {
+    // Sessions take the database's settings when they start: cut them all.
+    let take_writes = async |conn: &mut sqlx::PgConnection, on: bool| {
         let setting = if on {
-            format!("ALTER DATABASE {name} SET default_transaction_read_only = on")
-        } else {
             format!("ALTER DATABASE {name} RESET default_transaction_read_only")
+        } else {
+            format!("ALTER DATABASE {name} SET default_transaction_read_only = on")
         };
-        sqlx::AssertSqlSafe(setting)
+        sqlx::query(sqlx::AssertSqlSafe(setting))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let _: i64 = sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'kongtie-gateway'",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
     };
-    let cut_sessions = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-         WHERE datname = current_database() AND application_name = 'kongtie-gateway'";
 
     assert_eq!(
         app.notify(payment_notification("RO1", KTAPI_TOKEN)).await.1,
         "success"
     );
     assert_eq!(ready().await, 200);
-    sqlx::query(set_read_only(true))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let _: i64 = sqlx::query_scalar(cut_sessions)
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
+    take_writes(&mut conn, false).await;
     // The first write after the cut may meet a dead connection; the ones
     // after meet a read-only database.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -318,14 +320,7 @@ async fn readyz_follows_whether_postgresql_takes_writes() {
         "not ready while the database refuses writes"
     );
 
-    sqlx::query(set_read_only(false))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let _: i64 = sqlx::query_scalar(cut_sessions)
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
+    take_writes(&mut conn, true).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while ready().await != 200 {
         assert!(
