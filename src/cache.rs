@@ -177,6 +177,55 @@ where
     }
 }
 
+/// Single flight without memory: concurrent callers with one key share
+/// one run; once it ends, the next caller runs again (what lasts is kept
+/// elsewhere, e.g. in the order ledger).
+pub struct SingleFlight<K, V> {
+    flights: Arc<Mutex<HashMap<K, Flight<V>>>>,
+}
+
+impl<K, V> Default for SingleFlight<K, V> {
+    fn default() -> Self {
+        Self {
+            flights: Arc::default(),
+        }
+    }
+}
+
+impl<K, V> SingleFlight<K, V>
+where
+    K: Eq + Hash + Clone + Send + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Joins the run in flight for `key`, or starts `run` in a task of its
+    /// own (a caller that gives up does not cancel it); says whether it
+    /// joined.
+    pub async fn run<Fut>(&self, key: K, run: impl FnOnce() -> Fut) -> (Result<V>, bool)
+    where
+        Fut: Future<Output = Result<V>> + Send + 'static,
+    {
+        let (flight, joined) = {
+            let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+            match flights.get(&key) {
+                Some(flight) => (flight.clone(), true),
+                None => {
+                    let fut = run();
+                    let map = Arc::clone(&self.flights);
+                    let k = key.clone();
+                    let flight = launch(async move {
+                        let result = fut.await;
+                        map.lock().unwrap_or_else(|p| p.into_inner()).remove(&k);
+                        result
+                    });
+                    flights.insert(key, flight.clone());
+                    (flight, false)
+                }
+            }
+        };
+        (flight.await, joined)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};

@@ -11,6 +11,7 @@ use url::Url;
 use crate::{
     gateway::GatewaySettings,
     notify::NotifySettings,
+    orders::LedgerSettings,
     sandbox::{DEFAULT_RESEND_DELAYS, SandboxConfig},
     upstream::{Credentials, PayFixed, UpstreamConfig},
 };
@@ -203,6 +204,13 @@ pub struct ServeArgs {
     /// Expiry of an order that names none, in seconds from creation.
     #[arg(long, env = "KONGTIE_ORDER_TTL_SECS", default_value_t = 1800, value_parser = clap::value_parser!(u64).range(60..=30 * 86_400))]
     pub order_ttl_secs: u64,
+    /// How far ahead a request may set an order's expiry, in seconds.
+    #[arg(long, env = "KONGTIE_ORDER_MAX_EXPIRY_SECS", default_value_t = 7 * 86_400, value_parser = clap::value_parser!(u64).range(60..=366 * 86_400))]
+    pub order_max_expiry_secs: u64,
+    /// How long stored pay parameters are answered again without asking
+    /// Kongtie, in seconds (WeChat's prepay_id lives 7200).
+    #[arg(long, env = "KONGTIE_PREPAY_TTL_SECS", default_value_t = 6600, value_parser = clap::value_parser!(u64).range(1..=7200))]
+    pub prepay_ttl_secs: u64,
     /// Largest amount an order may have, in fen.
     #[arg(long, env = "KONGTIE_MAX_AMOUNT_FEN", default_value_t = 100_000_000, value_parser = clap::value_parser!(i64).range(1..=1_000_000_000_000))]
     pub max_amount_fen: i64,
@@ -368,6 +376,7 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     pub upstream: UpstreamConfig,
     pub gateway: GatewaySettings,
+    pub ledger: LedgerSettings,
     pub notify_addr: SocketAddr,
     pub notify: NotifySettings,
     /// Where notifications are stored, e.g. `sqlite://data/notifications.db`.
@@ -425,6 +434,16 @@ impl ServeArgs {
                 token_ttl: Duration::from_secs(self.cache_ttl_secs),
                 max_amount_fen: self.max_amount_fen,
                 order_window: Duration::from_secs(self.order_ttl_secs),
+                max_order_expiry: Duration::from_secs(self.order_max_expiry_secs),
+            },
+            ledger: LedgerSettings {
+                prepay_ttl: Duration::from_secs(self.prepay_ttl_secs),
+                // Longer than any attempt: the upstream timeout bounds it,
+                // with up to three connects (ParTrade is retried only when
+                // it could not connect) and room for the ledger's writes.
+                claim_lease: Duration::from_millis(
+                    self.upstream_timeout_ms + 3 * self.connect_timeout_ms,
+                ) + Duration::from_secs(2),
             },
             notify_addr: self.notify_addr,
             notify: NotifySettings {

@@ -22,6 +22,16 @@ pub struct FieldViolation {
     pub description: String,
 }
 
+/// An order's stored terms, told to a caller whose request differs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredTerms {
+    pub out_trade_id: String,
+    pub amount_fen: i64,
+    pub openid: String,
+    /// RFC 3339.
+    pub expires_at: String,
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error("invalid request: {}", Violations(.0))]
@@ -72,6 +82,21 @@ pub enum Error {
 
     #[error("not configured: {0}")]
     NotConfigured(&'static str),
+
+    #[error(
+        "order {} exists with other terms (amount_fen {}, openid {}, expires_at {})",
+        .0.out_trade_id, .0.amount_fen, .0.openid, .0.expires_at
+    )]
+    OrderTermsDiffer(Box<StoredTerms>),
+
+    #[error("order {0} is already paid")]
+    OrderAlreadyPaid(String),
+
+    #[error("order {0} has expired")]
+    OrderExpired(String),
+
+    #[error("no order {0}")]
+    OrderNotFound(String),
 
     #[error("internal error: {0}")]
     Internal(String),
@@ -186,6 +211,27 @@ impl From<Error> for Status {
                 details.set_error_info("STORE_UNAVAILABLE", ERROR_DOMAIN, HashMap::new());
                 Code::Unavailable
             }
+            Error::OrderTermsDiffer(stored) => {
+                let meta = HashMap::from([
+                    ("out_trade_id".to_owned(), stored.out_trade_id.clone()),
+                    ("amount_fen".to_owned(), stored.amount_fen.to_string()),
+                    ("openid".to_owned(), stored.openid.clone()),
+                    ("expires_at".to_owned(), stored.expires_at.clone()),
+                ]);
+                details.set_error_info("ORDER_TERMS_DIFFER", ERROR_DOMAIN, meta);
+                Code::AlreadyExists
+            }
+            Error::OrderAlreadyPaid(id) | Error::OrderExpired(id) => {
+                let reason = if matches!(err, Error::OrderAlreadyPaid(_)) {
+                    "ORDER_ALREADY_PAID"
+                } else {
+                    "ORDER_EXPIRED"
+                };
+                let meta = HashMap::from([("out_trade_id".to_owned(), id.clone())]);
+                details.set_error_info(reason, ERROR_DOMAIN, meta);
+                Code::FailedPrecondition
+            }
+            Error::OrderNotFound(_) => Code::NotFound,
             Error::NotConfigured(_) => {
                 details.set_error_info("NOT_CONFIGURED", ERROR_DOMAIN, HashMap::new());
                 Code::FailedPrecondition

@@ -10,10 +10,10 @@ use sha1::{Digest, Sha1};
 
 use crate::{
     cache::{Fetched, Memo, TokenCache},
-    domain::{NewOrder, OAuthCode},
+    domain::OAuthCode,
     error::{Error, Result},
     metrics::Metrics,
-    upstream::{CreatedOrder, KongtieClient, WebAccessToken},
+    upstream::{KongtieClient, WebAccessToken},
 };
 
 /// How long the answer to a code exchange is remembered: WeChat codes live
@@ -43,6 +43,8 @@ pub struct GatewaySettings {
     pub max_amount_fen: i64,
     /// Expiry of an order whose request names none.
     pub order_window: Duration,
+    /// How far ahead a request may set an order's expiry.
+    pub max_order_expiry: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +108,11 @@ impl Gateway {
 
     pub fn settings(&self) -> &GatewaySettings {
         &self.settings
+    }
+
+    /// The Kongtie client, for the order ledger.
+    pub fn client(&self) -> Arc<KongtieClient> {
+        Arc::clone(&self.client)
     }
 
     /// The official account's access token; `deadline` bounds the wait.
@@ -197,14 +204,6 @@ impl Gateway {
             nonce_str,
             signature,
         })
-    }
-
-    pub async fn create_order(
-        &self,
-        order: &NewOrder,
-        deadline: Option<Duration>,
-    ) -> Result<CreatedOrder> {
-        self.client.create_order(order, deadline).await
     }
 
     fn app_id(&self) -> Result<&str> {

@@ -17,6 +17,7 @@ pub mod gateway;
 pub mod grpc;
 pub mod metrics;
 pub mod notify;
+pub mod orders;
 pub mod sandbox;
 pub mod startup;
 pub mod store;

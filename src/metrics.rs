@@ -43,6 +43,11 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -74,6 +79,8 @@ pub struct Metrics {
     pub notifications: Family<OutcomeLabels, Counter>,
     pub notifications_rejected: Family<ReasonLabels, Counter>,
     pub subscribers: Gauge,
+    pub order_requests: Family<OutcomeLabels, Counter>,
+    pub order_checks: Family<ResultLabels, Counter>,
     pub notify_connections: Gauge,
     pub notify_connection_waits: Counter,
     pub notify_accept_errors: Counter,
@@ -95,6 +102,8 @@ impl Metrics {
             notifications: Family::default(),
             notifications_rejected: Family::default(),
             subscribers: Gauge::default(),
+            order_requests: Family::default(),
+            order_checks: Family::default(),
             notify_connections: Gauge::default(),
             notify_connection_waits: Counter::default(),
             notify_accept_errors: Counter::default(),
@@ -135,6 +144,18 @@ impl Metrics {
             "subscribers",
             "Notification subscriptions open now",
             m.subscribers.clone(),
+        );
+        registry.register(
+            "order_requests",
+            "CreateJsapiOrder runs by what the ledger decided: sent (to Kongtie), \
+             replayed (the stored answer), refused",
+            m.order_requests.clone(),
+        );
+        registry.register(
+            "notification_order_checks",
+            "New notifications checked against their order, by result: matched, \
+             amount_mismatch, unknown_order",
+            m.order_checks.clone(),
         );
         registry.register(
             "notify_connections",
@@ -214,6 +235,18 @@ impl Metrics {
     pub fn rejected(&self, reason: &'static str) {
         self.notifications_rejected
             .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn order_request(&self, outcome: &'static str) {
+        self.order_requests
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    pub fn order_check(&self, result: &'static str) {
+        self.order_checks
+            .get_or_create(&ResultLabels { result })
             .inc();
     }
 

@@ -23,6 +23,7 @@ use crate::{
     grpc::{AuthService, PaymentService, TicketService},
     metrics::Metrics,
     notify,
+    orders::Ledger,
     proto::{auth_server::AuthServer, payment_server::PaymentServer, ticket_server::TicketServer},
     sandbox::SandboxHandle,
     store::{self, NotificationStore},
@@ -187,8 +188,15 @@ impl Application {
                 // The rich error details, so grpcurl can print them.
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
+        let ledger = Arc::new(Ledger::new(
+            self.store.orders(),
+            self.gateway.client(),
+            self.config.ledger,
+            Arc::clone(&self.metrics),
+        ));
         let payment = PaymentService::new(
             Arc::clone(&self.gateway),
+            ledger,
             Arc::clone(&self.store),
             stopping.clone(),
             Arc::clone(&self.metrics),

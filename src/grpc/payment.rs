@@ -2,7 +2,7 @@
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
-use chrono::Utc;
+use chrono::{SubsecRound, Utc};
 use futures::{Stream, StreamExt, stream};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -17,8 +17,10 @@ use crate::{
     gateway::Gateway,
     metrics::Metrics,
     notify::{Subscription, run_subscription},
+    orders::{Ledger, Order, OrderCheck, OrderState},
     proto::{self, payment_server::Payment},
     store::{NotificationStore, StoredNotification},
+    upstream::wire,
 };
 
 const DEFAULT_PAGE: u32 = 100;
@@ -26,6 +28,7 @@ const MAX_PAGE: u32 = 1000;
 
 pub struct PaymentService {
     gateway: Arc<Gateway>,
+    ledger: Arc<Ledger>,
     store: Arc<dyn NotificationStore>,
     /// Flips to true at shutdown, ending every subscription.
     shutdown: watch::Receiver<bool>,
@@ -38,6 +41,7 @@ pub struct PaymentService {
 impl PaymentService {
     pub fn new(
         gateway: Arc<Gateway>,
+        ledger: Arc<Ledger>,
         store: Arc<dyn NotificationStore>,
         shutdown: watch::Receiver<bool>,
         metrics: Arc<Metrics>,
@@ -45,6 +49,7 @@ impl PaymentService {
     ) -> Self {
         Self {
             gateway,
+            ledger,
             store,
             shutdown,
             metrics,
@@ -54,6 +59,23 @@ impl PaymentService {
 }
 
 impl PaymentService {
+    fn order_to_proto(&self, o: &Order, now: chrono::DateTime<Utc>) -> proto::Order {
+        let pay_params = o
+            .usable_params(now, self.ledger.settings().prepay_ttl)
+            .and_then(|text| serde_json::from_str::<wire::PayParams>(text).ok())
+            .map(pay_params_to_proto);
+        proto::Order {
+            out_trade_id: o.out_trade_id.clone(),
+            amount_fen: o.amount_fen,
+            openid: o.openid.clone(),
+            expires_at: Some(utc_to_timestamp(o.expires_at)),
+            created_at: Some(utc_to_timestamp(o.created_at)),
+            state: order_state_to_proto(o.state_at(now)) as i32,
+            pay_params,
+            paid_sequence: o.paid_sequence,
+        }
+    }
+
     /// Refuses a position past the newest stored sequence: waiting would
     /// never reach it (a position from another deployment, or from before a
     /// backup was restored).
@@ -116,15 +138,23 @@ impl Payment for PaymentService {
             AmountFen::parse(req.amount_fen, settings.max_amount_fen),
         );
         let openid = v.field("openid", OpenId::parse(&req.openid));
+        let latest = now + settings.max_order_expiry;
         let expires_at = v.field(
             "expires_at",
             match &req.expires_at {
                 None => Ok(now + settings.order_window),
                 Some(ts) => timestamp_to_utc(ts).and_then(|at| {
-                    if at > now {
-                        Ok(at)
-                    } else {
+                    if at <= now {
                         Err(format!("must be in the future, got {}", at.to_rfc3339()))
+                    } else if at > latest {
+                        Err(format!(
+                            "must be at most {} s ahead (until {}), got {}",
+                            settings.max_order_expiry.as_secs(),
+                            latest.to_rfc3339(),
+                            at.to_rfc3339()
+                        ))
+                    } else {
+                        Ok(at)
                     }
                 }),
             },
@@ -134,22 +164,86 @@ impl Payment for PaymentService {
                 out_trade_id: out_trade_id?,
                 amount: amount?,
                 openid: openid?,
-                expires_at: expires_at?,
+                // To the second: what is sent upstream, and compared on a
+                // repeat.
+                expires_at: expires_at?.trunc_subsecs(0),
             })
         })?;
         tracing::Span::current().record("out_trade_id", order.out_trade_id.as_str());
-        let created = self.gateway.create_order(&order, deadline).await?;
+        let created = self
+            .ledger
+            .create(&order, req.expires_at.is_some(), deadline)
+            .await?;
         let p = created.params;
         Ok(Response::new(proto::CreateJsapiOrderResponse {
-            pay_params: Some(proto::JsapiPayParams {
-                app_id: p.app_id,
-                time_stamp: p.time_stamp,
-                nonce_str: p.nonce_str,
-                package: p.package,
-                sign_type: p.sign_type,
-                pay_sign: p.pay_sign,
-            }),
+            pay_params: Some(pay_params_to_proto(p)),
             response_text: created.response_text,
+        }))
+    }
+
+    async fn get_order(
+        &self,
+        request: Request<proto::GetOrderRequest>,
+    ) -> Result<Response<proto::GetOrderResponse>, Status> {
+        let req = request.get_ref();
+        let mut v = Validator::default();
+        let id = v.field("out_trade_id", OutTradeId::parse(&req.out_trade_id));
+        let id = v.finish(|| id)?;
+        tracing::Span::current().record("out_trade_id", id.as_str());
+        let order = self
+            .ledger
+            .store()
+            .get(id.as_str())
+            .await
+            .map_err(Error::from)?
+            .ok_or_else(|| Error::OrderNotFound(id.as_str().to_owned()))?;
+        Ok(Response::new(proto::GetOrderResponse {
+            order: Some(self.order_to_proto(&order, Utc::now())),
+        }))
+    }
+
+    async fn list_orders(
+        &self,
+        request: Request<proto::ListOrdersRequest>,
+    ) -> Result<Response<proto::ListOrdersResponse>, Status> {
+        let req = request.get_ref();
+        let mut v = Validator::default();
+        let state = v.field(
+            "state",
+            match proto::OrderState::try_from(req.state) {
+                Ok(proto::OrderState::Unspecified) => Ok(None),
+                Ok(state) => Ok(Some(order_state_from_proto(state))),
+                Err(_) => Err(format!("{} is not an OrderState", req.state)),
+            },
+        );
+        let page_size = v.field(
+            "page_size",
+            match req.page_size {
+                0 => Ok(DEFAULT_PAGE),
+                n if n > MAX_PAGE => Err(format!("must be at most {MAX_PAGE}, got {n}")),
+                n => Ok(n),
+            },
+        );
+        let after = v.field("page_token", parse_page_token(&req.page_token));
+        let (state, page_size, after) = v.finish(|| Some((state?, page_size?, after?)))?;
+        let now = Utc::now();
+        let orders = self
+            .ledger
+            .store()
+            .list(state, after, page_size as usize, now)
+            .await
+            .map_err(Error::from)?;
+        let next_page_token = if orders.len() == page_size as usize {
+            orders
+                .last()
+                .map(|o| format!("{}.{}", o.created_at.timestamp_micros(), o.out_trade_id))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(proto::ListOrdersResponse {
+            orders: orders.iter().map(|o| self.order_to_proto(o, now)).collect(),
+            next_page_token,
         }))
     }
 
@@ -275,6 +369,60 @@ impl Payment for PaymentService {
     }
 }
 
+fn pay_params_to_proto(p: wire::PayParams) -> proto::JsapiPayParams {
+    proto::JsapiPayParams {
+        app_id: p.app_id,
+        time_stamp: p.time_stamp,
+        nonce_str: p.nonce_str,
+        package: p.package,
+        sign_type: p.sign_type,
+        pay_sign: p.pay_sign,
+    }
+}
+
+fn order_state_to_proto(state: OrderState) -> proto::OrderState {
+    match state {
+        OrderState::Unknown => proto::OrderState::Unknown,
+        OrderState::Created => proto::OrderState::Created,
+        OrderState::Paid => proto::OrderState::Paid,
+        OrderState::Expired => proto::OrderState::Expired,
+        OrderState::Failed => proto::OrderState::Failed,
+    }
+}
+
+fn order_state_from_proto(state: proto::OrderState) -> OrderState {
+    match state {
+        proto::OrderState::Unspecified | proto::OrderState::Unknown => OrderState::Unknown,
+        proto::OrderState::Created => OrderState::Created,
+        proto::OrderState::Paid => OrderState::Paid,
+        proto::OrderState::Expired => OrderState::Expired,
+        proto::OrderState::Failed => OrderState::Failed,
+    }
+}
+
+fn order_check_to_proto(check: Option<OrderCheck>) -> proto::OrderCheck {
+    match check {
+        None => proto::OrderCheck::Unspecified,
+        Some(OrderCheck::Matched) => proto::OrderCheck::Matched,
+        Some(OrderCheck::AmountMismatch) => proto::OrderCheck::AmountMismatch,
+        Some(OrderCheck::UnknownOrder) => proto::OrderCheck::UnknownOrder,
+    }
+}
+
+/// A `ListOrders` page token: `{created_at in µs}.{out_trade_id}` of the
+/// last order of the previous page.
+fn parse_page_token(token: &str) -> Result<Option<(chrono::DateTime<Utc>, String)>, String> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || "is not a page token this server gave".to_owned();
+    let (micros, id) = token.split_once('.').ok_or_else(bad)?;
+    let micros: i64 = micros.parse().map_err(|_| bad())?;
+    let at = chrono::DateTime::from_timestamp_micros(micros).ok_or_else(bad)?;
+    OutTradeId::parse(id).map_err(|_| bad())?;
+    Ok(Some((at, id.to_owned())))
+}
+
 fn to_proto(n: &StoredNotification) -> proto::PaymentNotification {
     proto::PaymentNotification {
         sequence: n.sequence,
@@ -289,5 +437,6 @@ fn to_proto(n: &StoredNotification) -> proto::PaymentNotification {
         trade_time: n.trade_time.clone(),
         received_at: Some(utc_to_timestamp(n.received_at)),
         receive_count: n.receive_count,
+        order_check: order_check_to_proto(n.order_check) as i32,
     }
 }

@@ -42,6 +42,7 @@ use super::server::{ConnectionLimits, InFlight};
 use crate::{
     domain::AmountFen,
     metrics::Metrics,
+    orders::OrderCheck,
     store::{IncomingNotification, NotificationStore, Recorded},
     upstream::{
         sign,
@@ -215,9 +216,23 @@ async fn receive(State(state): State<Arc<ListenerState>>, request: Request) -> R
             match &recorded {
                 // Counted before logged: whoever reads the log line finds
                 // the count.
-                Ok(Recorded::New { sequence }) => {
+                Ok(Recorded::New {
+                    sequence,
+                    order_check,
+                }) => {
                     metrics.notification("stored");
-                    info!(sequence, "notification stored");
+                    metrics.order_check(order_check.label());
+                    if *order_check == OrderCheck::Matched {
+                        info!(sequence, "notification stored");
+                    } else {
+                        // Signed, so stored and answered; but no goods
+                        // should ship on it.
+                        warn!(
+                            sequence,
+                            order_check = order_check.as_str(),
+                            "notification stored, but it does not match an order the gateway created"
+                        );
+                    }
                 }
                 Ok(Recorded::Repeat {
                     sequence,

@@ -24,7 +24,7 @@ use std::{
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{Path, State},
+    extract::{Path, Query, State},
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -109,7 +109,7 @@ pub struct NotifyAttempt {
 /// Ways to make the simulator misbehave, for tests.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fault {
-    /// Answer after this long.
+    /// Handle the request, and answer it this much later.
     Delay(Duration),
     /// Answer with this HTTP status and an empty body.
     Status(u16),
@@ -321,7 +321,13 @@ impl SandboxHandle {
     /// Pays an order (as `POST /sandbox/orders/{id}/pay` does); false when
     /// there is no such order or no notify URL.
     pub fn pay(&self, out_trade_id: &str) -> bool {
-        pay(&self.shared, out_trade_id).is_ok()
+        pay(&self.shared, out_trade_id, None).is_ok()
+    }
+
+    /// Pays an order with another `TradeAmount` than it was created with
+    /// (`POST /sandbox/orders/{id}/pay?amount=0.01`).
+    pub fn pay_amount(&self, out_trade_id: &str, amount: &str) -> bool {
+        pay(&self.shared, out_trade_id, Some(amount.to_owned())).is_ok()
     }
 
     /// Every notification send so far, oldest first.
@@ -446,22 +452,31 @@ async fn upstream(State(shared): State<Arc<Shared>>, body: Bytes, endpoint: Endp
         }
     };
     match fault {
-        Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
+        // Kongtie handles the request, and its answer is late: a caller
+        // that gives up cannot tell whether it was handled.
+        Some(Fault::Delay(d)) => {
+            let response = handle(&shared, &body, endpoint);
+            tokio::time::sleep(d).await;
+            response
+        }
         Some(Fault::Status(code)) => {
             shared.lock().seen.push(SeenRequest::unread(endpoint));
-            return StatusCode::from_u16(code)
+            StatusCode::from_u16(code)
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
-                .into_response();
+                .into_response()
         }
         Some(Fault::Garbage) => {
             shared.lock().seen.push(SeenRequest::unread(endpoint));
-            return (StatusCode::OK, "<html>502 Bad Gateway</html>").into_response();
+            (StatusCode::OK, "<html>502 Bad Gateway</html>").into_response()
         }
         // Turned into `Status` above.
-        Some(Fault::Flaky { .. }) | None => {}
+        Some(Fault::Flaky { .. }) | None => handle(&shared, &body, endpoint),
     }
+}
 
-    let Ok(request) = serde_json::from_slice::<wire::IncomingRequest>(&body) else {
+/// A request read, checked and answered.
+fn handle(shared: &Arc<Shared>, body: &[u8], endpoint: Endpoint) -> Response {
+    let Ok(request) = serde_json::from_slice::<wire::IncomingRequest>(body) else {
         return refuse(endpoint, "invalid request format");
     };
     let mut fields = Vec::new();
@@ -525,8 +540,8 @@ async fn upstream(State(shared): State<Arc<Shared>>, body: Bytes, endpoint: Endp
             let ticket = st.ticket.current(lifetime);
             answer(wire::CODE_OK, "请求成功", json!({"JsApiTicket": ticket}))
         }
-        Endpoint::GetWeChatAccessToken => exchange_code(&shared, field(wire::F_CODE)),
-        Endpoint::ParTrade => create_order(&shared, &fields),
+        Endpoint::GetWeChatAccessToken => exchange_code(shared, field(wire::F_CODE)),
+        Endpoint::ParTrade => create_order(shared, &fields),
     }
 }
 
@@ -743,11 +758,19 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
     }))
 }
 
+/// `?amount=0.01`: notify another `TradeAmount` than the order's, to walk
+/// the gateway's mismatch path.
+#[derive(Debug, serde::Deserialize)]
+struct PayQuery {
+    amount: Option<String>,
+}
+
 async fn pay_order(
     State(shared): State<Arc<Shared>>,
     Path(out_trade_id): Path<String>,
+    Query(query): Query<PayQuery>,
 ) -> Response {
-    match pay(&shared, &out_trade_id) {
+    match pay(&shared, &out_trade_id, query.amount) {
         Ok(started) => (StatusCode::ACCEPTED, Json(started)).into_response(),
         Err((status, reason)) => (status, reason).into_response(),
     }
@@ -763,7 +786,11 @@ struct PayStarted {
 }
 
 /// Builds the signed notification of a paid order and starts sending it.
-fn pay(shared: &Arc<Shared>, out_trade_id: &str) -> Result<PayStarted, (StatusCode, &'static str)> {
+fn pay(
+    shared: &Arc<Shared>,
+    out_trade_id: &str,
+    amount: Option<String>,
+) -> Result<PayStarted, (StatusCode, &'static str)> {
     let now = Utc::now();
     let (amount, url, payment) = {
         let mut st = shared.lock();
@@ -793,7 +820,11 @@ fn pay(shared: &Arc<Shared>, out_trade_id: &str) -> Result<PayStarted, (StatusCo
                     .to_string(),
             })
             .clone();
-        (order.pay_amount.clone(), url, payment)
+        (
+            amount.unwrap_or_else(|| order.pay_amount.clone()),
+            url,
+            payment,
+        )
     };
     let values = [
         "0000".to_owned(),

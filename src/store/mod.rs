@@ -20,7 +20,11 @@ use tracing::{info, warn};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
-use crate::{error::Error, metrics::Metrics};
+use crate::{
+    error::Error,
+    metrics::Metrics,
+    orders::{OrderCheck, OrderStore},
+};
 
 /// A notification as verified by the listener, not yet stored.
 #[derive(Debug, Clone)]
@@ -43,12 +47,18 @@ pub struct IncomingNotification {
 impl IncomingNotification {
     /// What makes two sends the same notification: every business field.
     /// `TimeStamp` and `Sign` may differ between resends and are left out.
+    /// The amount counts as money: `"0.2"` and `"0.20"` are one payment
+    /// (an amount that is not yuan counts as its text).
     pub fn dedup_key(&self) -> String {
+        let amount = self
+            .amount_fen
+            .and_then(|fen| crate::domain::AmountFen::parse(fen, i64::MAX).ok())
+            .map_or_else(|| self.trade_amount.clone(), |a| a.yuan_text());
         serde_json::json!([
             self.trade_status,
             self.message,
             self.out_trade_id,
-            self.trade_amount,
+            amount,
             self.trade_order_id,
             self.trade_bill_no,
             self.trade_time,
@@ -56,8 +66,18 @@ impl IncomingNotification {
         .to_string()
     }
 
+    /// Whether it reports a successful payment (`TradeStatus` `0000`).
+    pub fn paid(&self) -> bool {
+        self.trade_status == crate::upstream::wire::CODE_OK
+    }
+
     /// The event this notification becomes when stored under `sequence`.
-    pub fn stored(&self, sequence: u64, receive_count: u32) -> StoredNotification {
+    pub fn stored(
+        &self,
+        sequence: u64,
+        receive_count: u32,
+        order_check: Option<OrderCheck>,
+    ) -> StoredNotification {
         StoredNotification {
             sequence,
             out_trade_id: self.out_trade_id.clone(),
@@ -70,6 +90,7 @@ impl IncomingNotification {
             trade_time: self.trade_time.clone(),
             received_at: self.received_at,
             receive_count,
+            order_check,
         }
     }
 }
@@ -88,6 +109,9 @@ pub struct StoredNotification {
     pub trade_time: String,
     pub received_at: DateTime<Utc>,
     pub receive_count: u32,
+    /// The notification checked against its order when it was taken in
+    /// (`None`: stored before the gateway kept orders).
+    pub order_check: Option<OrderCheck>,
 }
 
 /// How a test holds a write open (see [`NotificationStore::record_held`]).
@@ -117,8 +141,12 @@ impl HeldWrite {
 /// What recording a notification did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Recorded {
-    /// A new event, stored under this sequence.
-    New { sequence: u64 },
+    /// A new event, stored under this sequence, and how it compared with
+    /// its order.
+    New {
+        sequence: u64,
+        order_check: OrderCheck,
+    },
     /// A repeat of the event with this sequence, now received this often.
     Repeat { sequence: u64, receive_count: u32 },
 }
@@ -210,6 +238,11 @@ pub trait NotificationStore: Send + Sync + 'static {
     /// Whether the store can write now: false from a failed commit until a
     /// commit, or a probe write, succeeds again (see [`WriteHealth`]).
     fn writable(&self) -> watch::Receiver<bool>;
+
+    /// The order ledger kept in the same database (see `orders`). `record`
+    /// checks each new notification against it in the same transaction
+    /// (`order_check`), and a paid, matching one turns its order PAID.
+    fn orders(&self) -> Arc<dyn OrderStore>;
 
     /// Finishes pending writes and ends the live feed.
     async fn close(&self);

@@ -47,7 +47,10 @@ use tokio::{
 };
 use tracing::{debug, error, info, warn};
 
-use crate::metrics::Metrics;
+use crate::{
+    metrics::Metrics,
+    orders::{self, OrderCheck, OrderStore, PostgresOrders},
+};
 
 use super::{
     HeldWrite, IncomingNotification, LiveFeed, NotificationStore, Recorded, StoreError,
@@ -78,7 +81,7 @@ const POLL_EVERY: Duration = Duration::from_millis(500);
 const PAGE: usize = 512;
 
 const SELECT_COLUMNS: &str = "sequence, out_trade_id, trade_order_id, trade_bill_no, trade_status, \
-     message, trade_amount, amount_fen, trade_time, received_at, receive_count";
+     message, trade_amount, amount_fen, trade_time, received_at, receive_count, order_check";
 
 struct Write {
     notification: IncomingNotification,
@@ -94,6 +97,7 @@ struct Written {
 
 pub struct PostgresStore {
     health: WriteHealth,
+    orders: Arc<PostgresOrders>,
     pool: PgPool,
     write_pool: PgPool,
     /// Random, per process: the NOTIFY payloads of our own commits.
@@ -245,6 +249,7 @@ impl PostgresStore {
             )),
         ];
         Ok(Self {
+            orders: Arc::new(PostgresOrders::new(pool.clone())),
             health,
             pool,
             write_pool,
@@ -344,6 +349,10 @@ impl NotificationStore for PostgresStore {
 
     fn writable(&self) -> watch::Receiver<bool> {
         self.health.subscribe()
+    }
+
+    fn orders(&self) -> Arc<dyn OrderStore> {
+        Arc::clone(&self.orders) as Arc<dyn OrderStore>
     }
 
     async fn close(&self) {
@@ -533,6 +542,16 @@ async fn write(
         );
     }
 
+    // The orders the batch names, to check each new notification against.
+    let ids: Vec<&str> = batch.iter().map(|n| n.out_trade_id.as_str()).collect();
+    let ordered: HashMap<String, i64> =
+        sqlx::query_as("SELECT out_trade_id, amount_fen FROM orders WHERE out_trade_id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+
     let mut next = last;
     let mut recorded = Vec::with_capacity(batch.len());
     let mut inserted = Vec::new();
@@ -557,9 +576,12 @@ async fn write(
                     added: 0,
                     last_received_at: n.received_at,
                 });
-                inserted.push((*n, digest));
+                let order_check =
+                    orders::check(ordered.get(&n.out_trade_id).copied(), n.amount_fen);
+                inserted.push((*n, digest, order_check));
                 recorded.push(Recorded::New {
                     sequence: from_sql(next),
+                    order_check,
                 });
             }
         }
@@ -569,8 +591,20 @@ async fn write(
     // the new rows, the sequencer, and the hint to other replicas, which
     // PostgreSQL delivers at commit.
     let repeats: Vec<(&Vec<u8>, &Seen)> = seen.iter().filter(|(_, s)| s.added > 0).collect();
-    let new: Vec<(&IncomingNotification, &Seen, &Vec<u8>)> =
-        inserted.iter().map(|(n, d)| (*n, &seen[*d], *d)).collect();
+    let new: Vec<(&IncomingNotification, &Seen, &Vec<u8>)> = inserted
+        .iter()
+        .map(|(n, d, _)| (*n, &seen[*d], *d))
+        .collect();
+    // Orders paid by a matching notification: the first such one of each.
+    let mut paid: Vec<(&str, i64)> = Vec::new();
+    for ((n, _, check), (_, s, _)) in inserted.iter().zip(&new) {
+        if n.paid()
+            && *check == OrderCheck::Matched
+            && !paid.iter().any(|(id, _)| *id == n.out_trade_id)
+        {
+            paid.push((&n.out_trade_id, s.sequence));
+        }
+    }
     let text = |f: fn(&IncomingNotification) -> &str| -> Vec<&str> {
         new.iter().map(|(n, _, _)| f(n)).collect()
     };
@@ -583,10 +617,14 @@ async fn write(
          ), inserted AS ( \
            INSERT INTO notifications (sequence, dedup_digest, out_trade_id, trade_order_id, \
              trade_bill_no, trade_status, message, trade_amount, amount_fen, trade_time, \
-             time_stamp, raw_body, received_at, last_received_at, receive_count) \
+             time_stamp, raw_body, received_at, last_received_at, receive_count, order_check) \
            SELECT * FROM UNNEST($4::int8[], $5::bytea[], $6::text[], $7::text[], $8::text[], \
              $9::text[], $10::text[], $11::text[], $12::int8[], $13::text[], $14::text[], \
-             $15::text[], $16::timestamptz[], $17::timestamptz[], $18::int4[]) \
+             $15::text[], $16::timestamptz[], $17::timestamptz[], $18::int4[], $23::text[]) \
+         ), paid AS ( \
+           UPDATE orders AS o SET state = 'PAID', paid_sequence = p.sequence, updated_at = now() \
+           FROM UNNEST($24::text[], $25::int8[]) AS p(out_trade_id, sequence) \
+           WHERE o.out_trade_id = p.out_trade_id AND o.state <> 'PAID' \
          ), sequenced AS ( \
            UPDATE notification_sequence SET last = $19 WHERE last < $19 \
          ) \
@@ -637,14 +675,23 @@ async fn write(
     .bind(CHANNEL)
     // Who committed, and up to which sequence: a replica skips its own.
     .bind(format!("{replica} {next}"))
+    .bind(
+        inserted
+            .iter()
+            .map(|(_, _, check)| check.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(paid.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+    .bind(paid.iter().map(|(_, seq)| *seq).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
 
     let events: Vec<StoredNotification> = new
         .iter()
-        .map(|(n, s, _)| {
+        .zip(&inserted)
+        .map(|((n, s, _), (_, _, check))| {
             let count = u32::try_from(s.receive_count).unwrap_or(u32::MAX);
-            let mut event = n.stored(from_sql(s.sequence), count);
+            let mut event = n.stored(from_sql(s.sequence), count, Some(*check));
             // What the column keeps, so the live event equals the row.
             event.received_at = event.received_at.trunc_subsecs(6);
             event
@@ -707,6 +754,10 @@ fn row_to_stored(r: &PgRow) -> Result<StoredNotification, sqlx::Error> {
         trade_time: r.try_get(8)?,
         received_at: r.try_get(9)?,
         receive_count: u32::try_from(r.try_get::<i32, _>(10)?).unwrap_or(u32::MAX),
+        order_check: r
+            .try_get::<Option<String>, _>(11)?
+            .as_deref()
+            .and_then(OrderCheck::parse),
     })
 }
 

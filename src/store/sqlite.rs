@@ -21,7 +21,11 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{debug, error, info};
 
-use crate::{metrics::Metrics, telemetry::RateLimited};
+use crate::{
+    metrics::Metrics,
+    orders::{self, OrderCheck, OrderStore, SqliteOrders},
+    telemetry::RateLimited,
+};
 
 use super::{
     HeldWrite, IncomingNotification, LiveFeed, NotificationStore, Recorded, StoreError,
@@ -71,6 +75,31 @@ const MIGRATIONS: &[&str] = &[
         room  BLOB    NOT NULL
     );
 ",
+    "
+    -- The order ledger (src/orders/): every JSAPI order the gateway asks
+    -- Kongtie for, written before it is sent.
+    CREATE TABLE orders (
+        out_trade_id     TEXT    PRIMARY KEY,
+        amount_fen       INTEGER NOT NULL,
+        openid           TEXT    NOT NULL,
+        expires_at_ms    INTEGER NOT NULL,
+        created_at_ms    INTEGER NOT NULL,
+        state            TEXT    NOT NULL,
+        response_text    TEXT,
+        params_at_ms     INTEGER,
+        failure_code     TEXT,
+        failure_message  TEXT,
+        paid_sequence    INTEGER,
+        attempts         INTEGER NOT NULL,
+        claimed_by       TEXT,
+        claimed_until_ms INTEGER,
+        updated_at_ms    INTEGER NOT NULL
+    );
+    CREATE INDEX orders_newest_first ON orders (created_at_ms DESC, out_trade_id DESC);
+    -- Each notification checked against its order at intake (NULL: stored
+    -- before this migration).
+    ALTER TABLE notifications ADD COLUMN order_check TEXT;
+",
 ];
 
 /// What the write probe writes: room for the largest notification (its
@@ -79,7 +108,7 @@ const MIGRATIONS: &[&str] = &[
 const PROBE_BYTES: i64 = 128 << 10;
 
 const SELECT_COLUMNS: &str = "sequence, out_trade_id, trade_order_id, trade_bill_no, trade_status, \
-     message, trade_amount, amount_fen, trade_time, received_at_ms, receive_count";
+     message, trade_amount, amount_fen, trade_time, received_at_ms, receive_count, order_check";
 
 enum WriteOp {
     Record(
@@ -106,6 +135,7 @@ pub struct SqliteStore {
     live: LiveFeed,
     readers: Arc<ReadPool>,
     health: WriteHealth,
+    orders: Arc<SqliteOrders>,
 }
 
 impl SqliteStore {
@@ -119,6 +149,7 @@ impl SqliteStore {
         .map_err(|e| StoreError::Backend(e.to_string()))?
         .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
         info!(path = %path.display(), last_sequence = last, "notification store open");
+        let orders = Arc::new(SqliteOrders::open(&path)?);
 
         let checkpointer = Connection::open(&path)
             .and_then(|c| c.pragma_update(None, "busy_timeout", 5000).map(|()| c))
@@ -159,6 +190,7 @@ impl SqliteStore {
             }
         });
         Ok(Self {
+            orders,
             health,
             writes: Mutex::new(Some(writes)),
             writer: Mutex::new(Some(writer)),
@@ -276,6 +308,10 @@ impl NotificationStore for SqliteStore {
 
     fn writable(&self) -> watch::Receiver<bool> {
         self.health.subscribe()
+    }
+
+    fn orders(&self) -> Arc<dyn OrderStore> {
+        Arc::clone(&self.orders) as Arc<dyn OrderStore>
     }
 
     async fn close(&self) {
@@ -592,11 +628,23 @@ fn record_one(
         ));
     }
     let sequence = *seq + 1;
+    let order_fen: Option<i64> = tx
+        .prepare_cached("SELECT amount_fen FROM orders WHERE out_trade_id = ?1")?
+        .query_row([&n.out_trade_id], |r| r.get(0))
+        .optional()?;
+    let order_check = orders::check(order_fen, n.amount_fen);
+    if n.paid() && order_check == OrderCheck::Matched {
+        tx.prepare_cached(
+            "UPDATE orders SET state = 'PAID', paid_sequence = ?2, updated_at_ms = ?3 \
+             WHERE out_trade_id = ?1 AND state <> 'PAID'",
+        )?
+        .execute(params![n.out_trade_id, to_sql(sequence), now_ms])?;
+    }
     tx.prepare_cached(
         "INSERT INTO notifications (sequence, dedup_key, out_trade_id, trade_order_id, trade_bill_no, \
          trade_status, message, trade_amount, amount_fen, trade_time, time_stamp, raw_body, \
-         received_at_ms, last_received_at_ms, receive_count) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13, 1)",
+         received_at_ms, last_received_at_ms, receive_count, order_check) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13, 1, ?14)",
     )?
     .execute(params![
         to_sql(sequence),
@@ -612,11 +660,18 @@ fn record_one(
         n.time_stamp,
         n.raw_body,
         now_ms,
+        order_check.as_str(),
     ])?;
     *seq = sequence;
-    let mut stored = n.stored(sequence, 1);
+    let mut stored = n.stored(sequence, 1, Some(order_check));
     stored.received_at = from_ms(now_ms);
-    Ok((Recorded::New { sequence }, Some(stored)))
+    Ok((
+        Recorded::New {
+            sequence,
+            order_check,
+        },
+        Some(stored),
+    ))
 }
 
 fn ack_one(tx: &rusqlite::Transaction<'_>, consumer: &str, sequence: u64) -> rusqlite::Result<u64> {
@@ -650,6 +705,10 @@ fn row_to_stored(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredNotification> 
         trade_time: r.get(8)?,
         received_at: from_ms(r.get(9)?),
         receive_count: u32::try_from(r.get::<_, i64>(10)?).unwrap_or(u32::MAX),
+        order_check: r
+            .get::<_, Option<String>>(11)?
+            .as_deref()
+            .and_then(OrderCheck::parse),
     })
 }
 

@@ -568,3 +568,24 @@ pub fn sample(text: &str, series: &str) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// Another gateway on `sandbox` (a test's own), with its own store unless
+/// `extra` names one.
+pub struct OtherGateway {
+    pub running: Running,
+    _dir: tempfile::TempDir,
+}
+
+pub async fn spawn_gateway_on(sandbox: &SandboxHandle, extra: &[&str]) -> OtherGateway {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = serve_args(extra).config().unwrap();
+    config.upstream.ktapi_url = sandbox.ktapi_url();
+    config.upstream.pay_url = sandbox.pay_url();
+    if !extra.contains(&"--store") {
+        config.store_url = store_url(dir.path());
+    }
+    OtherGateway {
+        running: run_app(config).await,
+        _dir: dir,
+    }
+}

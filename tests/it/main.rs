@@ -7,6 +7,7 @@ mod grpcurl;
 mod helpers;
 mod hostile_notify;
 mod notifications;
+mod orders;
 mod payment;
 mod pg;
 mod production;

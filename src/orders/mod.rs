@@ -1,0 +1,329 @@
+//! The order ledger: every JSAPI order the gateway asks Kongtie for, written
+//! before it is sent, so the gateway can vouch for what it created.
+//!
+//! - `CreateJsapiOrder` is idempotent per `out_trade_id` ([`Ledger`]): the
+//!   ledger decides ([`decide`]) whether a request is sent, answered from
+//!   what is stored, waits for another caller's attempt, or is refused.
+//!   Concurrent callers on one replica share one run (single flight); across
+//!   replicas, an attempt is a claim with a lease in the shared database.
+//! - Each payment notification is checked against its order at intake
+//!   ([`check`]), in the notification store's transaction, and a matching
+//!   payment turns the order PAID.
+//!
+//! One [`OrderStore`] trait, one backend per database (`sqlite`,
+//! `postgres`), held to one test suite.
+
+mod ledger;
+mod postgres;
+mod sqlite;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+pub use ledger::{Ledger, LedgerSettings};
+pub use postgres::PostgresOrders;
+pub use sqlite::SqliteOrders;
+
+use crate::store::StoreError;
+
+/// Where an order stands, as stored. EXPIRED is not stored: it is computed
+/// when read ([`Order::state_at`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderState {
+    Unknown,
+    Created,
+    Paid,
+    Expired,
+    Failed,
+}
+
+impl OrderState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderState::Unknown => "UNKNOWN",
+            OrderState::Created => "CREATED",
+            OrderState::Paid => "PAID",
+            OrderState::Expired => "EXPIRED",
+            OrderState::Failed => "FAILED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
+            "UNKNOWN" => OrderState::Unknown,
+            "CREATED" => OrderState::Created,
+            "PAID" => OrderState::Paid,
+            "EXPIRED" => OrderState::Expired,
+            "FAILED" => OrderState::Failed,
+            other => {
+                return Err(StoreError::Backend(format!(
+                    "unknown order state {other:?}"
+                )));
+            }
+        })
+    }
+}
+
+/// How a notification compares with the order it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderCheck {
+    Matched,
+    AmountMismatch,
+    UnknownOrder,
+}
+
+impl OrderCheck {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderCheck::Matched => "MATCHED",
+            OrderCheck::AmountMismatch => "AMOUNT_MISMATCH",
+            OrderCheck::UnknownOrder => "UNKNOWN_ORDER",
+        }
+    }
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            OrderCheck::Matched => "matched",
+            OrderCheck::AmountMismatch => "amount_mismatch",
+            OrderCheck::UnknownOrder => "unknown_order",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "MATCHED" => Some(OrderCheck::Matched),
+            "AMOUNT_MISMATCH" => Some(OrderCheck::AmountMismatch),
+            "UNKNOWN_ORDER" => Some(OrderCheck::UnknownOrder),
+            _ => None,
+        }
+    }
+}
+
+/// Checks a notified amount (`None`: not yuan with at most two decimals)
+/// against the order's (`None`: no such order). Amounts compare as money,
+/// in fen: `"0.2"` and `"0.20"` are one amount.
+pub fn check(order_fen: Option<i64>, notified_fen: Option<i64>) -> OrderCheck {
+    match order_fen {
+        None => OrderCheck::UnknownOrder,
+        Some(fen) if notified_fen == Some(fen) => OrderCheck::Matched,
+        Some(_) => OrderCheck::AmountMismatch,
+    }
+}
+
+/// What a request asks for: an order's terms. `expires_at` is kept to the
+/// second, as it is sent upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderTerms {
+    pub out_trade_id: String,
+    pub amount_fen: i64,
+    pub openid: String,
+    pub expires_at: DateTime<Utc>,
+    /// False when the request named no expiry (the default window was
+    /// applied): then a repeat matches whatever expiry is stored.
+    pub explicit_expiry: bool,
+}
+
+/// An order of the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Order {
+    pub out_trade_id: String,
+    pub amount_fen: i64,
+    pub openid: String,
+    pub expires_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    /// As stored: UNKNOWN, CREATED, FAILED or PAID.
+    pub state: OrderState,
+    /// Kongtie's `ResponseText`, once it returned one.
+    pub response_text: Option<String>,
+    /// When it did.
+    pub params_at: Option<DateTime<Utc>>,
+    /// Kongtie's code and message, when it refused the order.
+    pub failure: Option<(String, String)>,
+    pub paid_sequence: Option<u64>,
+    /// Attempts made so far; the current one while `claim` is held.
+    pub attempts: u32,
+    /// Who is sending it to Kongtie now, and until when the claim holds.
+    pub claim: Option<(String, DateTime<Utc>)>,
+}
+
+impl Order {
+    /// The state a reader sees: EXPIRED once past `expires_at` unpaid.
+    pub fn state_at(&self, now: DateTime<Utc>) -> OrderState {
+        if self.state != OrderState::Paid && self.expires_at <= now {
+            OrderState::Expired
+        } else {
+            self.state
+        }
+    }
+
+    /// The pay parameters while still usable: CREATED and younger than
+    /// `prepay_ttl`.
+    pub fn usable_params(&self, now: DateTime<Utc>, prepay_ttl: Duration) -> Option<&str> {
+        let at = self.params_at?;
+        let young = now.signed_duration_since(at).to_std().unwrap_or_default() < prepay_ttl;
+        (young && matches!(self.state, OrderState::Created))
+            .then_some(self.response_text.as_deref()?)
+    }
+}
+
+/// Why a request for an order is refused without being sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The id is taken with other terms: these.
+    TermsDiffer(Box<Order>),
+    AlreadyPaid,
+    Expired,
+    /// The attempt this caller waited for was refused by Kongtie.
+    Failed {
+        code: String,
+        message: String,
+    },
+}
+
+/// What the ledger decided for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begin {
+    /// Send it: this caller holds the claim of attempt `attempt`.
+    Send {
+        attempt: u32,
+    },
+    /// Answer with the stored `ResponseText`; nothing is sent.
+    Replay(String),
+    /// Another caller holds attempt `attempt`: wait, then ask again.
+    Wait {
+        attempt: u32,
+    },
+    Refused(Refusal),
+}
+
+/// A change [`decide`] asks the backend to make, in the same transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    /// The first attempt of a new order: insert it UNKNOWN, claimed.
+    Insert,
+    /// Another attempt of a stored one: claim it as `attempt`.
+    Claim { attempt: u32 },
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Created {
+        response_text: String,
+    },
+    Failed {
+        code: String,
+        message: String,
+    },
+    /// No answer: it may have reached Kongtie. Stays UNKNOWN.
+    Unknown,
+}
+
+/// The one decision of `CreateJsapiOrder`, given the stored order (read
+/// under the backend's lock) and the request. `waited` is the attempt the
+/// caller waited for, if it did.
+pub fn decide(
+    stored: Option<&Order>,
+    terms: &OrderTerms,
+    now: DateTime<Utc>,
+    prepay_ttl: Duration,
+    waited: Option<u32>,
+) -> (Begin, Option<Write>) {
+    let Some(order) = stored else {
+        return (Begin::Send { attempt: 1 }, Some(Write::Insert));
+    };
+    let same = order.amount_fen == terms.amount_fen
+        && order.openid == terms.openid
+        && (!terms.explicit_expiry || order.expires_at == terms.expires_at);
+    if !same {
+        return (
+            Begin::Refused(Refusal::TermsDiffer(Box::new(order.clone()))),
+            None,
+        );
+    }
+    match order.state_at(now) {
+        OrderState::Paid => return (Begin::Refused(Refusal::AlreadyPaid), None),
+        OrderState::Expired => return (Begin::Refused(Refusal::Expired), None),
+        _ => {}
+    }
+    if let Some(params) = order.usable_params(now, prepay_ttl) {
+        return (Begin::Replay(params.to_owned()), None);
+    }
+    if let Some((_, until)) = &order.claim
+        && *until > now
+    {
+        return (
+            Begin::Wait {
+                attempt: order.attempts,
+            },
+            None,
+        );
+    }
+    if let (Some(waited), OrderState::Failed, Some((code, message))) =
+        (waited, order.state, &order.failure)
+        && waited == order.attempts
+    {
+        // The attempt this caller waited for was refused: that is its
+        // answer too (a fresh request would send it again).
+        return (
+            Begin::Refused(Refusal::Failed {
+                code: code.clone(),
+                message: message.clone(),
+            }),
+            None,
+        );
+    }
+    let attempt = order.attempts + 1;
+    (Begin::Send { attempt }, Some(Write::Claim { attempt }))
+}
+
+/// The ledger's storage: one implementation per database.
+///
+/// What every backend must guarantee:
+/// - `begin` reads the order and applies [`decide`]'s write in one
+///   transaction, under a lock that serializes `begin`s of one order across
+///   every replica sharing the database, so two callers never both hold a
+///   claim.
+/// - `finish` records an attempt's outcome only while that attempt still
+///   holds its claim, and never takes a PAID order back.
+/// - Everything is durable once the call returns.
+#[async_trait::async_trait]
+pub trait OrderStore: Send + Sync + 'static {
+    /// Decides for `terms` (see [`decide`]) and, when it says to send,
+    /// claims the order for `claimant` until `claim_until`.
+    async fn begin(
+        &self,
+        terms: &OrderTerms,
+        now: DateTime<Utc>,
+        prepay_ttl: Duration,
+        waited: Option<u32>,
+        claimant: &str,
+        claim_until: DateTime<Utc>,
+    ) -> Result<Begin, StoreError>;
+
+    /// Records how `claimant`'s attempt `attempt` ended and releases the
+    /// claim.
+    async fn finish(
+        &self,
+        out_trade_id: &str,
+        claimant: &str,
+        attempt: u32,
+        outcome: &Outcome,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    async fn get(&self, out_trade_id: &str) -> Result<Option<Order>, StoreError>;
+
+    /// Up to `limit` orders, newest first (by creation, then id), strictly
+    /// after `after` in that order, optionally only those a reader at `now`
+    /// sees in `state`.
+    async fn list(
+        &self,
+        state: Option<OrderState>,
+        after: Option<(DateTime<Utc>, String)>,
+        limit: usize,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Order>, StoreError>;
+}
