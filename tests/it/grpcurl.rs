@@ -147,3 +147,88 @@ fn http_post_code(addr: &str) -> String {
         .unwrap()
         .to_owned()
 }
+
+/// The README's order walk-through: an order, the sandbox paying it once
+/// with its amount and once with another, the ledger and the checks seen
+/// through grpcurl.
+#[test]
+fn grpcurl_walks_the_order_ledger_and_the_mismatch_path() {
+    let bin = start_binary();
+    let call = |method: &str, body: &str| {
+        let (ok, out, err) = run_grpcurl(&["-d", body, &bin.grpc, method]);
+        assert!(ok, "{method}: {err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let order =
+        r#"{"out_trade_id": "A1001", "amount_fen": 20, "openid": "oeQDZtzvDoD-OmTmyJH6rGAX8odc"}"#;
+    let first = call("kongtie.v1.Payment/CreateJsapiOrder", order);
+    let again = call("kongtie.v1.Payment/CreateJsapiOrder", order);
+    assert_eq!(first, again, "the stored answer");
+    let got = call(
+        "kongtie.v1.Payment/GetOrder",
+        r#"{"out_trade_id": "A1001"}"#,
+    );
+    assert_eq!(got["order"]["state"], "ORDER_STATE_CREATED");
+    assert_eq!(got["order"]["amountFen"], "20");
+
+    let pay = |query: &str| {
+        let url = format!("http://{}/sandbox/orders/A1001/pay{query}", bin.sandbox());
+        let out = Command::new("curl")
+            .args(["-s", "-f", "-X", "POST", &url])
+            .output()
+            .expect("curl");
+        assert!(out.status.success(), "{url}");
+    };
+    let listed = |count: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let page = call(
+                "kongtie.v1.Payment/ListNotifications",
+                r#"{"out_trade_id": "A1001"}"#,
+            );
+            let n = page["notifications"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if n.len() >= count {
+                return n;
+            }
+            assert!(std::time::Instant::now() < deadline, "{page}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    pay("?amount=0.01");
+    let n = listed(1);
+    assert_eq!(n[0]["orderCheck"], "ORDER_CHECK_AMOUNT_MISMATCH");
+    let got = call(
+        "kongtie.v1.Payment/GetOrder",
+        r#"{"out_trade_id": "A1001"}"#,
+    );
+    assert_eq!(got["order"]["state"], "ORDER_STATE_CREATED", "not paid");
+
+    pay("");
+    let n = listed(2);
+    assert_eq!(n[1]["orderCheck"], "ORDER_CHECK_MATCHED");
+    let got = call(
+        "kongtie.v1.Payment/GetOrder",
+        r#"{"out_trade_id": "A1001"}"#,
+    );
+    assert_eq!(got["order"]["state"], "ORDER_STATE_PAID");
+    assert_eq!(got["order"]["paidSequence"], n[1]["sequence"]);
+
+    let paid = call(
+        "kongtie.v1.Payment/ListOrders",
+        r#"{"state": "ORDER_STATE_PAID"}"#,
+    );
+    assert_eq!(paid["orders"][0]["outTradeId"], "A1001");
+
+    let (ok, _, err) = run_grpcurl(&[
+        "-d",
+        r#"{"out_trade_id": "A1001", "amount_fen": 30, "openid": "oeQDZtzvDoD-OmTmyJH6rGAX8odc"}"#,
+        &bin.grpc,
+        "kongtie.v1.Payment/CreateJsapiOrder",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("Code: AlreadyExists"), "{err}");
+    assert!(err.contains("ORDER_TERMS_DIFFER"), "{err}");
+}
