@@ -6,7 +6,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use secrecy::ExposeSecret;
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tower_http::{
     LatencyUnit,
@@ -254,7 +254,14 @@ impl Application {
             ))
             .add_service(PaymentServer::with_interceptor(payment, keys))
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(self.grpc_listener),
+                // Our own listener, so tonic's `tcp_nodelay` does not apply:
+                // without TCP_NODELAY, a unary answer's last frames wait on
+                // the client's delayed ACK (about 40 ms a call, measured).
+                TcpListenerStream::new(self.grpc_listener).map(|accepted| {
+                    accepted.inspect(|stream| {
+                        let _ = stream.set_nodelay(true);
+                    })
+                }),
                 stopped(stopping.clone()),
             );
 

@@ -230,7 +230,7 @@ async fn receive(State(state): State<Arc<ListenerState>>, request: Request) -> R
                         warn!(
                             sequence,
                             order_check = order_check.as_str(),
-                            "notification stored, but it does not match an order the gateway created"
+                            "notification stored, but it is not for an order the gateway created with this amount: ship nothing on it"
                         );
                     }
                 }
