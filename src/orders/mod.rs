@@ -327,3 +327,145 @@ pub trait OrderStore: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<Vec<Order>, StoreError>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(6600);
+
+    fn terms(amount_fen: i64) -> OrderTerms {
+        OrderTerms {
+            out_trade_id: "A1".into(),
+            amount_fen,
+            openid: "o1".into(),
+            expires_at: DateTime::from_timestamp(2_000_000_000, 0).unwrap(),
+            explicit_expiry: true,
+        }
+    }
+
+    fn now() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_900_000_000, 0).unwrap()
+    }
+
+    fn stored(state: OrderState) -> Order {
+        let t = terms(100);
+        Order {
+            out_trade_id: t.out_trade_id,
+            amount_fen: 100,
+            openid: t.openid,
+            expires_at: t.expires_at,
+            created_at: now(),
+            state,
+            response_text: Some("{}".into()),
+            params_at: Some(now()),
+            failure: Some(("0001".into(), "no".into())),
+            paid_sequence: None,
+            attempts: 1,
+            claim: None,
+        }
+    }
+
+    #[test]
+    fn a_new_order_is_inserted_and_sent() {
+        assert_eq!(
+            decide(None, &terms(100), now(), TTL, None),
+            (Begin::Send { attempt: 1 }, Some(Write::Insert))
+        );
+    }
+
+    #[test]
+    fn fresh_pay_params_are_replayed_without_a_write() {
+        let order = stored(OrderState::Created);
+        assert_eq!(
+            decide(Some(&order), &terms(100), now(), TTL, None),
+            (Begin::Replay("{}".into()), None)
+        );
+        // Stale ones are sent again, as the next attempt.
+        let later = now() + chrono::Duration::seconds(6601);
+        assert_eq!(
+            decide(Some(&order), &terms(100), later, TTL, None),
+            (
+                Begin::Send { attempt: 2 },
+                Some(Write::Claim { attempt: 2 })
+            )
+        );
+    }
+
+    #[test]
+    fn other_terms_paid_and_expired_are_refused() {
+        let order = stored(OrderState::Created);
+        assert!(matches!(
+            decide(Some(&order), &terms(200), now(), TTL, None).0,
+            Begin::Refused(Refusal::TermsDiffer(_))
+        ));
+        let mut no_expiry = terms(100);
+        no_expiry.expires_at = now();
+        no_expiry.explicit_expiry = false;
+        assert_eq!(
+            decide(Some(&order), &no_expiry, now(), TTL, None).0,
+            Begin::Replay("{}".into()),
+            "a request naming no expiry matches the stored one"
+        );
+        assert_eq!(
+            decide(
+                Some(&stored(OrderState::Paid)),
+                &terms(100),
+                now(),
+                TTL,
+                None
+            )
+            .0,
+            Begin::Refused(Refusal::AlreadyPaid)
+        );
+        let past = order.expires_at + chrono::Duration::seconds(1);
+        assert_eq!(
+            decide(Some(&order), &terms(100), past, TTL, None).0,
+            Begin::Refused(Refusal::Expired)
+        );
+    }
+
+    #[test]
+    fn a_held_claim_is_waited_for_and_a_lapsed_one_taken() {
+        let mut order = stored(OrderState::Unknown);
+        order.claim = Some(("other".into(), now() + chrono::Duration::seconds(5)));
+        assert_eq!(
+            decide(Some(&order), &terms(100), now(), TTL, None),
+            (Begin::Wait { attempt: 1 }, None)
+        );
+        let lapsed = now() + chrono::Duration::seconds(6);
+        assert_eq!(
+            decide(Some(&order), &terms(100), lapsed, TTL, None),
+            (
+                Begin::Send { attempt: 2 },
+                Some(Write::Claim { attempt: 2 })
+            )
+        );
+    }
+
+    #[test]
+    fn a_waiter_gets_the_refusal_of_the_attempt_it_waited_for() {
+        let order = stored(OrderState::Failed);
+        assert_eq!(
+            decide(Some(&order), &terms(100), now(), TTL, Some(1)).0,
+            Begin::Refused(Refusal::Failed {
+                code: "0001".into(),
+                message: "no".into()
+            })
+        );
+        // A fresh request (or one that waited for an older attempt) sends
+        // it again.
+        assert_eq!(
+            decide(Some(&order), &terms(100), now(), TTL, None).0,
+            Begin::Send { attempt: 2 }
+        );
+    }
+
+    #[test]
+    fn amounts_are_checked_as_money() {
+        assert_eq!(check(Some(20), Some(20)), OrderCheck::Matched);
+        assert_eq!(check(Some(20), Some(1)), OrderCheck::AmountMismatch);
+        assert_eq!(check(Some(20), None), OrderCheck::AmountMismatch);
+        assert_eq!(check(None, Some(20)), OrderCheck::UnknownOrder);
+    }
+}
