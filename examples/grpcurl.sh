@@ -64,6 +64,7 @@ kill "$subscriber" 2>/dev/null || true
 wait "$subscriber" 2>/dev/null || true
 cat "$events"
 grep -q "\"outTradeId\": \"$ORDER\"" "$events" || fail "the subscriber did not receive $ORDER"
+grep -q '"orderCheck": "ORDER_CHECK_MATCHED"' "$events" || fail "the payment does not match the order"
 SEQ=$(python3 -c 'import re,sys; print(re.search(r"\"sequence\": \"(\d+)\"", open(sys.argv[1]).read()).group(1))' "$events")
 call -d "{\"consumer\": \"grpcurl-example\", \"sequence\": $SEQ}" "$GRPC" kongtie.v1.Payment/AckNotifications \
   | json 'int(d["ackedSequence"])'

@@ -123,6 +123,8 @@ async function main() {
   const notification = await received;
   check(notification.outTradeId === orderId && notification.paid, 'the paid notification of our order');
   check(notification.amountFen === '20' && notification.tradeAmount === '0.20', 'the amount');
+  // Ship goods only on a payment of the order this gateway created, for its amount.
+  check(notification.orderCheck === 'ORDER_CHECK_MATCHED', 'the payment matches our order');
   console.log(`notification ${notification.sequence}: ${orderId} paid ${notification.tradeAmount} yuan`);
   stream.cancel();
 

@@ -95,6 +95,8 @@ def main():
     check(not isinstance(notification, Exception), f"a notification, not {notification!r}")
     check(notification.out_trade_id == order_id and notification.paid, "the paid notification of our order")
     check(notification.amount_fen == 20 and notification.trade_amount == "0.20", "the amount")
+    # Ship goods only on a payment of the order this gateway created, for its amount.
+    check(notification.order_check == payment_pb2.ORDER_CHECK_MATCHED, "the payment matches our order")
     print(f"notification {notification.sequence}: {order_id} paid {notification.trade_amount} yuan")
     stream.cancel()
 
