@@ -96,6 +96,15 @@ impl PaymentService {
     }
 }
 
+/// A page size: 0 for the default, at most [`MAX_PAGE`].
+fn page_size(n: u32) -> Result<u32, String> {
+    match n {
+        0 => Ok(DEFAULT_PAGE),
+        n if n > MAX_PAGE => Err(format!("must be at most {MAX_PAGE}, got {n}")),
+        n => Ok(n),
+    }
+}
+
 /// The largest `ListNotifications` answer: what every gRPC client accepts
 /// by default (4 MiB), less room for the envelope.
 const MAX_PAGE_BYTES: usize = (4 << 20) - 1024;
@@ -216,14 +225,7 @@ impl Payment for PaymentService {
                 Err(_) => Err(format!("{} is not an OrderState", req.state)),
             },
         );
-        let page_size = v.field(
-            "page_size",
-            match req.page_size {
-                0 => Ok(DEFAULT_PAGE),
-                n if n > MAX_PAGE => Err(format!("must be at most {MAX_PAGE}, got {n}")),
-                n => Ok(n),
-            },
-        );
+        let page_size = v.field("page_size", page_size(req.page_size));
         let after = v.field("page_token", parse_page_token(&req.page_token));
         let (state, page_size, after) = v.finish(|| Some((state?, page_size?, after?)))?;
         let now = Utc::now();
@@ -338,14 +340,7 @@ impl Payment for PaymentService {
             "out_trade_id",
             optional(&req.out_trade_id, OutTradeId::parse),
         );
-        let page_size = v.field(
-            "page_size",
-            match req.page_size {
-                0 => Ok(DEFAULT_PAGE),
-                n if n > MAX_PAGE => Err(format!("must be at most {MAX_PAGE}, got {n}")),
-                n => Ok(n),
-            },
-        );
+        let page_size = v.field("page_size", page_size(req.page_size));
         let (order, page_size) = v.finish(|| Some((order?, page_size?)))?;
         self.within_stored("after_sequence", req.after_sequence)
             .await?;

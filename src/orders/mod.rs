@@ -221,6 +221,18 @@ pub enum Outcome {
     Unknown,
 }
 
+impl Outcome {
+    /// What recording it writes: the state, Kongtie's `ResponseText` (with
+    /// which the params' time is set) and its refusal's code and message.
+    pub fn columns(&self) -> (&'static str, Option<&str>, Option<&str>, Option<&str>) {
+        match self {
+            Outcome::Created { response_text } => ("CREATED", Some(response_text), None, None),
+            Outcome::Failed { code, message } => ("FAILED", None, Some(code), Some(message)),
+            Outcome::Unknown => ("UNKNOWN", None, None, None),
+        }
+    }
+}
+
 /// The one decision of `CreateJsapiOrder`, given the stored order (read
 /// under the backend's lock) and the request. `waited` is the attempt the
 /// caller waited for, if it did.

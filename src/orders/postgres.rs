@@ -152,23 +152,8 @@ impl OrderStore for PostgresOrders {
         outcome: &Outcome,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        let (state, response_text, params_at, code, message) = match outcome {
-            Outcome::Created { response_text } => (
-                "CREATED",
-                Some(response_text.as_str()),
-                Some(now),
-                None,
-                None,
-            ),
-            Outcome::Failed { code, message } => (
-                "FAILED",
-                None,
-                None,
-                Some(code.as_str()),
-                Some(message.as_str()),
-            ),
-            Outcome::Unknown => ("UNKNOWN", None, None, None, None),
-        };
+        let (state, response_text, code, message) = outcome.columns();
+        let params_at = response_text.map(|_| now);
         // A PAID order stays PAID; pay parameters are replaced only by newer
         // ones.
         sqlx::query(

@@ -179,23 +179,8 @@ impl OrderStore for SqliteOrders {
             outcome.clone(),
         );
         self.with(move |conn| {
-            let (state, response_text, params_at, code, message) = match &outcome {
-                Outcome::Created { response_text } => (
-                    "CREATED",
-                    Some(response_text.as_str()),
-                    Some(ms(now)),
-                    None,
-                    None,
-                ),
-                Outcome::Failed { code, message } => (
-                    "FAILED",
-                    None,
-                    None,
-                    Some(code.as_str()),
-                    Some(message.as_str()),
-                ),
-                Outcome::Unknown => ("UNKNOWN", None, None, None, None),
-            };
+            let (state, response_text, code, message) = outcome.columns();
+            let params_at = response_text.map(|_| ms(now));
             // A PAID order stays PAID; pay parameters are replaced only by
             // newer ones.
             conn.execute(
