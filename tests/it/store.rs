@@ -1,4 +1,5 @@
-//! One store test suite, run against both backends: every test below is
+//! One store test suite, run against both backends (notifications, consumer
+//! positions and the order ledger): every test below is
 //! an `async fn(Backend)`, and `store_suite!` makes a `sqlite::` and a
 //! `postgres::` test of it. "Replicas" are two stores on one database; with
 //! SQLite, which serves one replica, both are the same store.
@@ -6,9 +7,12 @@
 use std::{sync::Arc, time::Duration};
 
 use chrono::Utc;
-use kongtie_gateway::store::{
-    self, HeldWrite, IncomingNotification, NotificationStore, Recorded, StoreError,
-    StoredNotification,
+use kongtie_gateway::{
+    orders::{Begin, OrderCheck, OrderState, OrderStore, OrderTerms, Outcome, Refusal},
+    store::{
+        self, HeldWrite, IncomingNotification, NotificationStore, Recorded, StoreError,
+        StoredNotification,
+    },
 };
 use tokio::sync::{broadcast, oneshot};
 
@@ -95,6 +99,9 @@ store_suite!(
     a_writer_that_commits_late_is_not_skipped,
     a_rolled_back_writer_stalls_no_one,
     a_notification_the_database_refuses_fails_alone,
+    an_order_claimed_on_one_replica_is_waited_for_on_another,
+    racing_first_attempts_on_two_replicas_send_once,
+    each_new_notification_is_checked_and_a_match_pays_for_good,
 );
 
 pub fn incoming(id: &str) -> IncomingNotification {
@@ -530,4 +537,166 @@ fn new_event(sequence: u64) -> Recorded {
         sequence,
         order_check: kongtie_gateway::orders::OrderCheck::UnknownOrder,
     }
+}
+
+fn order_terms(id: &str, amount_fen: i64) -> OrderTerms {
+    OrderTerms {
+        out_trade_id: id.into(),
+        amount_fen,
+        openid: "o1".into(),
+        expires_at: Utc::now() + chrono::Duration::minutes(30),
+        explicit_expiry: false,
+    }
+}
+
+const PREPAY_TTL: Duration = Duration::from_secs(6600);
+
+/// `begin` for `terms` now, as `claimant`, with a 30 s claim.
+async fn begin(
+    orders: &Arc<dyn OrderStore>,
+    terms: &OrderTerms,
+    claimant: &str,
+    waited: Option<u32>,
+) -> Begin {
+    let now = Utc::now();
+    orders
+        .begin(
+            terms,
+            now,
+            PREPAY_TTL,
+            waited,
+            claimant,
+            now + chrono::Duration::seconds(30),
+        )
+        .await
+        .unwrap()
+}
+
+async fn an_order_claimed_on_one_replica_is_waited_for_on_another(backend: Backend) {
+    let place = Place::new(backend).await;
+    let a = place.open().await;
+    let b = place.replica(&a).await;
+    let terms = order_terms("O1", 20);
+    assert_eq!(
+        begin(&a.orders(), &terms, "a", None).await,
+        Begin::Send { attempt: 1 }
+    );
+    assert_eq!(
+        begin(&b.orders(), &terms, "b", None).await,
+        Begin::Wait { attempt: 1 }
+    );
+    let created = Outcome::Created {
+        response_text: "{}".into(),
+    };
+    a.orders()
+        .finish("O1", "a", 1, &created, Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(
+        begin(&b.orders(), &terms, "b", Some(1)).await,
+        Begin::Replay("{}".into())
+    );
+    // A finish of an attempt that no longer holds the claim changes nothing.
+    a.orders()
+        .finish("O1", "a", 1, &Outcome::Unknown, Utc::now())
+        .await
+        .unwrap();
+    let stored = b.orders().get("O1").await.unwrap().unwrap();
+    assert_eq!(stored.state, OrderState::Created);
+    assert_eq!(stored.attempts, 1);
+    assert_eq!(stored.claim, None);
+}
+
+async fn racing_first_attempts_on_two_replicas_send_once(backend: Backend) {
+    let place = Place::new(backend).await;
+    let a = place.open().await;
+    let b = place.replica(&a).await;
+    let terms = order_terms("O2", 20);
+    let racers: Vec<_> = (0..20)
+        .map(|i| {
+            let orders = if i % 2 == 0 { a.orders() } else { b.orders() };
+            let terms = terms.clone();
+            tokio::spawn(async move { begin(&orders, &terms, &format!("r{i}"), None).await })
+        })
+        .collect();
+    let mut sends = 0;
+    for racer in racers {
+        match racer.await.unwrap() {
+            Begin::Send { attempt } => {
+                assert_eq!(attempt, 1);
+                sends += 1;
+            }
+            Begin::Wait { attempt: 1 } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(sends, 1, "one caller holds the claim");
+}
+
+async fn each_new_notification_is_checked_and_a_match_pays_for_good(backend: Backend) {
+    let place = Place::new(backend).await;
+    let store = place.open().await;
+    let orders = store.orders();
+    for (id, fen) in [("O3", 20), ("O4", 30)] {
+        let terms = order_terms(id, fen);
+        assert_eq!(
+            begin(&orders, &terms, "a", None).await,
+            Begin::Send { attempt: 1 }
+        );
+    }
+    // O4's attempt is still in flight when its payment comes, O3's not.
+    let created = Outcome::Created {
+        response_text: "{}".into(),
+    };
+    orders
+        .finish("O3", "a", 1, &created, Utc::now())
+        .await
+        .unwrap();
+    let checks = [
+        ("O3", OrderCheck::Matched),        // 0.20 for 20 fen
+        ("O4", OrderCheck::AmountMismatch), // 0.20 for 30 fen
+        ("O5", OrderCheck::UnknownOrder),
+    ];
+    for (i, (id, check)) in checks.iter().enumerate() {
+        assert_eq!(
+            store.record(incoming(id)).await.unwrap(),
+            Recorded::New {
+                sequence: i as u64 + 1,
+                order_check: *check
+            }
+        );
+    }
+    let listed = store.list(0, None, 10).await.unwrap();
+    let listed: Vec<_> = listed.iter().map(|n| n.order_check).collect();
+    assert_eq!(
+        listed,
+        checks.iter().map(|(_, c)| Some(*c)).collect::<Vec<_>>()
+    );
+    let paid = orders.get("O3").await.unwrap().unwrap();
+    assert_eq!(
+        (paid.state, paid.paid_sequence),
+        (OrderState::Paid, Some(1))
+    );
+    assert_eq!(
+        orders.get("O4").await.unwrap().unwrap().state,
+        OrderState::Unknown
+    );
+    // A payment that comes while an attempt is in flight stands: the
+    // attempt ending afterwards does not take the order back.
+    assert_eq!(
+        begin(&orders, &order_terms("O6", 20), "a", None).await,
+        Begin::Send { attempt: 1 }
+    );
+    store.record(incoming("O6")).await.unwrap();
+    orders
+        .finish("O6", "a", 1, &created, Utc::now())
+        .await
+        .unwrap();
+    let o6 = orders.get("O6").await.unwrap().unwrap();
+    assert_eq!((o6.state, o6.paid_sequence), (OrderState::Paid, Some(4)));
+    assert_eq!(o6.claim, None);
+    assert_eq!(
+        begin(&orders, &order_terms("O6", 20), "a", None).await,
+        Begin::Refused(Refusal::AlreadyPaid)
+    );
 }
