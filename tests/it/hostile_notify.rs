@@ -394,3 +394,131 @@ async fn until_metrics(admin: &str, settled: impl Fn(&str) -> bool) -> String {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_connections_are_capped_and_the_next_one_waits_its_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = Binary::start_in(
+        &[
+            "serve",
+            "--notify-max-connections",
+            "5",
+            "--notify-read-timeout-ms",
+            "1500",
+        ],
+        dir.path(),
+        None,
+    );
+    let mut idle = Vec::new();
+    for _ in 0..5 {
+        idle.push(open(&bin.notify, b"").await);
+    }
+    until_metrics(&bin.admin, |m| {
+        sample(m, "kongtie_notify_connections") == 5.0
+    })
+    .await;
+    // The sixth is not accepted until one of the five is closed (by its
+    // read timeout): then it is served.
+    let started = Instant::now();
+    let resp = reqwest::Client::new()
+        .post(bin.notify_url())
+        .body(payment_notification("CAP1", KTAPI_TOKEN))
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.text().await.unwrap(), "success");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1000),
+        "served after {waited:?}, before any of the five closed"
+    );
+    let metrics = admin_metrics(&bin.admin).await;
+    assert!(
+        sample(&metrics, "kongtie_notify_connection_waits_total") >= 1.0,
+        "{metrics}"
+    );
+    drop(idle);
+}
+
+/// CPU seconds the process has used (user and system).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command's closing parenthesis; utime and stime are
+    // the 14th and 15th of the line.
+    let after = stat.rsplit_once(')').unwrap().1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_the_listener_backs_off_and_says_so_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = Binary::start_in(
+        &["serve", "--notify-read-timeout-ms", "3000"],
+        dir.path(),
+        None,
+    );
+    let pid = bin.child.id();
+    // A file limit just above what the process holds now.
+    let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let limit = open_fds + 6;
+    let status = std::process::Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid.to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ])
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(status.success());
+
+    // More connections than it can take: the kernel completes them, the
+    // gateway cannot accept them all.
+    let mut held = Vec::new();
+    for _ in 0..30 {
+        held.push(open(&bin.notify, b"").await);
+    }
+    until_metrics(&bin.admin, |m| {
+        sample(m, "kongtie_notify_accept_errors_total") >= 1.0
+    })
+    .await;
+    let cpu_before = cpu_secs(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cpu = cpu_secs(pid) - cpu_before;
+    let metrics = admin_metrics(&bin.admin).await;
+    let errors = sample(&metrics, "kongtie_notify_accept_errors_total");
+    // Backing off (10 ms doubling to 1 s), not spinning: a handful of
+    // failed accepts and little CPU in 2 s.
+    assert!(errors <= 30.0, "{errors} failed accepts: a spin");
+    assert!(cpu < 0.5, "{cpu} CPU seconds in 2 s");
+    let log = bin.log.lock().unwrap().clone();
+    let warnings = log
+        .iter()
+        .filter(|l| l.contains("WARN") && l.contains("cannot accept"))
+        .count();
+    assert_eq!(warnings, 1, "rate-limited: {log:#?}");
+
+    // Once the stalled connections time out, descriptors free up and the
+    // listener serves again.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let sent = reqwest::Client::new()
+            .post(bin.notify_url())
+            .body(payment_notification("FD1", KTAPI_TOKEN))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        if let Ok(resp) = sent
+            && resp.text().await.unwrap_or_default() == "success"
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not serving again within 20 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
