@@ -123,7 +123,11 @@ pub enum Fault {
 #[derive(Debug, Clone)]
 pub struct SeenRequest {
     pub endpoint: Endpoint,
+    pub time_stamp: String,
     pub source_from: String,
+    /// The `Sign` as received, so tests can check it against one computed
+    /// apart from the crate (kept in memory only, never logged).
+    pub sign: String,
     pub sign_valid: bool,
     /// The signed body fields as received, in signing order.
     pub fields: Vec<(String, String)>,
@@ -134,7 +138,9 @@ impl SeenRequest {
     fn unread(endpoint: Endpoint) -> Self {
         Self {
             endpoint,
+            time_stamp: String::new(),
             source_from: String::new(),
+            sign: String::new(),
             sign_valid: false,
             fields: Vec::new(),
         }
@@ -498,7 +504,9 @@ fn handle(shared: &Arc<Shared>, body: &[u8], endpoint: Endpoint) -> Response {
     let sign_valid = verify(&pairs, token, &request.head.sign);
     shared.lock().seen.push(SeenRequest {
         endpoint,
+        time_stamp: request.head.time_stamp.clone(),
         source_from: request.head.source_from.clone(),
+        sign: request.head.sign.clone(),
         sign_valid,
         fields: fields
             .iter()

@@ -457,9 +457,19 @@ pub fn flood(
     (acknowledged, tasks)
 }
 
-/// Waits until at least `n` notifications were answered `success`.
+/// Waits until at least `n` notifications were answered `success`, for 60
+/// s at most (a flood of 16 senders acknowledges thousands a second here).
 pub async fn until_acknowledged(acknowledged: &Acknowledged, n: usize) {
-    while acknowledged.lock().unwrap().len() < n {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = acknowledged.lock().unwrap().len();
+        if got >= n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {got} of {n} notifications answered success within 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -588,4 +598,23 @@ pub async fn spawn_gateway_on(sandbox: &SandboxHandle, extra: &[&str]) -> OtherG
         running: run_app(config).await,
         _dir: dir,
     }
+}
+
+/// MD5 hex of `text` by the system's `md5sum`: an implementation apart
+/// from the crate's.
+pub fn md5sum(text: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("md5sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("md5sum (coreutils)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8(out.stdout).unwrap()[..32].to_owned()
 }

@@ -493,3 +493,32 @@ async fn readyz_turns_not_ready_while_the_disk_is_full_and_back_once_it_is_not()
     assert_eq!(stored.len(), refused + 1);
     drop(bin);
 }
+
+#[tokio::test]
+async fn a_notification_signed_by_another_md5_implementation_is_accepted() {
+    let app = spawn_app().await;
+    let fields = [
+        ("TradeStatus", "0000"),
+        ("Message", "SUCCESS"),
+        ("OutTradeId", "MD5SUM1"),
+        ("TradeAmount", "1.00"),
+        ("TradeOrderId", "984_77"),
+        ("TradeBillNo", "2018030221001004080206230177"),
+        ("TradeTime", "2018/3/2 10:00:39"),
+        ("TimeStamp", "1522233465"),
+    ];
+    let text: Vec<String> = fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let sign = md5sum(&format!("{}&{KTAPI_TOKEN}", text.join("&")));
+    let mut body = serde_json::Map::new();
+    for (k, v) in fields {
+        body.insert(k.into(), v.into());
+    }
+    body.insert("Sign".into(), sign.clone().into());
+    let body = serde_json::Value::Object(body).to_string();
+    assert_eq!(app.notify(body.clone()).await, (200, "success".into()));
+    // One hex digit off: refused.
+    let last = sign.chars().last().unwrap();
+    let other = if last == '0' { '1' } else { '0' };
+    let wrong = body.replace(&sign, &format!("{}{other}", &sign[..31]));
+    assert_eq!(app.notify(wrong).await, (401, "bad signature".into()));
+}
