@@ -51,21 +51,39 @@ call -d "{\"out_trade_id\": \"$ORDER\", \"amount_fen\": 20, \"openid\": \"oeQDZt
 echo "== subscribe, pay, receive"
 events=$(mktemp)
 trap 'rm -f "$events"' EXIT
-"$GRPCURL" -plaintext -max-time 8 "${auth[@]}" -d "{\"consumer\": \"grpcurl-example\", \"out_trade_id\": \"$ORDER\"}" \
+# A consumer sees every event (its acknowledgement covers all before it):
+# other orders' events are skipped below, not filtered away.
+"$GRPCURL" -plaintext -max-time 8 "${auth[@]}" -d "{\"consumer\": \"grpcurl-example\"}" \
   "$GRPC" kongtie.v1.Payment/SubscribeNotifications >"$events" 2>&1 &
 subscriber=$!
 sleep 0.5
 curl -s -X POST "$SANDBOX/sandbox/orders/$ORDER/pay"; echo
 for _ in $(seq 1 50); do
-  grep -q '"paid": true' "$events" && break
+  grep -q "\"outTradeId\": \"$ORDER\"" "$events" && break
   sleep 0.1
 done
 kill "$subscriber" 2>/dev/null || true
 wait "$subscriber" 2>/dev/null || true
 cat "$events"
-grep -q "\"outTradeId\": \"$ORDER\"" "$events" || fail "the subscriber did not receive $ORDER"
-grep -q '"orderCheck": "ORDER_CHECK_MATCHED"' "$events" || fail "the payment does not match the order"
-SEQ=$(python3 -c 'import re,sys; print(re.search(r"\"sequence\": \"(\d+)\"", open(sys.argv[1]).read()).group(1))' "$events")
+# Our order's event among the stream's (grpcurl prints one JSON object each):
+# paid, for our order and amount. Its sequence is what we acknowledge.
+SEQ=$(python3 - "$events" "$ORDER" <<'PY'
+import json, sys
+text, order = open(sys.argv[1]).read(), sys.argv[2]
+decoder, i, ours = json.JSONDecoder(), 0, None
+while (i := text.find("{", i)) != -1:
+    try:
+        event, i = decoder.raw_decode(text, i)
+    except ValueError:
+        break
+    if event.get("outTradeId") == order:
+        ours = event
+        break
+if ours and ours.get("paid") and ours.get("orderCheck") == "ORDER_CHECK_MATCHED":
+    print(ours["sequence"])
+PY
+)
+[ -n "$SEQ" ] || fail "the subscriber did not receive $ORDER paid and matching its order"
 call -d "{\"consumer\": \"grpcurl-example\", \"sequence\": $SEQ}" "$GRPC" kongtie.v1.Payment/AckNotifications \
   | json 'int(d["ackedSequence"])'
 

@@ -104,11 +104,14 @@ async function main() {
   check(order.payParams.package.startsWith('prepay_id='), 'pay parameters');
   console.log(`order ${orderId}: ${order.payParams.package}`);
 
-  // Subscribe (as a durable consumer, filtered to our order) before paying.
-  const stream = payment.SubscribeNotifications({ consumer: 'node-example', outTradeId: orderId }, metadata());
+  // Subscribe as a durable consumer before paying. A consumer sees every
+  // event (its acknowledgement covers all before it), so other orders'
+  // events are skipped here, not filtered away.
+  const stream = payment.SubscribeNotifications({ consumer: 'node-example' }, metadata());
   const received = new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error('no notification within 15 s')), 15_000);
     stream.on('data', (n) => {
+      if (n.outTradeId !== orderId) return;
       clearTimeout(timer);
       resolve(n);
     });

@@ -70,17 +70,20 @@ def main():
     check(order.pay_params.package.startswith("prepay_id="), "pay parameters")
     print(f"order {order_id}: {order.pay_params.package}")
 
-    # Subscribe (as a durable consumer, filtered to our order) before paying.
+    # Subscribe as a durable consumer before paying. A consumer sees every
+    # event (its acknowledgement covers all before it), so other orders'
+    # events are skipped here, not filtered away.
     received = queue.Queue()
     stream = payment.SubscribeNotifications(
-        payment_pb2.SubscribeNotificationsRequest(consumer="python-example", out_trade_id=order_id),
+        payment_pb2.SubscribeNotificationsRequest(consumer="python-example"),
         metadata=metadata,
     )
 
     def follow():
         try:
             for notification in stream:
-                received.put(notification)
+                if notification.out_trade_id == order_id:
+                    received.put(notification)
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.CANCELLED:
                 received.put(e)

@@ -262,6 +262,21 @@ impl Payment for PaymentService {
             "out_trade_id",
             optional(&req.out_trade_id, OutTradeId::parse),
         );
+        // A consumer's position covers every event: a stream that shows one
+        // order's events only would let its acks move the position past
+        // events nobody processed.
+        let _ = v.field(
+            "out_trade_id",
+            match (&consumer, &order) {
+                (Some(Some(_)), Some(Some(_))) => Err("cannot be combined with a consumer: its \
+                     acknowledged position covers every event, and a filtered stream would \
+                     skip the others; subscribe with the consumer and no filter (skipping \
+                     other orders' events), or filter without a consumer from an \
+                     after_sequence"
+                    .to_owned()),
+                _ => Ok(()),
+            },
+        );
         let (consumer, order) = v.finish(|| Some((consumer?, order?)))?;
         if let Some(order) = &order {
             tracing::Span::current().record("out_trade_id", order.as_str());

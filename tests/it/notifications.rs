@@ -619,3 +619,41 @@ async fn a_page_of_large_notifications_fits_what_a_default_client_accepts() {
     assert!(pages.len() >= 2, "cut by size: {pages:?}");
     assert!(pages[0] >= 60, "as many as fit: {pages:?}");
 }
+
+#[tokio::test]
+async fn a_consumer_cannot_subscribe_filtered_to_one_order() {
+    let app = spawn_app().await;
+    let status = app
+        .payment()
+        .await
+        .subscribe_notifications(SubscribeNotificationsRequest {
+            consumer: "orders".into(),
+            out_trade_id: "A1001".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&status), ["out_trade_id"]);
+    assert!(
+        status
+            .message()
+            .contains("cannot be combined with a consumer"),
+        "{}",
+        status.message()
+    );
+    // Each alone is fine.
+    let mut payment = app.payment().await;
+    for request in [
+        SubscribeNotificationsRequest {
+            consumer: "orders".into(),
+            ..Default::default()
+        },
+        SubscribeNotificationsRequest {
+            out_trade_id: "A1001".into(),
+            ..Default::default()
+        },
+    ] {
+        payment.subscribe_notifications(request).await.unwrap();
+    }
+}
