@@ -560,23 +560,82 @@ mod tests {
     }
 
     #[test]
-    fn bad_values_are_refused_at_start_up() {
-        for args in [
-            ["kongtie-gateway", "serve", "--ktapi-url", "ftp://x/"],
-            ["kongtie-gateway", "serve", "--grpc-addr", "nowhere"],
-            ["kongtie-gateway", "serve", "--cache-ttl-secs", "0"],
-            ["kongtie-gateway", "serve", "--source-from", ""],
-            ["kongtie-gateway", "serve", "--notify-path", "no-slash"],
-            [
-                "kongtie-gateway",
-                "serve",
-                "--pay-url",
-                "https://zs5.jsjinfo.cn/v5/ParTrade.ashx",
-            ],
-            ["kongtie-gateway", "serve", "--notify-allow", "10.0.0.0/33"],
-            ["kongtie-gateway", "serve", "--tls-cert", "cert.pem"],
+    fn bad_values_are_refused_at_start_up_naming_the_flag() {
+        for (args, names) in [
+            (
+                ["kongtie-gateway", "serve", "--ktapi-url", "ftp://x/"],
+                "--ktapi-url",
+            ),
+            (
+                ["kongtie-gateway", "serve", "--grpc-addr", "nowhere"],
+                "--grpc-addr",
+            ),
+            (
+                ["kongtie-gateway", "serve", "--cache-ttl-secs", "0"],
+                "--cache-ttl-secs",
+            ),
+            (
+                ["kongtie-gateway", "serve", "--source-from", ""],
+                "--source-from",
+            ),
+            (
+                ["kongtie-gateway", "serve", "--notify-path", "no-slash"],
+                "--notify-path",
+            ),
+            (
+                [
+                    "kongtie-gateway",
+                    "serve",
+                    "--pay-url",
+                    "https://zs5.jsjinfo.cn/v5/ParTrade.ashx",
+                ],
+                "https is not supported",
+            ),
+            (
+                ["kongtie-gateway", "serve", "--notify-allow", "10.0.0.0/33"],
+                "--notify-allow",
+            ),
+            (
+                ["kongtie-gateway", "serve", "--tls-cert", "cert.pem"],
+                "--tls-key",
+            ),
         ] {
-            assert!(Cli::try_parse_from(args).is_err(), "{args:?} accepted");
+            let err = Cli::try_parse_from(args)
+                .err()
+                .unwrap_or_else(|| panic!("{args:?} accepted"))
+                .to_string();
+            assert!(err.contains(names), "{args:?}: {err}");
         }
+    }
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        let all = ["kongtie-gateway", "serve"].iter().chain(args).copied();
+        match Cli::try_parse_from(all).unwrap().command {
+            Command::Serve(args) => *args,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn secrets_are_checked_outside_the_sandbox_and_placeholders_everywhere() {
+        let err = |args: &[&str]| serve(args).config().err().unwrap_or_default();
+        assert!(err(&[]).starts_with("KONGTIE_TOKEN is not set"));
+        assert!(
+            err(&["--token", DOCUMENT_TOKEN]).starts_with("KONGTIE_TOKEN is the token printed")
+        );
+        assert!(
+            serve(&["--token", DOCUMENT_TOKEN, "--allow-document-token"])
+                .config()
+                .is_ok()
+        );
+        assert!(serve(&["--sandbox"]).config().is_ok());
+        assert!(
+            err(&["--sandbox", "--pay-token", "change-me-x"])
+                .starts_with("KONGTIE_PAY_TOKEN still holds the example file's placeholder")
+        );
+        // The notify token follows KONGTIE_TOKEN, not the pay token.
+        let args = serve(&["--token", "t1", "--pay-token", "t2"]);
+        assert_eq!(args.kongtie.notify_token().expose_secret(), "t1");
+        assert_eq!(args.kongtie.pay().token.expose_secret(), "t2");
     }
 }

@@ -252,7 +252,14 @@ async fn grpc_over_tls_and_mutual_tls() {
     let plaintext = AuthClient::new(tls.channel().await)
         .get_access_token(GetAccessTokenRequest::default())
         .await;
-    assert!(plaintext.is_err());
+    // The server's TLS handshake fails on a plaintext preface and it closes
+    // the connection: a transport error, not an answer.
+    let status = plaintext.expect_err("plaintext is refused by a TLS server");
+    assert!(
+        matches!(status.code(), Code::Unknown | Code::Unavailable)
+            && status.message() == "transport error",
+        "{status:?}"
+    );
 
     // Mutual TLS: without a client certificate, nothing.
     let mtls = spawn_app_with(
