@@ -98,6 +98,9 @@ pub enum Error {
     #[error("no order {0}")]
     OrderNotFound(String),
 
+    #[error("no consumer {0}")]
+    ConsumerNotFound(String),
+
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -231,7 +234,7 @@ impl From<Error> for Status {
                 details.set_error_info(reason, ERROR_DOMAIN, meta);
                 Code::FailedPrecondition
             }
-            Error::OrderNotFound(_) => Code::NotFound,
+            Error::OrderNotFound(_) | Error::ConsumerNotFound(_) => Code::NotFound,
             Error::NotConfigured(_) => {
                 details.set_error_info("NOT_CONFIGURED", ERROR_DOMAIN, HashMap::new());
                 Code::FailedPrecondition

@@ -9,6 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::{
+    consumers::Consumer,
     domain::{
         AmountFen, NewOrder, OpenId, OutTradeId, Validator, optional, parse_consumer,
         timestamp_to_utc, utc_to_timestamp,
@@ -188,6 +189,73 @@ impl Payment for PaymentService {
             pay_params: Some(pay_params_to_proto(p)),
             response_text: created.response_text,
         }))
+    }
+
+    async fn get_consumer(
+        &self,
+        request: Request<proto::GetConsumerRequest>,
+    ) -> Result<Response<proto::GetConsumerResponse>, Status> {
+        let name = consumer_name(&request.get_ref().name)?;
+        let consumer = self
+            .store
+            .consumers()
+            .get(&name)
+            .await
+            .map_err(Error::from)?
+            .ok_or(Error::ConsumerNotFound(name))?;
+        Ok(Response::new(proto::GetConsumerResponse {
+            consumer: Some(consumer_to_proto(&consumer)),
+        }))
+    }
+
+    async fn list_consumers(
+        &self,
+        request: Request<proto::ListConsumersRequest>,
+    ) -> Result<Response<proto::ListConsumersResponse>, Status> {
+        let req = request.get_ref();
+        let mut v = Validator::default();
+        let page_size = v.field("page_size", page_size(req.page_size));
+        let after = v.field(
+            "page_token",
+            if req.page_token.is_empty() {
+                Ok(String::new())
+            } else {
+                parse_consumer(&req.page_token)
+                    .map_err(|_| "is not a page token this server gave".to_owned())
+            },
+        );
+        let (page_size, after) = v.finish(|| Some((page_size?, after?)))?;
+        let consumers = self
+            .store
+            .consumers()
+            .list(&after, page_size as usize)
+            .await
+            .map_err(Error::from)?;
+        let next_page_token = match consumers.last() {
+            Some(last) if consumers.len() == page_size as usize => last.name.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(proto::ListConsumersResponse {
+            consumers: consumers.iter().map(consumer_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn delete_consumer(
+        &self,
+        request: Request<proto::DeleteConsumerRequest>,
+    ) -> Result<Response<proto::DeleteConsumerResponse>, Status> {
+        let name = consumer_name(&request.get_ref().name)?;
+        if !self
+            .store
+            .consumers()
+            .delete(&name)
+            .await
+            .map_err(Error::from)?
+        {
+            return Err(Error::ConsumerNotFound(name).into());
+        }
+        Ok(Response::new(proto::DeleteConsumerResponse {}))
     }
 
     async fn get_order(
@@ -376,6 +444,23 @@ impl Payment for PaymentService {
             notifications,
             next_after_sequence,
         }))
+    }
+}
+
+/// A request's one `name` field, a valid consumer name.
+fn consumer_name(name: &str) -> Result<String, Status> {
+    let mut v = Validator::default();
+    let name = v.field("name", parse_consumer(name));
+    Ok(v.finish(|| name)?)
+}
+
+fn consumer_to_proto(c: &Consumer) -> proto::Consumer {
+    proto::Consumer {
+        name: c.name.clone(),
+        kind: proto::ConsumerKind::Cursor as i32,
+        acked_sequence: c.acked_sequence,
+        lag: c.lag,
+        last_ack_at: Some(utc_to_timestamp(c.last_ack_at)),
     }
 }
 

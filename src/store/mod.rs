@@ -21,6 +21,7 @@ pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 use crate::{
+    consumers::ConsumerStore,
     error::Error,
     metrics::Metrics,
     orders::{OrderCheck, OrderStore},
@@ -243,6 +244,9 @@ pub trait NotificationStore: Send + Sync + 'static {
     /// checks each new notification against it in the same transaction
     /// (`order_check`), and a paid, matching one turns its order PAID.
     fn orders(&self) -> Arc<dyn OrderStore>;
+
+    /// The consumers whose positions `ack` keeps (see `consumers`).
+    fn consumers(&self) -> Arc<dyn ConsumerStore>;
 
     /// Finishes pending writes and ends the live feed.
     async fn close(&self);

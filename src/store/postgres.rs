@@ -48,6 +48,7 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    consumers::{ConsumerStore, PostgresConsumers},
     metrics::Metrics,
     orders::{self, OrderCheck, OrderStore, PostgresOrders},
 };
@@ -98,6 +99,7 @@ struct Written {
 pub struct PostgresStore {
     health: WriteHealth,
     orders: Arc<PostgresOrders>,
+    consumers: Arc<PostgresConsumers>,
     pool: PgPool,
     write_pool: PgPool,
     /// Random, per process: the NOTIFY payloads of our own commits.
@@ -249,6 +251,7 @@ impl PostgresStore {
             )),
         ];
         Ok(Self {
+            consumers: Arc::new(PostgresConsumers::new(pool.clone())),
             orders: Arc::new(PostgresOrders::new(pool.clone())),
             health,
             pool,
@@ -353,6 +356,10 @@ impl NotificationStore for PostgresStore {
 
     fn orders(&self) -> Arc<dyn OrderStore> {
         Arc::clone(&self.orders) as Arc<dyn OrderStore>
+    }
+
+    fn consumers(&self) -> Arc<dyn ConsumerStore> {
+        Arc::clone(&self.consumers) as Arc<dyn ConsumerStore>
     }
 
     async fn close(&self) {

@@ -22,6 +22,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{debug, error, info};
 
 use crate::{
+    consumers::{ConsumerStore, SqliteConsumers},
     metrics::Metrics,
     orders::{self, OrderCheck, OrderStore, SqliteOrders},
     telemetry::RateLimited,
@@ -136,6 +137,7 @@ pub struct SqliteStore {
     readers: Arc<ReadPool>,
     health: WriteHealth,
     orders: Arc<SqliteOrders>,
+    consumers: Arc<SqliteConsumers>,
 }
 
 impl SqliteStore {
@@ -190,6 +192,7 @@ impl SqliteStore {
             }
         });
         Ok(Self {
+            consumers: Arc::new(SqliteConsumers::open(&path)?),
             orders,
             health,
             writes: Mutex::new(Some(writes)),
@@ -312,6 +315,10 @@ impl NotificationStore for SqliteStore {
 
     fn orders(&self) -> Arc<dyn OrderStore> {
         Arc::clone(&self.orders) as Arc<dyn OrderStore>
+    }
+
+    fn consumers(&self) -> Arc<dyn ConsumerStore> {
+        Arc::clone(&self.consumers) as Arc<dyn ConsumerStore>
     }
 
     async fn close(&self) {

@@ -216,6 +216,19 @@ fn grpcurl_walks_the_order_ledger_and_the_mismatch_path() {
     assert_eq!(got["order"]["state"], "ORDER_STATE_PAID");
     assert_eq!(got["order"]["paidSequence"], n[1]["sequence"]);
 
+    call(
+        "kongtie.v1.Payment/AckNotifications",
+        &format!(
+            r#"{{"consumer": "orders", "sequence": {}}}"#,
+            n[0]["sequence"].as_str().unwrap()
+        ),
+    );
+    let consumer = call("kongtie.v1.Payment/GetConsumer", r#"{"name": "orders"}"#);
+    assert_eq!(consumer["consumer"]["kind"], "CONSUMER_KIND_CURSOR");
+    assert_eq!(consumer["consumer"]["lag"], "1");
+    let consumers = call("kongtie.v1.Payment/ListConsumers", "{}");
+    assert_eq!(consumers["consumers"][0]["name"], "orders");
+
     let paid = call(
         "kongtie.v1.Payment/ListOrders",
         r#"{"state": "ORDER_STATE_PAID"}"#,

@@ -657,3 +657,82 @@ async fn a_consumer_cannot_subscribe_filtered_to_one_order() {
         payment.subscribe_notifications(request).await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn consumers_can_be_seen_and_forgotten() {
+    use kongtie_gateway::proto::{
+        ConsumerKind, DeleteConsumerRequest, GetConsumerRequest, ListConsumersRequest,
+    };
+    let app = spawn_app().await;
+    for id in ["G1", "G2", "G3"] {
+        app.notify(good(id)).await;
+    }
+    let mut payment = app.payment().await;
+    payment
+        .ack_notifications(AckNotificationsRequest {
+            consumer: "shipping".into(),
+            sequence: 2,
+        })
+        .await
+        .unwrap();
+    let consumer = payment
+        .get_consumer(GetConsumerRequest {
+            name: "shipping".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .consumer
+        .unwrap();
+    assert_eq!(consumer.kind, ConsumerKind::Cursor as i32);
+    assert_eq!((consumer.acked_sequence, consumer.lag), (2, 1));
+    assert!(consumer.last_ack_at.is_some());
+    let listed = payment
+        .list_consumers(ListConsumersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.consumers, [consumer]);
+    assert!(listed.next_page_token.is_empty());
+
+    payment
+        .delete_consumer(DeleteConsumerRequest {
+            name: "shipping".into(),
+        })
+        .await
+        .unwrap();
+    for status in [
+        payment
+            .get_consumer(GetConsumerRequest {
+                name: "shipping".into(),
+            })
+            .await
+            .unwrap_err(),
+        payment
+            .delete_consumer(DeleteConsumerRequest {
+                name: "shipping".into(),
+            })
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        assert_eq!(status.message(), "no consumer shipping");
+    }
+    // Forgotten: a subscription under its name starts from the first event.
+    let mut stream = payment
+        .subscribe_notifications(SubscribeNotificationsRequest {
+            consumer: "shipping".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next_notification(&mut stream).await.sequence, 1);
+    let status = payment
+        .get_consumer(GetConsumerRequest {
+            name: "bad name!".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), ["name"]);
+}

@@ -102,6 +102,7 @@ store_suite!(
     an_order_claimed_on_one_replica_is_waited_for_on_another,
     racing_first_attempts_on_two_replicas_send_once,
     each_new_notification_is_checked_and_a_match_pays_for_good,
+    consumers_are_seen_with_their_lag_and_can_be_forgotten,
 );
 
 pub fn incoming(id: &str) -> IncomingNotification {
@@ -708,4 +709,36 @@ async fn each_new_notification_is_checked_and_a_match_pays_for_good(backend: Bac
         begin(&orders, &order_terms("O6", 20), "a", None).await,
         Begin::Refused(Refusal::AlreadyPaid)
     );
+}
+
+async fn consumers_are_seen_with_their_lag_and_can_be_forgotten(backend: Backend) {
+    let place = Place::new(backend).await;
+    let a = place.open().await;
+    let b = place.replica(&a).await;
+    for id in ["c1", "c2", "c3"] {
+        a.record(incoming(id)).await.unwrap();
+    }
+    a.ack("billing", 1).await.unwrap();
+    a.ack("audit", 3).await.unwrap();
+    // Seen the same from every replica.
+    let consumers = b.consumers();
+    let billing = consumers.get("billing").await.unwrap().unwrap();
+    assert_eq!((billing.acked_sequence, billing.lag), (1, 2));
+    assert!(billing.last_ack_at <= Utc::now());
+    assert_eq!(consumers.get("nobody").await.unwrap(), None);
+    let page = consumers.list("", 1).await.unwrap();
+    let names: Vec<&str> = page.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["audit"]);
+    let rest = consumers.list("audit", 10).await.unwrap();
+    let names: Vec<&str> = rest.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["billing"]);
+    assert_eq!(rest[0].lag, 2);
+    // A new event raises every lag.
+    a.record(incoming("c4")).await.unwrap();
+    assert_eq!(consumers.get("audit").await.unwrap().unwrap().lag, 1);
+
+    assert!(consumers.delete("billing").await.unwrap());
+    assert!(!consumers.delete("billing").await.unwrap());
+    assert_eq!(a.acked("billing").await.unwrap(), 0, "forgotten");
+    assert_eq!(consumers.list("", 10).await.unwrap().len(), 1);
 }
