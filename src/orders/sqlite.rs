@@ -5,20 +5,16 @@
 //! included, and commits (an fsync) only when it changed something: an
 //! answer from the ledger costs a read.
 
-use std::{
-    path::Path,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{path::Path, time::Duration};
 
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{Begin, Order, OrderState, OrderStore, OrderTerms, Outcome, Write, decide};
-use crate::store::StoreError;
+use crate::store::{SideConnection, StoreError};
 
 pub struct SqliteOrders {
-    conn: Arc<Mutex<Connection>>,
+    conn: SideConnection,
 }
 
 const COLUMNS: &str = "out_trade_id, amount_fen, openid, expires_at_ms, created_at_ms, state, \
@@ -28,30 +24,9 @@ const COLUMNS: &str = "out_trade_id, amount_fen, openid, expires_at_ms, created_
 impl SqliteOrders {
     /// Opens the ledger of the store at `path` (already migrated).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = Connection::open(path)
-            .and_then(|c| {
-                c.pragma_update(None, "busy_timeout", 5000)?;
-                c.pragma_update(None, "synchronous", "FULL")?;
-                Ok(c)
-            })
-            .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            conn: SideConnection::open(path)?,
         })
-    }
-
-    async fn with<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
-    ) -> Result<R, StoreError> {
-        let conn = Arc::clone(&self.conn);
-        tokio::task::spawn_blocking(move || {
-            let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut conn)
-        })
-        .await
-        .map_err(|e| StoreError::Backend(e.to_string()))?
-        .map_err(|e| StoreError::Backend(e.to_string()))
     }
 }
 
@@ -116,37 +91,38 @@ impl OrderStore for SqliteOrders {
         claim_until: DateTime<Utc>,
     ) -> Result<Begin, StoreError> {
         let (terms, claimant) = (terms.clone(), claimant.to_owned());
-        self.with(move |conn| {
-            // A read first: most repeats need no write, and no lock.
-            let stored = select(conn, &terms.out_trade_id)?;
-            let (begin, write) = decide(stored.as_ref(), &terms, now, prepay_ttl, waited);
-            if write.is_none() {
-                return Ok(begin);
-            }
-            // A write: decide again under the write lock.
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let stored = select(&tx, &terms.out_trade_id)?;
-            let (begin, write) = decide(stored.as_ref(), &terms, now, prepay_ttl, waited);
-            match write {
-                None => return Ok(begin),
-                Some(Write::Insert) => {
-                    tx.execute(
-                        "INSERT INTO orders (out_trade_id, amount_fen, openid, expires_at_ms, \
+        self.conn
+            .with(move |conn| {
+                // A read first: most repeats need no write, and no lock.
+                let stored = select(conn, &terms.out_trade_id)?;
+                let (begin, write) = decide(stored.as_ref(), &terms, now, prepay_ttl, waited);
+                if write.is_none() {
+                    return Ok(begin);
+                }
+                // A write: decide again under the write lock.
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let stored = select(&tx, &terms.out_trade_id)?;
+                let (begin, write) = decide(stored.as_ref(), &terms, now, prepay_ttl, waited);
+                match write {
+                    None => return Ok(begin),
+                    Some(Write::Insert) => {
+                        tx.execute(
+                            "INSERT INTO orders (out_trade_id, amount_fen, openid, expires_at_ms, \
                          created_at_ms, state, attempts, claimed_by, claimed_until_ms, \
                          updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, 'UNKNOWN', 1, ?6, ?7, ?5)",
-                        params![
-                            terms.out_trade_id,
-                            terms.amount_fen,
-                            terms.openid,
-                            ms(terms.expires_at),
-                            ms(now),
-                            claimant,
-                            ms(claim_until)
-                        ],
-                    )?;
-                }
-                Some(Write::Claim { attempt }) => {
-                    tx.execute(
+                            params![
+                                terms.out_trade_id,
+                                terms.amount_fen,
+                                terms.openid,
+                                ms(terms.expires_at),
+                                ms(now),
+                                claimant,
+                                ms(claim_until)
+                            ],
+                        )?;
+                    }
+                    Some(Write::Claim { attempt }) => {
+                        tx.execute(
                         "UPDATE orders SET attempts = ?2, claimed_by = ?3, claimed_until_ms = ?4, \
                          updated_at_ms = ?5 WHERE out_trade_id = ?1",
                         params![
@@ -157,12 +133,12 @@ impl OrderStore for SqliteOrders {
                             ms(now)
                         ],
                     )?;
+                    }
                 }
-            }
-            tx.commit()?;
-            Ok(begin)
-        })
-        .await
+                tx.commit()?;
+                Ok(begin)
+            })
+            .await
     }
 
     async fn finish(
@@ -178,39 +154,40 @@ impl OrderStore for SqliteOrders {
             claimant.to_owned(),
             outcome.clone(),
         );
-        self.with(move |conn| {
-            let (state, response_text, code, message) = outcome.columns();
-            let params_at = response_text.map(|_| ms(now));
-            // A PAID order stays PAID; pay parameters are replaced only by
-            // newer ones.
-            conn.execute(
-                "UPDATE orders SET \
+        self.conn
+            .with(move |conn| {
+                let (state, response_text, code, message) = outcome.columns();
+                let params_at = response_text.map(|_| ms(now));
+                // A PAID order stays PAID; pay parameters are replaced only by
+                // newer ones.
+                conn.execute(
+                    "UPDATE orders SET \
                    state = CASE WHEN state = 'PAID' THEN 'PAID' ELSE ?4 END, \
                    response_text = COALESCE(?5, response_text), \
                    params_at_ms = COALESCE(?6, params_at_ms), \
                    failure_code = ?7, failure_message = ?8, \
                    claimed_by = NULL, claimed_until_ms = NULL, updated_at_ms = ?9 \
                  WHERE out_trade_id = ?1 AND claimed_by = ?2 AND attempts = ?3",
-                params![
-                    id,
-                    claimant,
-                    attempt,
-                    state,
-                    response_text,
-                    params_at,
-                    code,
-                    message,
-                    ms(now)
-                ],
-            )?;
-            Ok(())
-        })
-        .await
+                    params![
+                        id,
+                        claimant,
+                        attempt,
+                        state,
+                        response_text,
+                        params_at,
+                        code,
+                        message,
+                        ms(now)
+                    ],
+                )?;
+                Ok(())
+            })
+            .await
     }
 
     async fn get(&self, out_trade_id: &str) -> Result<Option<Order>, StoreError> {
         let id = out_trade_id.to_owned();
-        self.with(move |conn| select(conn, &id)).await
+        self.conn.with(move |conn| select(conn, &id)).await
     }
 
     async fn list(
@@ -220,40 +197,41 @@ impl OrderStore for SqliteOrders {
         limit: usize,
         now: DateTime<Utc>,
     ) -> Result<Vec<Order>, StoreError> {
-        self.with(move |conn| {
-            // EXPIRED is what readers see past `expires_at` unpaid.
-            let filter = match state {
-                None => "1",
-                Some(OrderState::Expired) => "state <> 'PAID' AND expires_at_ms <= ?3",
-                Some(OrderState::Paid) => "state = 'PAID'",
-                Some(_) => "state = ?4 AND expires_at_ms > ?3",
-            };
-            let (after_ms, after_id) =
-                after.map_or((i64::MAX, String::new()), |(t, id)| (ms(t), id));
-            let sql = format!(
-                "SELECT {COLUMNS} FROM orders \
+        self.conn
+            .with(move |conn| {
+                // EXPIRED is what readers see past `expires_at` unpaid.
+                let filter = match state {
+                    None => "1",
+                    Some(OrderState::Expired) => "state <> 'PAID' AND expires_at_ms <= ?3",
+                    Some(OrderState::Paid) => "state = 'PAID'",
+                    Some(_) => "state = ?4 AND expires_at_ms > ?3",
+                };
+                let (after_ms, after_id) =
+                    after.map_or((i64::MAX, String::new()), |(t, id)| (ms(t), id));
+                let sql = format!(
+                    "SELECT {COLUMNS} FROM orders \
                  WHERE (created_at_ms < ?1 OR (created_at_ms = ?1 AND out_trade_id < ?2)) \
                    AND {filter} AND ?3 = ?3 AND ?4 = ?4 \
                  ORDER BY created_at_ms DESC, out_trade_id DESC LIMIT ?5"
-            );
-            let after_id = if after_ms == i64::MAX {
-                "\u{10FFFF}".to_owned()
-            } else {
-                after_id
-            };
-            let mut stmt = conn.prepare_cached(&sql)?;
-            stmt.query_map(
-                params![
-                    after_ms,
-                    after_id,
-                    ms(now),
-                    state.map_or("", OrderState::as_str),
-                    i64::try_from(limit).unwrap_or(i64::MAX)
-                ],
-                row_to_order,
-            )?
-            .collect()
-        })
-        .await
+                );
+                let after_id = if after_ms == i64::MAX {
+                    "\u{10FFFF}".to_owned()
+                } else {
+                    after_id
+                };
+                let mut stmt = conn.prepare_cached(&sql)?;
+                stmt.query_map(
+                    params![
+                        after_ms,
+                        after_id,
+                        ms(now),
+                        state.map_or("", OrderState::as_str),
+                        i64::try_from(limit).unwrap_or(i64::MAX)
+                    ],
+                    row_to_order,
+                )?
+                .collect()
+            })
+            .await
     }
 }

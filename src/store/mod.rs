@@ -18,7 +18,7 @@ use tokio::{
 use tracing::{info, warn};
 
 pub use postgres::PostgresStore;
-pub use sqlite::SqliteStore;
+pub use sqlite::{SideConnection, SqliteStore};
 
 use crate::{
     consumers::ConsumerStore,

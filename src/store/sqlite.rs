@@ -753,3 +753,35 @@ impl ReadPool {
 fn backend(e: rusqlite::Error) -> StoreError {
     StoreError::Backend(e.to_string())
 }
+
+/// A connection of its own to the store's file, for a concept that keeps
+/// its rows there (the order ledger, the consumers), used from blocking
+/// tasks one call at a time. Durable like the writer's (`synchronous=FULL`),
+/// and waiting for the write lock rather than failing.
+pub struct SideConnection(Arc<Mutex<Connection>>);
+
+impl SideConnection {
+    /// Opens the store at `path` (already migrated).
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)
+            .and_then(|c| {
+                c.pragma_update(None, "busy_timeout", 5000)?;
+                c.pragma_update(None, "synchronous", "FULL")?;
+                Ok(c)
+            })
+            .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
+        Ok(Self(Arc::new(Mutex::new(conn))))
+    }
+
+    /// Runs `f` on the connection in a blocking task.
+    pub async fn with<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let conn = Arc::clone(&self.0);
+        tokio::task::spawn_blocking(move || f(&mut lock(&conn)))
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))?
+            .map_err(|e| StoreError::Backend(e.to_string()))
+    }
+}
