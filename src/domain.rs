@@ -245,6 +245,35 @@ pub fn timestamp_to_utc(ts: &prost_types::Timestamp) -> Result<DateTime<Utc>, St
     DateTime::from_timestamp(ts.seconds, nanos).ok_or_else(|| "is out of range".to_owned())
 }
 
+/// Converts a protobuf duration, refusing negative ones and ones past `max`.
+pub fn duration_from_proto(
+    d: &prost_types::Duration,
+    max: std::time::Duration,
+) -> Result<std::time::Duration, String> {
+    let (Ok(seconds), Ok(nanos)) = (u64::try_from(d.seconds), u32::try_from(d.nanos)) else {
+        return Err("must not be negative".to_owned());
+    };
+    if nanos >= 1_000_000_000 {
+        return Err("nanos must be less than one second".to_owned());
+    }
+    let d = std::time::Duration::new(seconds, nanos);
+    if d > max {
+        return Err(format!(
+            "must be at most {}s, got {}s",
+            max.as_secs_f64(),
+            d.as_secs_f64()
+        ));
+    }
+    Ok(d)
+}
+
+pub fn duration_to_proto(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
 pub fn utc_to_timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: at.timestamp(),

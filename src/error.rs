@@ -32,6 +32,15 @@ pub struct StoredTerms {
     pub expires_at: String,
 }
 
+/// A consumer that exists, told to a caller who asked to create it with
+/// other settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerExists {
+    pub name: String,
+    /// Its kind and settings, by ErrorInfo key.
+    pub settings: HashMap<String, String>,
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error("invalid request: {}", Violations(.0))]
@@ -100,6 +109,32 @@ pub enum Error {
 
     #[error("no consumer {0}")]
     ConsumerNotFound(String),
+
+    /// A consumer used as the other kind (a work queue subscribed to, a
+    /// cursor fetched from...).
+    #[error(
+        "consumer {name} is a {kind} consumer; {}",
+        if *.kind == "cursor" {
+            "read it with SubscribeNotifications and acknowledge with sequence"
+        } else {
+            "read it with FetchNotifications and acknowledge with sequences"
+        }
+    )]
+    ConsumerKindMismatch { name: String, kind: &'static str },
+
+    #[error("consumer {} exists with other settings", .0.name)]
+    ConsumerExists(Box<ConsumerExists>),
+
+    /// A cursor consumer that another stream reads now.
+    #[error(
+        "consumer {name} is read by another stream; one stream at a time reads a cursor \
+         consumer (its hold ends with that stream, or {}s after its replica stopped)",
+        .hold.as_secs()
+    )]
+    ConsumerInUse { name: String, hold: Duration },
+
+    #[error("sequence {sequence} was not delivered to consumer {name}")]
+    NotDelivered { name: String, sequence: u64 },
 
     #[error("internal error: {0}")]
     Internal(String),
@@ -235,6 +270,34 @@ impl From<Error> for Status {
                 Code::FailedPrecondition
             }
             Error::OrderNotFound(_) | Error::ConsumerNotFound(_) => Code::NotFound,
+            Error::ConsumerKindMismatch { name, kind } => {
+                let meta = HashMap::from([
+                    ("consumer".to_owned(), name.clone()),
+                    ("kind".to_owned(), (*kind).to_owned()),
+                ]);
+                details.set_error_info("CONSUMER_KIND_MISMATCH", ERROR_DOMAIN, meta);
+                Code::FailedPrecondition
+            }
+            Error::ConsumerExists(existing) => {
+                let mut meta = existing.settings.clone();
+                meta.insert("consumer".to_owned(), existing.name.clone());
+                details.set_error_info("CONSUMER_EXISTS", ERROR_DOMAIN, meta);
+                Code::AlreadyExists
+            }
+            Error::ConsumerInUse { name, .. } => {
+                let meta = HashMap::from([("consumer".to_owned(), name.clone())]);
+                details.set_error_info("CONSUMER_IN_USE", ERROR_DOMAIN, meta);
+                details.set_retry_info(Some(Duration::from_secs(1)));
+                Code::FailedPrecondition
+            }
+            Error::NotDelivered { name, sequence } => {
+                let meta = HashMap::from([
+                    ("consumer".to_owned(), name.clone()),
+                    ("sequence".to_owned(), sequence.to_string()),
+                ]);
+                details.set_error_info("NOT_DELIVERED", ERROR_DOMAIN, meta);
+                Code::FailedPrecondition
+            }
             Error::NotConfigured(_) => {
                 details.set_error_info("NOT_CONFIGURED", ERROR_DOMAIN, HashMap::new());
                 Code::FailedPrecondition

@@ -64,6 +64,12 @@ pub struct SourceLabels {
     pub source: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerLabels {
+    /// A consumer's name; `_other` past the first 100.
+    pub consumer: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -90,6 +96,12 @@ pub struct Metrics {
     pub store_batch_size: Histogram,
     pub store_feed_reads: Family<TriggerLabels, Counter>,
     pub store_feed_events: Family<SourceLabels, Counter>,
+    pub consumer_lag: Family<ConsumerLabels, Gauge>,
+    pub consumer_leased: Family<ConsumerLabels, Gauge>,
+    pub consumer_pending: Family<ConsumerLabels, Gauge>,
+    pub consumer_parked: Family<ConsumerLabels, Gauge>,
+    pub consumer_redeliveries: Family<ConsumerLabels, Counter>,
+    pub consumer_parks: Family<ConsumerLabels, Counter>,
 }
 
 impl Metrics {
@@ -113,6 +125,12 @@ impl Metrics {
             store_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             store_feed_reads: Family::default(),
             store_feed_events: Family::default(),
+            consumer_lag: Family::default(),
+            consumer_leased: Family::default(),
+            consumer_pending: Family::default(),
+            consumer_parked: Family::default(),
+            consumer_redeliveries: Family::default(),
+            consumer_parks: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -207,6 +225,38 @@ impl Metrics {
              (this replica's own) or read (from the database)",
             m.store_feed_events.clone(),
         );
+        registry.register(
+            "consumer_lag",
+            "Stored notifications a consumer has not been given yet (sampled; the \
+             first 100 consumers by name)",
+            m.consumer_lag.clone(),
+        );
+        registry.register(
+            "consumer_leased",
+            "Events of a work-queue consumer leased to a caller now (sampled)",
+            m.consumer_leased.clone(),
+        );
+        registry.register(
+            "consumer_pending",
+            "Events of a work-queue consumer delivered and not yet acknowledged or \
+             parked (sampled)",
+            m.consumer_pending.clone(),
+        );
+        registry.register(
+            "consumer_parked",
+            "Events of a work-queue consumer parked after max_deliver deliveries (sampled)",
+            m.consumer_parked.clone(),
+        );
+        registry.register(
+            "consumer_redeliveries",
+            "Events delivered again by FetchNotifications (a lease ran out, or a nak)",
+            m.consumer_redeliveries.clone(),
+        );
+        registry.register(
+            "consumer_parks",
+            "Events parked after max_deliver deliveries, as fetches found them",
+            m.consumer_parks.clone(),
+        );
         Arc::new(Self { registry, ..m })
     }
 
@@ -266,6 +316,55 @@ impl Metrics {
         self.store_feed_events
             .get_or_create(&SourceLabels { source })
             .inc_by(n as u64);
+    }
+
+    pub fn consumer_redeliveries(&self, consumer: &str, n: u32) {
+        if n > 0 {
+            self.consumer_redeliveries
+                .get_or_create(&ConsumerLabels {
+                    consumer: consumer.to_owned(),
+                })
+                .inc_by(u64::from(n));
+        }
+    }
+
+    pub fn consumer_parks(&self, consumer: &str, n: u32) {
+        if n > 0 {
+            self.consumer_parks
+                .get_or_create(&ConsumerLabels {
+                    consumer: consumer.to_owned(),
+                })
+                .inc_by(u64::from(n));
+        }
+    }
+
+    /// One sample of a consumer's gauges.
+    pub fn consumer_sample(&self, consumer: &str, lag: u64, leased: u64, pending: u64, parked: u64) {
+        let labels = ConsumerLabels {
+            consumer: consumer.to_owned(),
+        };
+        let as_gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.consumer_lag.get_or_create(&labels).set(as_gauge(lag));
+        self.consumer_leased
+            .get_or_create(&labels)
+            .set(as_gauge(leased));
+        self.consumer_pending
+            .get_or_create(&labels)
+            .set(as_gauge(pending));
+        self.consumer_parked
+            .get_or_create(&labels)
+            .set(as_gauge(parked));
+    }
+
+    /// Drops a deleted consumer's gauges.
+    pub fn forget_consumer(&self, consumer: &str) {
+        let labels = ConsumerLabels {
+            consumer: consumer.to_owned(),
+        };
+        self.consumer_lag.remove(&labels);
+        self.consumer_leased.remove(&labels);
+        self.consumer_pending.remove(&labels);
+        self.consumer_parked.remove(&labels);
     }
 
     /// The Prometheus text format.

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use url::Url;
 
 use crate::{
+    consumers::WorkQueues,
     admin,
     api_keys::ApiKeys,
     config::{AccessConfig, Config},
@@ -194,10 +195,17 @@ impl Application {
             self.config.ledger,
             Arc::clone(&self.metrics),
         ));
+        let queues = WorkQueues::new(
+            Arc::clone(&self.store),
+            stopping.clone(),
+            Arc::clone(&self.metrics),
+        );
+        queues.spawn_sampler();
         let payment = PaymentService::new(
             Arc::clone(&self.gateway),
             ledger,
             Arc::clone(&self.store),
+            queues,
             stopping.clone(),
             Arc::clone(&self.metrics),
             self.config.max_connection_age,

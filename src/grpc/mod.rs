@@ -3,6 +3,7 @@
 
 mod auth;
 pub mod codec;
+mod consumers;
 mod payment;
 mod ticket;
 

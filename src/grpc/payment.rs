@@ -8,8 +8,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::consumers;
 use crate::{
-    consumers::Consumer,
+    consumers::WorkQueues,
     domain::{
         AmountFen, NewOrder, OpenId, OutTradeId, Validator, optional, parse_consumer,
         timestamp_to_utc, utc_to_timestamp,
@@ -31,6 +32,7 @@ pub struct PaymentService {
     gateway: Arc<Gateway>,
     ledger: Arc<Ledger>,
     store: Arc<dyn NotificationStore>,
+    queues: Arc<WorkQueues>,
     /// Flips to true at shutdown, ending every subscription.
     shutdown: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
@@ -44,6 +46,7 @@ impl PaymentService {
         gateway: Arc<Gateway>,
         ledger: Arc<Ledger>,
         store: Arc<dyn NotificationStore>,
+        queues: Arc<WorkQueues>,
         shutdown: watch::Receiver<bool>,
         metrics: Arc<Metrics>,
         subscription_max_age: Option<Duration>,
@@ -52,6 +55,7 @@ impl PaymentService {
             gateway,
             ledger,
             store,
+            queues,
             shutdown,
             metrics,
             subscription_max_age,
@@ -98,7 +102,7 @@ impl PaymentService {
 }
 
 /// A page size: 0 for the default, at most [`MAX_PAGE`].
-fn page_size(n: u32) -> Result<u32, String> {
+pub(super) fn page_size(n: u32) -> Result<u32, String> {
     match n {
         0 => Ok(DEFAULT_PAGE),
         n if n > MAX_PAGE => Err(format!("must be at most {MAX_PAGE}, got {n}")),
@@ -191,71 +195,68 @@ impl Payment for PaymentService {
         }))
     }
 
+    async fn create_consumer(
+        &self,
+        request: Request<proto::CreateConsumerRequest>,
+    ) -> Result<Response<proto::CreateConsumerResponse>, Status> {
+        consumers::create(&self.queues, request.get_ref())
+            .await
+            .map(Response::new)
+    }
+
+    async fn fetch_notifications(
+        &self,
+        request: Request<proto::FetchNotificationsRequest>,
+    ) -> Result<Response<proto::FetchNotificationsResponse>, Status> {
+        let deadline = super::deadline(&request);
+        consumers::fetch(&self.queues, request.get_ref(), deadline)
+            .await
+            .map(Response::new)
+    }
+
+    async fn nak_notifications(
+        &self,
+        request: Request<proto::NakNotificationsRequest>,
+    ) -> Result<Response<proto::NakNotificationsResponse>, Status> {
+        consumers::nak(&self.queues, request.get_ref())
+            .await
+            .map(Response::new)
+    }
+
+    async fn redrive_notifications(
+        &self,
+        request: Request<proto::RedriveNotificationsRequest>,
+    ) -> Result<Response<proto::RedriveNotificationsResponse>, Status> {
+        consumers::redrive(&self.queues, request.get_ref())
+            .await
+            .map(Response::new)
+    }
+
     async fn get_consumer(
         &self,
         request: Request<proto::GetConsumerRequest>,
     ) -> Result<Response<proto::GetConsumerResponse>, Status> {
-        let name = consumer_name(&request.get_ref().name)?;
-        let consumer = self
-            .store
-            .consumers()
-            .get(&name)
+        consumers::get(&self.queues, request.get_ref())
             .await
-            .map_err(Error::from)?
-            .ok_or(Error::ConsumerNotFound(name))?;
-        Ok(Response::new(proto::GetConsumerResponse {
-            consumer: Some(consumer_to_proto(&consumer)),
-        }))
+            .map(Response::new)
     }
 
     async fn list_consumers(
         &self,
         request: Request<proto::ListConsumersRequest>,
     ) -> Result<Response<proto::ListConsumersResponse>, Status> {
-        let req = request.get_ref();
-        let mut v = Validator::default();
-        let page_size = v.field("page_size", page_size(req.page_size));
-        let after = v.field(
-            "page_token",
-            if req.page_token.is_empty() {
-                Ok(String::new())
-            } else {
-                parse_consumer(&req.page_token)
-                    .map_err(|_| "is not a page token this server gave".to_owned())
-            },
-        );
-        let (page_size, after) = v.finish(|| Some((page_size?, after?)))?;
-        let consumers = self
-            .store
-            .consumers()
-            .list(&after, page_size as usize)
+        consumers::list(&self.queues, request.get_ref())
             .await
-            .map_err(Error::from)?;
-        let next_page_token = match consumers.last() {
-            Some(last) if consumers.len() == page_size as usize => last.name.clone(),
-            _ => String::new(),
-        };
-        Ok(Response::new(proto::ListConsumersResponse {
-            consumers: consumers.iter().map(consumer_to_proto).collect(),
-            next_page_token,
-        }))
+            .map(Response::new)
     }
 
     async fn delete_consumer(
         &self,
         request: Request<proto::DeleteConsumerRequest>,
     ) -> Result<Response<proto::DeleteConsumerResponse>, Status> {
-        let name = consumer_name(&request.get_ref().name)?;
-        if !self
-            .store
-            .consumers()
-            .delete(&name)
+        consumers::delete(&self.queues, request.get_ref())
             .await
-            .map_err(Error::from)?
-        {
-            return Err(Error::ConsumerNotFound(name).into());
-        }
-        Ok(Response::new(proto::DeleteConsumerResponse {}))
+            .map(Response::new)
     }
 
     async fn get_order(
@@ -349,12 +350,22 @@ impl Payment for PaymentService {
         if let Some(order) = &order {
             tracing::Span::current().record("out_trade_id", order.as_str());
         }
+        // A cursor consumer is read by one stream at a time: its hold, kept
+        // while the stream lives, with its position.
+        let (hold, acked) = match &consumer {
+            Some(name) => {
+                let (hold, acked) = self
+                    .queues
+                    .hold_stream(name)
+                    .await
+                    .map_err(Error::from)?;
+                (Some(hold), acked)
+            }
+            None => (None, 0),
+        };
         let (after, field) = match (req.after_sequence, &consumer) {
             (Some(after), _) => (after, "after_sequence"),
-            (None, Some(consumer)) => (
-                self.store.acked(consumer).await.map_err(Error::from)?,
-                "consumer",
-            ),
+            (None, Some(_)) => (acked, "consumer"),
             (None, None) => (0, "after_sequence"),
         };
         self.within_stored(field, after).await?;
@@ -373,7 +384,19 @@ impl Payment for PaymentService {
         let metrics = Arc::clone(&self.metrics);
         metrics.subscribers.inc();
         tokio::spawn(async move {
-            run_subscription(subscription, tx, to_proto).await;
+            let lost_tx = tx.clone();
+            match hold {
+                Some(mut hold) => tokio::select! {
+                    () = run_subscription(subscription, tx, to_proto) => {}
+                    () = hold.lost() => {
+                        let _ = lost_tx.try_send(Err(Status::aborted(
+                            "this stream lost its hold on the consumer (it was deleted, or \
+                             the store could not renew the hold); subscribe again",
+                        )));
+                    }
+                },
+                None => run_subscription(subscription, tx, to_proto).await,
+            }
             metrics.subscribers.dec();
         });
         // A subscription never ends normally: whatever ended it, the client
@@ -391,26 +414,9 @@ impl Payment for PaymentService {
         &self,
         request: Request<proto::AckNotificationsRequest>,
     ) -> Result<Response<proto::AckNotificationsResponse>, Status> {
-        let req = request.get_ref();
-        let mut v = Validator::default();
-        let consumer = v.field("consumer", parse_consumer(&req.consumer));
-        let sequence = v.field(
-            "sequence",
-            if req.sequence == 0 {
-                Err("must be a stored sequence (1 or more)".to_owned())
-            } else {
-                Ok(req.sequence)
-            },
-        );
-        let (consumer, sequence) = v.finish(|| Some((consumer?, sequence?)))?;
-        let acked = self
-            .store
-            .ack(&consumer, sequence)
+        consumers::ack(&self.queues, request.get_ref())
             .await
-            .map_err(Error::from)?;
-        Ok(Response::new(proto::AckNotificationsResponse {
-            acked_sequence: acked,
-        }))
+            .map(Response::new)
     }
 
     async fn list_notifications(
@@ -444,23 +450,6 @@ impl Payment for PaymentService {
             notifications,
             next_after_sequence,
         }))
-    }
-}
-
-/// A request's one `name` field, a valid consumer name.
-fn consumer_name(name: &str) -> Result<String, Status> {
-    let mut v = Validator::default();
-    let name = v.field("name", parse_consumer(name));
-    Ok(v.finish(|| name)?)
-}
-
-fn consumer_to_proto(c: &Consumer) -> proto::Consumer {
-    proto::Consumer {
-        name: c.name.clone(),
-        kind: proto::ConsumerKind::Cursor as i32,
-        acked_sequence: c.acked_sequence,
-        lag: c.lag,
-        last_ack_at: Some(utc_to_timestamp(c.last_ack_at)),
     }
 }
 
@@ -518,7 +507,7 @@ fn parse_page_token(token: &str) -> Result<Option<(chrono::DateTime<Utc>, String
     Ok(Some((at, id.to_owned())))
 }
 
-fn to_proto(n: &StoredNotification) -> proto::PaymentNotification {
+pub(super) fn to_proto(n: &StoredNotification) -> proto::PaymentNotification {
     proto::PaymentNotification {
         sequence: n.sequence,
         out_trade_id: n.out_trade_id.clone(),

@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 pub use postgres::PostgresStore;
 pub use sqlite::{SideConnection, SqliteStore};
+pub(crate) use {postgres::rows as postgres_rows, sqlite::rows as sqlite_rows};
 
 use crate::{
     consumers::ConsumerStore,
@@ -179,7 +180,7 @@ impl From<StoreError> for Error {
     }
 }
 
-/// Durable notifications, their total order, and consumer positions.
+/// Durable notifications and their total order.
 ///
 /// What every backend must guarantee:
 /// - **Durability.** `record` returns only after the notification (or the
@@ -198,8 +199,6 @@ impl From<StoreError> for Error {
 ///   `Lagged`) but never reorders them; readers fill gaps from `list`. A
 ///   shared-database backend feeds it from the database (LISTEN/NOTIFY as a
 ///   hint, then a read), so events recorded by other replicas arrive too.
-/// - **Acknowledgements** are cumulative and durable: a consumer's position
-///   only moves forward.
 #[async_trait::async_trait]
 pub trait NotificationStore: Send + Sync + 'static {
     async fn record(&self, notification: IncomingNotification) -> Result<Recorded, StoreError>;
@@ -226,13 +225,6 @@ pub trait NotificationStore: Send + Sync + 'static {
     /// The highest sequence stored (0 when empty).
     async fn last_sequence(&self) -> Result<u64, StoreError>;
 
-    /// Moves `consumer`'s position to `sequence` if that is further;
-    /// returns the position.
-    async fn ack(&self, consumer: &str, sequence: u64) -> Result<u64, StoreError>;
-
-    /// `consumer`'s position (0 when it never acknowledged).
-    async fn acked(&self, consumer: &str) -> Result<u64, StoreError>;
-
     /// New events, after commit, in sequence order.
     fn subscribe(&self) -> broadcast::Receiver<Arc<StoredNotification>>;
 
@@ -245,7 +237,7 @@ pub trait NotificationStore: Send + Sync + 'static {
     /// (`order_check`), and a paid, matching one turns its order PAID.
     fn orders(&self) -> Arc<dyn OrderStore>;
 
-    /// The consumers whose positions `ack` keeps (see `consumers`).
+    /// The consumers kept in the same database (see `consumers`).
     fn consumers(&self) -> Arc<dyn ConsumerStore>;
 
     /// Finishes pending writes and ends the live feed.
@@ -324,7 +316,7 @@ impl LiveFeed {
 
 /// A poisoned lock still guards valid data here (nothing panics while
 /// holding one mid-update), so it is used as it is.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 

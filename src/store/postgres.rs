@@ -81,7 +81,12 @@ const POLL_EVERY: Duration = Duration::from_millis(500);
 /// Rows the tailer reads at a time.
 const PAGE: usize = 512;
 
-const SELECT_COLUMNS: &str = "sequence, out_trade_id, trade_order_id, trade_bill_no, trade_status, \
+/// How other rooms of the crate read notification rows in this backend.
+pub(crate) mod rows {
+    pub(crate) use super::{SELECT_COLUMNS as COLUMNS, row_to_stored as to_stored};
+}
+
+pub(crate) const SELECT_COLUMNS: &str = "sequence, out_trade_id, trade_order_id, trade_bill_no, trade_status, \
      message, trade_amount, amount_fen, trade_time, received_at, receive_count, order_check";
 
 struct Write {
@@ -310,39 +315,6 @@ impl NotificationStore for PostgresStore {
             .fetch_one(&self.pool)
             .await
             .map(from_sql)
-            .map_err(backend)
-    }
-
-    async fn ack(&self, consumer: &str, sequence: u64) -> Result<u64, StoreError> {
-        // Only up to the last sequence, and only forward.
-        let acked: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO consumers (name, acked_sequence, updated_at) \
-             SELECT $1, $2, now() FROM notification_sequence WHERE $2 <= last \
-             ON CONFLICT (name) DO UPDATE SET \
-               acked_sequence = GREATEST(consumers.acked_sequence, EXCLUDED.acked_sequence), \
-               updated_at = EXCLUDED.updated_at \
-             RETURNING acked_sequence",
-        )
-        .bind(consumer)
-        .bind(to_sql(sequence))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(backend)?;
-        match acked {
-            Some(acked) => Ok(from_sql(acked)),
-            None => Err(StoreError::BeyondLast {
-                requested: sequence,
-                last: self.last_sequence().await?,
-            }),
-        }
-    }
-
-    async fn acked(&self, consumer: &str) -> Result<u64, StoreError> {
-        sqlx::query_scalar::<_, i64>("SELECT acked_sequence FROM consumers WHERE name = $1")
-            .bind(consumer)
-            .fetch_optional(&self.pool)
-            .await
-            .map(|v| v.map_or(0, from_sql))
             .map_err(backend)
     }
 
@@ -748,7 +720,7 @@ async fn list(
     rows.iter().map(row_to_stored).collect()
 }
 
-fn row_to_stored(r: &PgRow) -> Result<StoredNotification, sqlx::Error> {
+pub(crate) fn row_to_stored(r: &PgRow) -> Result<StoredNotification, sqlx::Error> {
     Ok(StoredNotification {
         sequence: from_sql(r.try_get(0)?),
         out_trade_id: r.try_get(1)?,

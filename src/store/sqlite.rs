@@ -101,14 +101,48 @@ const MIGRATIONS: &[&str] = &[
     -- before this migration).
     ALTER TABLE notifications ADD COLUMN order_check TEXT;
 ",
+    "
+    -- Consumers of two kinds (src/consumers/): cursors, held by one stream
+    -- at a time, and work queues, with their settings and their pending
+    -- events (delivered, not yet acknowledged).
+    ALTER TABLE consumers ADD COLUMN kind TEXT NOT NULL DEFAULT 'cursor';
+    ALTER TABLE consumers ADD COLUMN last_ack_at_ms INTEGER;
+    UPDATE consumers SET last_ack_at_ms = updated_at_ms;
+    ALTER TABLE consumers ADD COLUMN created_at_ms INTEGER;
+    ALTER TABLE consumers ADD COLUMN deliver_policy TEXT;
+    ALTER TABLE consumers ADD COLUMN policy_sequence INTEGER;
+    ALTER TABLE consumers ADD COLUMN ack_wait_ms INTEGER;
+    ALTER TABLE consumers ADD COLUMN max_deliver INTEGER;
+    ALTER TABLE consumers ADD COLUMN max_ack_pending INTEGER;
+    ALTER TABLE consumers ADD COLUMN delivered_sequence INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE consumers ADD COLUMN last_fetch_at_ms INTEGER;
+    ALTER TABLE consumers ADD COLUMN stream_holder TEXT;
+    ALTER TABLE consumers ADD COLUMN stream_until_ms INTEGER;
+    CREATE TABLE consumer_pending (
+        consumer        TEXT    NOT NULL,
+        sequence        INTEGER NOT NULL,
+        delivery_count  INTEGER NOT NULL,
+        deliveries_left INTEGER NOT NULL,
+        leased_until_ms INTEGER NOT NULL,
+        -- Set by the first fetch that found it parked (for the metric).
+        parked_at_ms    INTEGER,
+        PRIMARY KEY (consumer, sequence)
+    ) WITHOUT ROWID;
+    CREATE INDEX consumer_pending_due ON consumer_pending (consumer, leased_until_ms);
+",
 ];
+
+/// How other rooms of the crate read notification rows in this backend.
+pub(crate) mod rows {
+    pub(crate) use super::{SELECT_COLUMNS as COLUMNS, row_to_stored as to_stored};
+}
 
 /// What the write probe writes: room for the largest notification (its
 /// fields and its raw body, at the largest default body), so that "the
 /// probe wrote" means "a notification would have been stored".
 const PROBE_BYTES: i64 = 128 << 10;
 
-const SELECT_COLUMNS: &str = "sequence, out_trade_id, trade_order_id, trade_bill_no, trade_status, \
+pub(crate) const SELECT_COLUMNS: &str = "sequence, out_trade_id, trade_order_id, trade_bill_no, trade_status, \
      message, trade_amount, amount_fen, trade_time, received_at_ms, receive_count, order_check";
 
 enum WriteOp {
@@ -116,7 +150,6 @@ enum WriteOp {
         Box<IncomingNotification>,
         oneshot::Sender<Result<Recorded, StoreError>>,
     ),
-    Ack(String, u64, oneshot::Sender<Result<u64, StoreError>>),
     /// A record committed alone, once `release` says so (tests only).
     Held(
         Box<IncomingNotification>,
@@ -284,27 +317,6 @@ impl NotificationStore for SqliteStore {
         .map(from_sql)
     }
 
-    async fn ack(&self, consumer: &str, sequence: u64) -> Result<u64, StoreError> {
-        ask(self.writer()?, |reply| {
-            WriteOp::Ack(consumer.to_owned(), sequence, reply)
-        })
-        .await
-    }
-
-    async fn acked(&self, consumer: &str) -> Result<u64, StoreError> {
-        let consumer = consumer.to_owned();
-        self.read(move |conn| {
-            conn.query_row(
-                "SELECT acked_sequence FROM consumers WHERE name = ?1",
-                [consumer],
-                |r| r.get::<_, i64>(0),
-            )
-            .optional()
-        })
-        .await
-        .map(|v| v.map_or(0, from_sql))
-    }
-
     fn subscribe(&self) -> broadcast::Receiver<Arc<StoredNotification>> {
         self.live.subscribe()
     }
@@ -409,10 +421,6 @@ enum Reply {
         oneshot::Sender<Result<Recorded, StoreError>>,
         Result<Recorded, StoreError>,
     ),
-    Ack(
-        oneshot::Sender<Result<u64, StoreError>>,
-        Result<u64, StoreError>,
-    ),
     /// A probe that met a batch: the batch's commit answers it.
     Probe(oneshot::Sender<Result<(), StoreError>>),
 }
@@ -421,7 +429,6 @@ impl Reply {
     fn rolled_back(self) -> Self {
         match self {
             Reply::Record(tx, _) => Reply::Record(tx, Err(StoreError::RolledBack)),
-            Reply::Ack(tx, _) => Reply::Ack(tx, Err(StoreError::RolledBack)),
             probe @ Reply::Probe(_) => probe,
         }
     }
@@ -430,9 +437,6 @@ impl Reply {
         let err = |e: &str| StoreError::Backend(e.to_owned());
         match self {
             Reply::Record(tx, r) => {
-                let _ = tx.send(failed.map_or(r, |e| Err(err(e))));
-            }
-            Reply::Ack(tx, r) => {
                 let _ = tx.send(failed.map_or(r, |e| Err(err(e))));
             }
             Reply::Probe(tx) => {
@@ -564,23 +568,6 @@ fn commit_batch(
                 }
             }
             WriteOp::Probe(reply) => replies.push(Reply::Probe(reply)),
-            WriteOp::Ack(consumer, sequence, reply) => {
-                if sequence > seq {
-                    let err = StoreError::BeyondLast {
-                        requested: sequence,
-                        last: seq,
-                    };
-                    replies.push(Reply::Ack(reply, Err(err)));
-                    continue;
-                }
-                match ack_one(&tx, &consumer, sequence) {
-                    Ok(acked) => replies.push(Reply::Ack(reply, Ok(acked))),
-                    Err(e) => {
-                        replies.push(Reply::Ack(reply, Err(StoreError::Backend(e.to_string()))));
-                        failure = Some(e);
-                    }
-                }
-            }
         }
     }
     if let Some(e) = failure {
@@ -604,7 +591,6 @@ fn unapplied(op: WriteOp) -> Reply {
     let err = || StoreError::Backend("not applied".into());
     match op {
         WriteOp::Record(_, reply) | WriteOp::Held(_, reply, _) => Reply::Record(reply, Err(err())),
-        WriteOp::Ack(_, _, reply) => Reply::Ack(reply, Err(err())),
         WriteOp::Probe(reply) => Reply::Probe(reply),
     }
 }
@@ -681,25 +667,7 @@ fn record_one(
     ))
 }
 
-fn ack_one(tx: &rusqlite::Transaction<'_>, consumer: &str, sequence: u64) -> rusqlite::Result<u64> {
-    tx.prepare_cached(
-        "INSERT INTO consumers (name, acked_sequence, updated_at_ms) VALUES (?1, ?2, ?3) \
-         ON CONFLICT (name) DO UPDATE SET \
-           acked_sequence = MAX(acked_sequence, excluded.acked_sequence), \
-           updated_at_ms = excluded.updated_at_ms",
-    )?
-    .execute(params![
-        consumer,
-        to_sql(sequence),
-        Utc::now().timestamp_millis()
-    ])?;
-    let acked: i64 = tx
-        .prepare_cached("SELECT acked_sequence FROM consumers WHERE name = ?1")?
-        .query_row([consumer], |r| r.get(0))?;
-    Ok(from_sql(acked))
-}
-
-fn row_to_stored(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredNotification> {
+pub(crate) fn row_to_stored(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredNotification> {
     Ok(StoredNotification {
         sequence: from_sql(r.get(0)?),
         out_trade_id: r.get(1)?,

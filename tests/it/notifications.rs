@@ -176,6 +176,7 @@ async fn an_offline_subscriber_resumes_from_its_consumer_position_or_after_seque
         .ack_notifications(AckNotificationsRequest {
             consumer: "orders-service".into(),
             sequence: 2,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -186,6 +187,7 @@ async fn an_offline_subscriber_resumes_from_its_consumer_position_or_after_seque
         .ack_notifications(AckNotificationsRequest {
             consumer: "orders-service".into(),
             sequence: 1,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -299,6 +301,7 @@ async fn bad_subscription_ack_and_list_requests_name_their_fields() {
         .ack_notifications(AckNotificationsRequest {
             consumer: "orders".into(),
             sequence: 99,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -313,6 +316,7 @@ async fn bad_subscription_ack_and_list_requests_name_their_fields() {
         .ack_notifications(AckNotificationsRequest {
             consumer: "bad name!".into(),
             sequence: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -504,6 +508,7 @@ async fn notifications_and_positions_survive_a_restart_and_sequences_continue() 
         .ack_notifications(AckNotificationsRequest {
             consumer: "c1".into(),
             sequence: 1,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -672,6 +677,7 @@ async fn consumers_can_be_seen_and_forgotten() {
         .ack_notifications(AckNotificationsRequest {
             consumer: "shipping".into(),
             sequence: 2,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -105,6 +105,7 @@ async fn a_notification_posted_to_one_replica_reaches_a_subscriber_of_the_other(
         .ack_notifications(AckNotificationsRequest {
             consumer: "orders".into(),
             sequence: 1,
+            ..Default::default()
         })
         .await
         .unwrap()
