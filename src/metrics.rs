@@ -339,7 +339,14 @@ impl Metrics {
     }
 
     /// One sample of a consumer's gauges.
-    pub fn consumer_sample(&self, consumer: &str, lag: u64, leased: u64, pending: u64, parked: u64) {
+    pub fn consumer_sample(
+        &self,
+        consumer: &str,
+        lag: u64,
+        leased: u64,
+        pending: u64,
+        parked: u64,
+    ) {
         let labels = ConsumerLabels {
             consumer: consumer.to_owned(),
         };

@@ -16,10 +16,10 @@ use tracing::{info, warn};
 use url::Url;
 
 use crate::{
-    consumers::WorkQueues,
     admin,
     api_keys::ApiKeys,
     config::{AccessConfig, Config},
+    consumers::WorkQueues,
     gateway::Gateway,
     grpc::{AuthService, PaymentService, TicketService},
     metrics::Metrics,

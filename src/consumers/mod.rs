@@ -296,8 +296,12 @@ pub trait ConsumerStore: Send + Sync + 'static {
 
     /// Extends `holder`'s hold to `hold` from now; false when it lost it
     /// (it lapsed and another stream took it, or the consumer was deleted).
-    async fn renew_stream(&self, name: &str, holder: &str, hold: Duration)
-    -> Result<bool, StoreError>;
+    async fn renew_stream(
+        &self,
+        name: &str,
+        holder: &str,
+        hold: Duration,
+    ) -> Result<bool, StoreError>;
 
     /// Gives the hold up, if `holder` still has it.
     async fn release_stream(&self, name: &str, holder: &str) -> Result<(), StoreError>;
@@ -307,11 +311,8 @@ pub trait ConsumerStore: Send + Sync + 'static {
     /// Creates a work queue; an existing one with the same settings is
     /// returned as it is, `Exists` otherwise. `BeyondLast` for an
     /// `AfterSequence` past the newest stored sequence.
-    async fn create(
-        &self,
-        name: &str,
-        settings: &QueueSettings,
-    ) -> Result<Consumer, ConsumerError>;
+    async fn create(&self, name: &str, settings: &QueueSettings)
+    -> Result<Consumer, ConsumerError>;
 
     /// Leases up to `max` events: parks those that used their deliveries,
     /// redelivers those whose lease ran out, then delivers new ones while
@@ -429,11 +430,9 @@ fn start_after(policy: DeliverPolicy, last: u64) -> Result<u64, ConsumerError> {
     match policy {
         DeliverPolicy::All => Ok(0),
         DeliverPolicy::New => Ok(last),
-        DeliverPolicy::AfterSequence(s) if s > last => Err(StoreError::BeyondLast {
-            requested: s,
-            last,
+        DeliverPolicy::AfterSequence(s) if s > last => {
+            Err(StoreError::BeyondLast { requested: s, last }.into())
         }
-        .into()),
         DeliverPolicy::AfterSequence(s) => Ok(s),
     }
 }

@@ -112,7 +112,10 @@ struct Queue {
     delivered: u64,
 }
 
-async fn lock_queue(tx: &mut Transaction<'_, Postgres>, name: &str) -> Result<Queue, ConsumerError> {
+async fn lock_queue(
+    tx: &mut Transaction<'_, Postgres>,
+    name: &str,
+) -> Result<Queue, ConsumerError> {
     let row = sqlx::query(
         "SELECT kind, COALESCE(ack_wait_ms, 0), COALESCE(max_deliver, 0), \
          COALESCE(max_ack_pending, 0)::bigint, delivered_sequence \
@@ -475,21 +478,22 @@ impl ConsumerStore for PostgresConsumers {
             });
         }
         let sequences: Vec<i64> = sequences.iter().map(|&s| to_sql(s)).collect();
-        let newly = sqlx::query(
-            "DELETE FROM consumer_pending WHERE consumer = $1 AND sequence = ANY($2)",
-        )
-        .bind(name)
-        .bind(&sequences)
-        .execute(&mut *tx)
-        .await
-        .map_err(backend)?
-        .rows_affected();
-        if newly > 0 {
-            sqlx::query("UPDATE consumers SET last_ack_at = now(), updated_at = now() WHERE name = $1")
+        let newly =
+            sqlx::query("DELETE FROM consumer_pending WHERE consumer = $1 AND sequence = ANY($2)")
                 .bind(name)
+                .bind(&sequences)
                 .execute(&mut *tx)
                 .await
-                .map_err(backend)?;
+                .map_err(backend)?
+                .rows_affected();
+        if newly > 0 {
+            sqlx::query(
+                "UPDATE consumers SET last_ack_at = now(), updated_at = now() WHERE name = $1",
+            )
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
         }
         let oldest: Option<i64> =
             sqlx::query_scalar("SELECT MIN(sequence) FROM consumer_pending WHERE consumer = $1")

@@ -291,13 +291,15 @@ impl ConsumerStore for SqliteConsumers {
         let after = after.to_owned();
         self.conn
             .with(move |conn| {
-                conn.prepare_cached(&format!("{SELECT} WHERE c.name > ?2 ORDER BY c.name LIMIT ?3"))?
-                    .query_map(
-                        params![now_ms(), after, i64::try_from(limit).unwrap_or(i64::MAX)],
-                        row_to_consumer,
-                    )?
-                    .map(|r| r.map(|row| row.assemble(Vec::new())))
-                    .collect()
+                conn.prepare_cached(&format!(
+                    "{SELECT} WHERE c.name > ?2 ORDER BY c.name LIMIT ?3"
+                ))?
+                .query_map(
+                    params![now_ms(), after, i64::try_from(limit).unwrap_or(i64::MAX)],
+                    row_to_consumer,
+                )?
+                .map(|r| r.map(|row| row.assemble(Vec::new())))
+                .collect()
             })
             .await
     }
@@ -382,7 +384,12 @@ impl ConsumerStore for SqliteConsumers {
                        stream_holder = excluded.stream_holder, \
                        stream_until_ms = excluded.stream_until_ms",
                 )?
-                .execute(params![name, now, holder, now.saturating_add(millis(hold))])?;
+                .execute(params![
+                    name,
+                    now,
+                    holder,
+                    now.saturating_add(millis(hold))
+                ])?;
                 let acked: i64 = tx
                     .prepare_cached("SELECT acked_sequence FROM consumers WHERE name = ?1")?
                     .query_row([&name], |r| r.get(0))?;
@@ -516,8 +523,7 @@ impl ConsumerStore for SqliteConsumers {
                     tx.commit()?;
                 }
                 Ok(Ok(Acked {
-                    acked_sequence: oldest
-                        .map_or(q.delivered, |s| from_sql(s).saturating_sub(1)),
+                    acked_sequence: oldest.map_or(q.delivered, |s| from_sql(s).saturating_sub(1)),
                     newly_acked: u32::try_from(newly).unwrap_or(u32::MAX),
                 }))
             })

@@ -12,9 +12,7 @@ use crate::{
         Consumer, ConsumerError, DeliverPolicy, Kind, MAX_FETCH, MAX_SEQUENCES, MAX_WAIT,
         QueueSettings, WorkQueues,
     },
-    domain::{
-        Validator, duration_from_proto, duration_to_proto, parse_consumer, utc_to_timestamp,
-    },
+    domain::{Validator, duration_from_proto, duration_to_proto, parse_consumer, utc_to_timestamp},
     error::Error,
     proto,
     store::StoreError,
@@ -195,19 +193,13 @@ pub(super) async fn ack(
 ) -> Result<proto::AckNotificationsResponse, Status> {
     let mut v = Validator::default();
     let consumer = v.field("consumer", parse_consumer(&req.consumer));
-    let which = v.field(
-        "sequences",
-        match (req.sequence, req.sequences.is_empty()) {
-            (0, true) => Err("give sequence (a cursor consumer) or sequences (a work-queue \
-                 consumer)"
-                .to_owned()),
-            (0, false) => sequences(&req.sequences, false).map(Some),
-            (_, true) => Ok(None),
-            (_, false) => Err("give sequence (a cursor consumer) or sequences (a work-queue \
-                 consumer), not both"
-                .to_owned()),
-        },
-    );
+    let either = "give sequence (a cursor consumer) or sequences (a work-queue consumer)";
+    let which = match (req.sequence, req.sequences.is_empty()) {
+        (0, true) => v.field("sequence", Err(format!("is required: {either}"))),
+        (0, false) => v.field("sequences", sequences(&req.sequences, false).map(Some)),
+        (_, true) => Some(None),
+        (_, false) => v.field("sequences", Err(format!("{either}, not both"))),
+    };
     let (consumer, which) = v.finish(|| Some((consumer?, which?)))?;
     match which {
         None => {
@@ -253,9 +245,7 @@ pub(super) async fn nak(
                 "must give one count per sequence ({}), got {n}",
                 req.sequences.len()
             )),
-            _ if req.delivery_counts.contains(&0) => {
-                Err("delivery counts start at 1".to_owned())
-            }
+            _ if req.delivery_counts.contains(&0) => Err("delivery counts start at 1".to_owned()),
             _ => Ok(Some(req.delivery_counts.clone())),
         },
     );
@@ -341,12 +331,7 @@ pub(super) async fn delete(
     req: &proto::DeleteConsumerRequest,
 ) -> Result<proto::DeleteConsumerResponse, Status> {
     let name = consumer_name(&req.name)?;
-    if !queues
-        .store()
-        .delete(&name)
-        .await
-        .map_err(Error::from)?
-    {
+    if !queues.store().delete(&name).await.map_err(Error::from)? {
         return Err(Error::ConsumerNotFound(name).into());
     }
     Ok(proto::DeleteConsumerResponse {})

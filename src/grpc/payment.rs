@@ -354,11 +354,7 @@ impl Payment for PaymentService {
         // while the stream lives, with its position.
         let (hold, acked) = match &consumer {
             Some(name) => {
-                let (hold, acked) = self
-                    .queues
-                    .hold_stream(name)
-                    .await
-                    .map_err(Error::from)?;
+                let (hold, acked) = self.queues.hold_stream(name).await.map_err(Error::from)?;
                 (Some(hold), acked)
             }
             None => (None, 0),

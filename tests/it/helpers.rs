@@ -618,3 +618,29 @@ pub fn md5sum(text: &str) -> String {
     let out = child.wait_with_output().unwrap();
     String::from_utf8(out.stdout).unwrap()[..32].to_owned()
 }
+
+/// Subscribes as soon as the request's cursor consumer is free (its
+/// previous stream's hold is given up when the server sees that stream
+/// end), within 10 s.
+pub async fn subscribe_when_free(
+    payment: &PaymentClient<Channel>,
+    request: kongtie_gateway::proto::SubscribeNotificationsRequest,
+) -> tonic::Streaming<kongtie_gateway::proto::PaymentNotification> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match payment
+            .clone()
+            .subscribe_notifications(request.clone())
+            .await
+        {
+            Ok(stream) => return stream.into_inner(),
+            Err(status)
+                if error_info(&status).0 == "CONSUMER_IN_USE"
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("subscribing as {:?}: {status:?}", request.consumer),
+        }
+    }
+}

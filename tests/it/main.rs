@@ -12,8 +12,10 @@ mod payment;
 mod pg;
 mod production;
 mod replicas;
+#[macro_use]
 mod store;
 mod ticket;
 mod trust;
 mod upstream_failures;
 mod validation;
+mod work_queue_store;

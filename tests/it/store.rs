@@ -62,7 +62,7 @@ impl Place {
     }
 
     /// Another replica beside `first` (SQLite: `first` itself).
-    async fn replica(&self, first: &Arc<dyn NotificationStore>) -> Arc<dyn NotificationStore> {
+    pub async fn replica(&self, first: &Arc<dyn NotificationStore>) -> Arc<dyn NotificationStore> {
         match self.backend {
             Backend::Sqlite => Arc::clone(first),
             Backend::Postgres => self.open().await,
@@ -473,8 +473,8 @@ async fn replicas_starting_together_apply_the_migrations_once() {
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    // Each migration once (0001 notifications, 0002 orders).
-    assert_eq!(applied, 2);
+    // Each migration once (0001 notifications, 0002 orders, 0003 consumers).
+    assert_eq!(applied, 3);
 }
 
 /// A hint lost while the listening connection was down is made up for:
