@@ -19,3 +19,4 @@ mod trust;
 mod upstream_failures;
 mod validation;
 mod work_queue_store;
+mod work_queues;
