@@ -18,5 +18,6 @@ mod ticket;
 mod trust;
 mod upstream_failures;
 mod validation;
+mod work_queue_replicas;
 mod work_queue_store;
 mod work_queues;
