@@ -87,6 +87,27 @@ PY
 call -d "{\"consumer\": \"grpcurl-example\", \"sequence\": $SEQ}" "$GRPC" kongtie.v1.Payment/AckNotifications \
   | json 'int(d["ackedSequence"])'
 
+echo "== a work queue: created once, fetch, nak, park, re-drive, ack"
+# Starting just before our event; one delivery allowed, so a nak parks it.
+call -d "{\"name\": \"grpcurl-worker\", \"deliver_policy\": \"DELIVER_POLICY_AFTER_SEQUENCE\",
+          \"after_sequence\": $((SEQ - 1)), \"ack_wait\": \"30s\", \"max_deliver\": 1}" \
+  "$GRPC" kongtie.v1.Payment/CreateConsumer | json 'd["consumer"]["kind"]'
+fetch_one() {
+  call -d '{"consumer": "grpcurl-worker", "max_events": 1, "wait": "5s"}' "$GRPC" kongtie.v1.Payment/FetchNotifications
+}
+fetch_one | json 'd["events"][0]["notification"]["sequence"] == "'"$SEQ"'" and d["events"][0]["deliveryCount"] == 1 or sys.exit("not our event, first delivery")'
+call -d "{\"consumer\": \"grpcurl-worker\", \"sequences\": [$SEQ], \"delivery_counts\": [1]}" \
+  "$GRPC" kongtie.v1.Payment/NakNotifications | json 'd["nakked"] == 1 or sys.exit("not handed back")'
+call -d '{"name": "grpcurl-worker"}' "$GRPC" kongtie.v1.Payment/GetConsumer \
+  | json 'd["consumer"]["parkedSequences"] == ["'"$SEQ"'"] or sys.exit("not parked")'
+call -d '{"consumer": "grpcurl-worker"}' "$GRPC" kongtie.v1.Payment/RedriveNotifications \
+  | json 'd["redriven"] == 1 or sys.exit("not re-driven")'
+fetch_one | json 'd["events"][0]["deliveryCount"] == 2 or sys.exit("not delivered again")'
+call -d "{\"consumer\": \"grpcurl-worker\", \"sequences\": [$SEQ]}" "$GRPC" kongtie.v1.Payment/AckNotifications \
+  | json 'd["newlyAcked"] == 1 or sys.exit("not acknowledged")'
+call "$GRPC" kongtie.v1.Payment/ListConsumers | json '[c["name"] for c in d["consumers"]]'
+call -d '{"name": "grpcurl-worker"}' "$GRPC" kongtie.v1.Payment/DeleteConsumer >/dev/null
+
 echo "== bad input names every bad field"
 if out=$(call -d '{"out_trade_id": "A-1", "amount_fen": 0, "openid": "oUser"}' "$GRPC" kongtie.v1.Payment/CreateJsapiOrder 2>&1); then
   fail "bad input was accepted"

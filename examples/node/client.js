@@ -104,7 +104,15 @@ async function main() {
   check(order.payParams.package.startsWith('prepay_id='), 'pay parameters');
   console.log(`order ${orderId}: ${order.payParams.package}`);
 
-  // Subscribe as a durable consumer before paying. A consumer sees every
+  // A work-queue consumer, created once (again at every worker's start is a
+  // no-op): workers on any replica share its events.
+  await call(payment, 'CreateConsumer', {
+    name: 'node-worker',
+    deliverPolicy: 'DELIVER_POLICY_NEW',
+    ackWait: { seconds: 30 },
+  });
+
+  // Subscribe as a durable cursor consumer before paying. A consumer sees every
   // event (its acknowledgement covers all before it), so other orders'
   // events are skipped here, not filtered away.
   const stream = payment.SubscribeNotifications({ consumer: 'node-example' }, metadata());
@@ -134,6 +142,25 @@ async function main() {
   const acked = await call(payment, 'AckNotifications', { consumer: 'node-example', sequence: notification.sequence });
   check(BigInt(acked.ackedSequence) >= BigInt(notification.sequence), 'the acknowledgement');
   console.log(`acknowledged up to ${acked.ackedSequence}`);
+
+  // The same event reaches the work queue: a worker fetches (waiting up to
+  // 5 s), processes (idempotently: a delivery_count above 1 means an
+  // earlier worker did not ack in time) and acks each event.
+  let worked = null;
+  for (const deadline = Date.now() + 15_000; !worked && Date.now() < deadline; ) {
+    const batch = await call(payment, 'FetchNotifications', {
+      consumer: 'node-worker',
+      maxEvents: 10,
+      wait: { seconds: 5 },
+    });
+    for (const event of batch.events) {
+      const n = event.notification;
+      if (n.outTradeId === orderId && n.orderCheck === 'ORDER_CHECK_MATCHED') worked = n;
+      const ack = await call(payment, 'AckNotifications', { consumer: 'node-worker', sequences: [n.sequence] });
+      console.log(`worker: event ${n.sequence} (delivery ${event.deliveryCount}) acked, newly ${ack.newlyAcked}`);
+    }
+  }
+  check(worked && worked.sequence === notification.sequence, 'the worker processed our payment');
 
   try {
     await call(payment, 'CreateJsapiOrder', { outTradeId: `${orderId}X`, amountFen: 0, openid: 'oNodeExample' });

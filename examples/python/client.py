@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """A kongtie-gateway client in Python (grpcio, stubs from grpcio-tools).
 
-Gets the access token, signs a JS-SDK config, creates an order, subscribes
-to payment notifications, has the sandbox pay the order, receives the
-notification and acknowledges it, then decodes a rich error. Exits non-zero
-on any wrong answer.
+Gets the access token, signs a JS-SDK config, creates an order, has the
+sandbox pay it, and receives the payment notification as a worker of a
+work-queue consumer would (create the consumer once; fetch, process, ack),
+then decodes a rich error. Exits non-zero on any wrong answer.
 
     ./generate.sh && python3 client.py --grpc 127.0.0.1:50051 --sandbox 127.0.0.1:8090
 """
@@ -13,15 +13,14 @@ import argparse
 import hashlib
 import json
 import os
-import queue
 import sys
-import threading
 import time
 import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gen"))
 
 import grpc  # noqa: E402
+from google.protobuf.duration_pb2 import Duration  # noqa: E402
 from google.rpc import error_details_pb2  # noqa: E402
 from grpc_status import rpc_status  # noqa: E402
 from kongtie.v1 import auth_pb2, auth_pb2_grpc  # noqa: E402
@@ -70,46 +69,54 @@ def main():
     check(order.pay_params.package.startswith("prepay_id="), "pay parameters")
     print(f"order {order_id}: {order.pay_params.package}")
 
-    # Subscribe as a durable consumer before paying. A consumer sees every
-    # event (its acknowledgement covers all before it), so other orders'
-    # events are skipped here, not filtered away.
-    received = queue.Queue()
-    stream = payment.SubscribeNotifications(
-        payment_pb2.SubscribeNotificationsRequest(consumer="python-example"),
+    # A work-queue consumer, created once: any number of workers (on any
+    # replica) share its events, each leased to one worker until acked.
+    # Creating it again with the same settings (every worker at start) is a
+    # no-op. DELIVER_POLICY_NEW: events from now on.
+    payment.CreateConsumer(
+        payment_pb2.CreateConsumerRequest(
+            name="python-worker",
+            deliver_policy=payment_pb2.DELIVER_POLICY_NEW,
+            ack_wait=Duration(seconds=30),
+        ),
         metadata=metadata,
+        timeout=10,
     )
 
-    def follow():
-        try:
-            for notification in stream:
-                if notification.out_trade_id == order_id:
-                    received.put(notification)
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.CANCELLED:
-                received.put(e)
-
-    threading.Thread(target=follow, daemon=True).start()
-    time.sleep(0.3)
     pay = urllib.request.Request(f"http://{args.sandbox}/sandbox/orders/{order_id}/pay", method="POST")
     with urllib.request.urlopen(pay, timeout=10) as resp:
         print(f"sandbox pays: {json.load(resp)}")
 
-    notification = received.get(timeout=15)
-    check(not isinstance(notification, Exception), f"a notification, not {notification!r}")
-    check(notification.out_trade_id == order_id and notification.paid, "the paid notification of our order")
+    # The worker loop: fetch (waiting up to 5 s), process, ack each event.
+    # An event not acked within ack_wait is delivered again (delivery_count
+    # > 1), so processing must be idempotent.
+    notification = None
+    deadline = time.time() + 15
+    while notification is None and time.time() < deadline:
+        batch = payment.FetchNotifications(
+            payment_pb2.FetchNotificationsRequest(consumer="python-worker", max_events=10, wait=Duration(seconds=5)),
+            metadata=metadata,
+            timeout=10,
+        )
+        for event in batch.events:
+            n = event.notification
+            # Ship goods only on a payment of an order this gateway created,
+            # for its amount; other events are processed by skipping them.
+            if n.out_trade_id == order_id and n.paid and n.order_check == payment_pb2.ORDER_CHECK_MATCHED:
+                notification = n
+            acked = payment.AckNotifications(
+                payment_pb2.AckNotificationsRequest(consumer="python-worker", sequences=[n.sequence]),
+                metadata=metadata,
+                timeout=10,
+            )
+            print(f"worker: event {n.sequence} (delivery {event.delivery_count}) acked, newly={acked.newly_acked}")
+    check(notification is not None, "the paid notification of our order, within 15 s")
     check(notification.amount_fen == 20 and notification.trade_amount == "0.20", "the amount")
-    # Ship goods only on a payment of the order this gateway created, for its amount.
-    check(notification.order_check == payment_pb2.ORDER_CHECK_MATCHED, "the payment matches our order")
     print(f"notification {notification.sequence}: {order_id} paid {notification.trade_amount} yuan")
-    stream.cancel()
 
-    acked = payment.AckNotifications(
-        payment_pb2.AckNotificationsRequest(consumer="python-example", sequence=notification.sequence),
-        metadata=metadata,
-        timeout=10,
-    )
-    check(acked.acked_sequence >= notification.sequence, "the acknowledgement")
-    print(f"acknowledged up to {acked.acked_sequence}")
+    consumer = payment.GetConsumer(payment_pb2.GetConsumerRequest(name="python-worker"), metadata=metadata, timeout=10)
+    check(consumer.consumer.pending == 0, "nothing left pending")
+    print(f"consumer python-worker: acked up to {consumer.consumer.acked_sequence}, lag {consumer.consumer.lag}")
 
     # A rich error: an invalid amount names its field in google.rpc.BadRequest.
     try:
