@@ -28,19 +28,14 @@ use std::{
 };
 
 use axum::{Router, body::Bytes, routing::post};
-use clap::Parser;
 use futures::StreamExt;
-use kongtie_gateway::{
-    config::{Cli, Command as Cmd},
-    proto::{SubscribeNotificationsRequest, payment_client::PaymentClient},
-    sandbox::signed_notification,
-    startup::Application,
-};
-use secrecy::SecretString;
-use tokio::{net::TcpListener, sync::oneshot};
+use kongtie_gateway::proto::{SubscribeNotificationsRequest, payment_client::PaymentClient};
+use tokio::net::TcpListener;
 
+mod common;
 #[path = "../tests/it/pg.rs"]
 mod pg;
+use common::{BENCH_TOKEN, FREE_PORTS, Gateway, body, gateway, ms, percentile};
 use pg::PgDatabase;
 
 fn connections() -> usize {
@@ -48,21 +43,6 @@ fn connections() -> usize {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(64)
-}
-
-fn body(n: u64) -> String {
-    let id = format!("B{n}");
-    let fields = [
-        ("TradeStatus", "0000"),
-        ("Message", "SUCCESS"),
-        ("OutTradeId", id.as_str()),
-        ("TradeAmount", "0.20"),
-        ("TradeOrderId", id.as_str()),
-        ("TradeBillNo", id.as_str()),
-        ("TradeTime", "2018/3/2 10:00:39"),
-        ("TimeStamp", "1522233465"),
-    ];
-    signed_notification(&fields, &SecretString::from(BENCH_TOKEN))
 }
 
 /// The load generator: `connections()` keep-alive connections, each posting
@@ -107,63 +87,11 @@ async fn bare_server() -> SocketAddr {
     addr
 }
 
-struct Gateway {
-    grpc: SocketAddr,
-    admin: SocketAddr,
-    notify_url: String,
-    _stop: oneshot::Sender<()>,
-    _dir: tempfile::TempDir,
-}
-
 /// Which store a gateway of the bench uses.
 #[derive(Clone, Copy)]
 enum Backend {
     Sqlite,
     Postgres,
-}
-
-/// Every listener of the gateway on a free port.
-/// The signing token the benchmarked gateways are given.
-const BENCH_TOKEN: &str = "bench-token";
-
-const FREE_PORTS: [&str; 6] = [
-    "--grpc-addr",
-    "127.0.0.1:0",
-    "--notify-addr",
-    "127.0.0.1:0",
-    "--admin-addr",
-    "127.0.0.1:0",
-];
-
-/// A gateway in this process on a fresh SQLite file, or on the PostgreSQL
-/// database `url`.
-async fn gateway(postgres: Option<&str>) -> Gateway {
-    let dir = tempfile::tempdir().unwrap();
-    let args = ["kongtie-gateway", "serve", "--token", BENCH_TOKEN]
-        .into_iter()
-        .chain(FREE_PORTS);
-    let Cmd::Serve(args) = Cli::try_parse_from(args).unwrap().command else {
-        unreachable!()
-    };
-    let mut config = args.config().unwrap();
-    config.store_url = match postgres {
-        Some(url) => url.to_owned(),
-        None => format!("sqlite://{}", dir.path().join("n.db").display()),
-    };
-    let app = Application::build(config).await.unwrap();
-    let (grpc, admin) = (app.grpc_addr(), app.admin_addr());
-    let notify_url = app.notify_url().to_string();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(app.run_until(async move {
-        let _ = stopped.await;
-    }));
-    Gateway {
-        grpc,
-        admin,
-        notify_url,
-        _stop: stop,
-        _dir: dir,
-    }
 }
 
 /// Subscribes to `grpc` on a connection of its own, and records when each
@@ -184,14 +112,6 @@ async fn receipts(grpc: SocketAddr, events: usize) -> tokio::task::JoinHandle<Ve
         }
         seen
     })
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 async fn intake(secs: f64) {

@@ -294,8 +294,9 @@ pub trait ConsumerStore: Send + Sync + 'static {
         hold: Duration,
     ) -> Result<u64, ConsumerError>;
 
-    /// Extends `holder`'s hold to `hold` from now; false when it lost it
-    /// (it lapsed and another stream took it, or the consumer was deleted).
+    /// Extends `holder`'s hold to `hold` from now (taking it again if no one
+    /// holds it); false when it lost it (it lapsed and another stream took
+    /// it, or the consumer was deleted).
     async fn renew_stream(
         &self,
         name: &str,

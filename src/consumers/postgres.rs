@@ -277,8 +277,9 @@ impl ConsumerStore for PostgresConsumers {
         hold: Duration,
     ) -> Result<bool, StoreError> {
         let renewed = sqlx::query(
-            "UPDATE consumers SET stream_until = now() + $3::float8 * interval '1 millisecond' \
-             WHERE name = $1 AND stream_holder = $2",
+            "UPDATE consumers SET stream_holder = $2, \
+               stream_until = now() + $3::float8 * interval '1 millisecond' \
+             WHERE name = $1 AND (stream_holder = $2 OR stream_holder IS NULL)",
         )
         .bind(name)
         .bind(holder)

@@ -259,11 +259,25 @@ impl StreamHold {
     pub async fn lost(&mut self) {
         let _ = self.lost.wait_for(|lost| *lost).await;
     }
+
+    /// Gives the hold up now, so the consumer's next stream is accepted at
+    /// once (at shutdown too: the stream stays open until this is done).
+    pub async fn release(mut self) {
+        self.renewing.abort();
+        let holder = std::mem::take(&mut self.holder);
+        if let Err(e) = self.store.release_stream(&self.name, &holder).await {
+            tracing::debug!(error = %e, consumer = %self.name, "releasing a stream hold failed");
+        }
+    }
 }
 
 impl Drop for StreamHold {
     fn drop(&mut self) {
         self.renewing.abort();
+        if self.holder.is_empty() {
+            // Released already.
+            return;
+        }
         let (store, name, holder) = (
             Arc::clone(&self.store),
             std::mem::take(&mut self.name),

@@ -20,11 +20,19 @@ pub struct SqliteConsumers {
 }
 
 impl SqliteConsumers {
-    /// Opens the consumers of the store at `path` (already migrated).
+    /// Opens the consumers of the store at `path` (already migrated). A
+    /// SQLite store has one gateway, this one: stream holds left by a
+    /// previous run that did not end cleanly are given up.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        Ok(Self {
-            conn: SideConnection::open(path)?,
-        })
+        let conn = SideConnection::open(path)?;
+        conn.blocking(|c| {
+            c.execute(
+                "UPDATE consumers SET stream_holder = NULL, stream_until_ms = NULL \
+                 WHERE stream_holder IS NOT NULL",
+                [],
+            )
+        })?;
+        Ok(Self { conn })
     }
 }
 
@@ -411,8 +419,8 @@ impl ConsumerStore for SqliteConsumers {
                 let until = now_ms().saturating_add(millis(hold));
                 Ok(conn
                     .prepare_cached(
-                        "UPDATE consumers SET stream_until_ms = ?3 \
-                         WHERE name = ?1 AND stream_holder = ?2",
+                        "UPDATE consumers SET stream_holder = ?2, stream_until_ms = ?3 \
+                         WHERE name = ?1 AND (stream_holder = ?2 OR stream_holder IS NULL)",
                     )?
                     .execute(params![name, holder, until])?
                     > 0)

@@ -382,17 +382,24 @@ impl Payment for PaymentService {
         tokio::spawn(async move {
             let lost_tx = tx.clone();
             match hold {
-                Some(mut hold) => tokio::select! {
-                    () = run_subscription(subscription, tx, to_proto) => {}
-                    () = hold.lost() => {
-                        let _ = lost_tx.try_send(Err(Status::aborted(
-                            "this stream lost its hold on the consumer (it was deleted, or \
-                             the store could not renew the hold); subscribe again",
-                        )));
+                Some(mut hold) => {
+                    tokio::select! {
+                        () = run_subscription(subscription, tx, to_proto) => {}
+                        () = hold.lost() => {
+                            let _ = lost_tx.try_send(Err(Status::aborted(
+                                "this stream lost its hold on the consumer (it was deleted, \
+                                 or the store could not renew the hold); subscribe again",
+                            )));
+                        }
                     }
-                },
+                    // Before the stream ends (`lost_tx` keeps it open), so
+                    // that even at shutdown the client's next subscription,
+                    // to any replica, is accepted at once.
+                    hold.release().await;
+                }
                 None => run_subscription(subscription, tx, to_proto).await,
             }
+            drop(lost_tx);
             metrics.subscribers.dec();
         });
         // A subscription never ends normally: whatever ended it, the client

@@ -741,6 +741,15 @@ impl SideConnection {
         Ok(Self(Arc::new(Mutex::new(conn))))
     }
 
+    /// Runs `f` on the connection here (at start-up, before any task uses
+    /// it).
+    pub fn blocking<R>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<R>,
+    ) -> Result<R, StoreError> {
+        f(&mut lock(&self.0)).map_err(|e| StoreError::Backend(e.to_string()))
+    }
+
     /// Runs `f` on the connection in a blocking task.
     pub async fn with<R: Send + 'static>(
         &self,

@@ -5,7 +5,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -58,7 +61,7 @@ async fn work(
     let mut client = connect(&addrs[at])
         .await
         .expect("the first replica answers");
-    let mut next = |at: &mut usize| {
+    let next = |at: &mut usize| {
         *at = (*at + 1) % addrs.len();
         addrs[*at].clone()
     };
@@ -122,7 +125,7 @@ async fn work(
 /// answered `success` is counted.
 async fn post_all(urls: Vec<String>, ids: Vec<String>) -> usize {
     let http = reqwest::Client::new();
-    let acknowledged = Arc::new(Mutex::new(0));
+    let acknowledged = Arc::new(AtomicUsize::new(0));
     futures::stream::iter(ids.into_iter().enumerate())
         .for_each_concurrent(8, |(i, id)| {
             let (http, url, acknowledged) = (
@@ -134,12 +137,11 @@ async fn post_all(urls: Vec<String>, ids: Vec<String>) -> usize {
                 let body = payment_notification(&id, KTAPI_TOKEN);
                 let resp = http.post(&url).body(body).send().await.unwrap();
                 assert_eq!(resp.text().await.unwrap(), "success", "{id}");
-                *acknowledged.lock().unwrap() += 1;
+                acknowledged.fetch_add(1, Ordering::Relaxed);
             }
         })
         .await;
-    let n = *acknowledged.lock().unwrap();
-    n
+    acknowledged.load(Ordering::Relaxed)
 }
 
 async fn create(addr: &str, name: &str, ack_wait_s: i64) {

@@ -107,7 +107,7 @@ async fn a_worker_creates_its_queue_once_fetches_and_acks() {
         .consumer
         .unwrap();
     assert_eq!(created.kind, ConsumerKind::WorkQueue as i32);
-    let settings = created.settings.clone().unwrap();
+    let settings = created.settings.unwrap();
     assert_eq!(
         (settings.max_deliver, settings.max_ack_pending),
         (5, 1000),
