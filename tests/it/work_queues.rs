@@ -569,3 +569,72 @@ async fn a_second_stream_on_a_cursor_consumer_is_refused_until_the_first_ends() 
     post(&app, "ONE2").await;
     assert_eq!(second.message().await.unwrap().unwrap().sequence, 2);
 }
+
+/// Waits up to 20 s for the binary to exit.
+async fn exits(mut bin: crate::helpers::Binary) -> std::process::ExitStatus {
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = bin.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still running after 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_read_before_a_restart_is_read_again_at_once_after_it() {
+    use crate::helpers::Binary;
+    let dir = tempfile::tempdir().unwrap();
+    let request = SubscribeNotificationsRequest {
+        consumer: "audit".into(),
+        ..Default::default()
+    };
+    let subscribe = |grpc: String| {
+        let request = request.clone();
+        async move {
+            PaymentClient::connect(format!("http://{grpc}"))
+                .await
+                .unwrap()
+                .subscribe_notifications(request)
+                .await
+        }
+    };
+    // A graceful stop (SIGTERM) gives the stream's hold up before it ends:
+    // the client goes on at once on another replica (PostgreSQL).
+    let db = crate::pg::PgDatabase::create().await;
+    let a = Binary::start(&["serve", "--store", &db.url]);
+    let b = Binary::start(&["serve", "--store", &db.url]);
+    let stream = subscribe(a.grpc.clone()).await.unwrap();
+    let pid = a.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(exits(a).await.success());
+    drop(stream);
+    let on_b = subscribe(b.grpc.clone()).await;
+    assert!(on_b.is_ok(), "refused on B after A stopped: {on_b:?}");
+
+    let mut bin = Binary::start_in(&["serve"], dir.path(), None);
+    let stream = subscribe(bin.grpc.clone()).await;
+    assert!(stream.is_ok());
+    // SIGKILL leaves the hold in the file; the one gateway of a SQLite
+    // store clears it when it opens the store.
+    bin.child.kill().unwrap();
+    bin.child.wait().unwrap();
+    drop(stream);
+    let bin = Binary::start_in(&["serve"], dir.path(), None);
+    let stream = subscribe(bin.grpc.clone()).await;
+    assert!(stream.is_ok(), "refused after a crash: {stream:?}");
+}
