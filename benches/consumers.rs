@@ -7,8 +7,8 @@
 //!    follows its commit) to the fetch's answer, p50/p99, beside the POST's
 //!    own round trip.
 //! 2. Throughput: three workers (two on A, one on B; fetch up to 10, ack
-//!    one by one) drain notifications posted by 16 senders, against the
-//!    intake rate of the same run.
+//!    one by one, then each batch in one call) drain notifications posted by
+//!    16 senders, against the intake rate of the same run.
 //!
 //! Run: `cargo bench --bench consumers` (KONGTIE_BENCH_WAKES sets the
 //! wake-ups measured, default 200; KONGTIE_BENCH_EVENTS the events drained,
@@ -76,11 +76,11 @@ fn fetch_request(consumer: &str, max_events: u32) -> FetchNotificationsRequest {
     }
 }
 
-async fn ack(payment: &mut PaymentClient<Channel>, consumer: &str, sequence: u64) {
+async fn acks(payment: &mut PaymentClient<Channel>, consumer: &str, sequences: Vec<u64>) {
     payment
         .ack_notifications(AckNotificationsRequest {
             consumer: consumer.into(),
-            sequences: vec![sequence],
+            sequences,
             ..Default::default()
         })
         .await
@@ -131,7 +131,7 @@ async fn wakes(label: &str, waiter: &Gateway, poster: &Gateway, first: u64) {
         round_trips.push(answered - sent);
         wakes.push(woken.saturating_duration_since(answered));
         let sequence = events[0].notification.as_ref().unwrap().sequence;
-        ack(&mut payment, &consumer, sequence).await;
+        acks(&mut payment, &consumer, vec![sequence]).await;
     }
     println!("### {label} ({n} wake-ups)");
     summary(
@@ -145,9 +145,10 @@ async fn wakes(label: &str, waiter: &Gateway, poster: &Gateway, first: u64) {
     );
 }
 
-/// Three workers drain `n` events posted by 16 senders; returns (intake
-/// events/s, drained events/s).
-async fn throughput(label: &str, a: &Gateway, b: &Gateway, first: u64) {
+/// Three workers drain `n` events posted by 16 senders, acking one by one
+/// (or each fetched batch in one call), and print that rate beside the
+/// intake rate.
+async fn throughput(label: &str, a: &Gateway, b: &Gateway, first: u64, batch: bool) {
     let n = env("KONGTIE_BENCH_EVENTS", 3000);
     let consumer = format!("drain{first}");
     create(a.grpc, &consumer).await;
@@ -172,10 +173,18 @@ async fn throughput(label: &str, a: &Gateway, b: &Gateway, first: u64) {
                         .unwrap()
                         .into_inner()
                         .events;
-                    for e in events {
-                        ack(&mut payment, &consumer, e.notification.unwrap().sequence).await;
-                        acked.fetch_add(1, Ordering::Relaxed);
+                    let sequences: Vec<u64> = events
+                        .into_iter()
+                        .map(|e| e.notification.unwrap().sequence)
+                        .collect();
+                    if batch && !sequences.is_empty() {
+                        acks(&mut payment, &consumer, sequences.clone()).await;
+                    } else {
+                        for &s in &sequences {
+                            acks(&mut payment, &consumer, vec![s]).await;
+                        }
                     }
+                    acked.fetch_add(sequences.len() as u64, Ordering::Relaxed);
                 }
                 Instant::now()
             })
@@ -204,7 +213,12 @@ async fn throughput(label: &str, a: &Gateway, b: &Gateway, first: u64) {
     );
     println!("### {label} ({n} events)");
     println!("intake (16 senders): {intake_rate:.0} events/s");
-    println!("three workers, acking one by one: {drain_rate:.0} events/s");
+    let how = if batch {
+        "each batch in one ack"
+    } else {
+        "one by one"
+    };
+    println!("three workers, acking {how}: {drain_rate:.0} events/s");
     println!("ratio drained/intake: {:.2}\n", drain_rate / intake_rate);
 }
 
@@ -235,6 +249,14 @@ fn main() {
             4_000_000,
         )
         .await;
-        throughput("PostgreSQL, two workers on A, one on B", &a, &b, 5_000_000).await;
+        throughput(
+            "PostgreSQL, two workers on A, one on B",
+            &a,
+            &b,
+            5_000_000,
+            false,
+        )
+        .await;
+        throughput("PostgreSQL, the same, batch acks", &a, &b, 5_500_000, true).await;
     });
 }
