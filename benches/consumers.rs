@@ -231,32 +231,17 @@ fn main() {
         println!("## Work-queue consumers\n");
         let sqlite = gateway(None).await;
         wakes("SQLite, same replica", &sqlite, &sqlite, 1_000_000).await;
-        throughput(
-            "SQLite, three workers on one gateway",
-            &sqlite,
-            &sqlite,
-            2_000_000,
-        )
-        .await;
+        let one_gateway = "SQLite, three workers on one gateway";
+        throughput(one_gateway, &sqlite, &sqlite, 2_000_000, false).await;
+        throughput(one_gateway, &sqlite, &sqlite, 2_500_000, true).await;
 
         let db = PgDatabase::create().await;
         let (a, b) = (gateway(Some(&db.url)).await, gateway(Some(&db.url)).await);
         wakes("PostgreSQL, same replica", &a, &a, 3_000_000).await;
-        wakes(
-            "PostgreSQL, across replicas (posted to B)",
-            &a,
-            &b,
-            4_000_000,
-        )
-        .await;
-        throughput(
-            "PostgreSQL, two workers on A, one on B",
-            &a,
-            &b,
-            5_000_000,
-            false,
-        )
-        .await;
-        throughput("PostgreSQL, the same, batch acks", &a, &b, 5_500_000, true).await;
+        let across = "PostgreSQL, across replicas (posted to B)";
+        wakes(across, &a, &b, 4_000_000).await;
+        let two_replicas = "PostgreSQL, two workers on A, one on B";
+        throughput(two_replicas, &a, &b, 5_000_000, false).await;
+        throughput(two_replicas, &a, &b, 5_500_000, true).await;
     });
 }
