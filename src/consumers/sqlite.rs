@@ -174,6 +174,13 @@ fn cursor_kind(tx: &Transaction<'_>, name: &str) -> rusqlite::Result<Result<(), 
     })
 }
 
+/// A cursor's acknowledged position.
+fn position(tx: &Transaction<'_>, name: &str) -> rusqlite::Result<u64> {
+    tx.prepare_cached("SELECT acked_sequence FROM consumers WHERE name = ?1")?
+        .query_row([name], |r| r.get::<_, i64>(0))
+        .map(from_sql)
+}
+
 fn immediate(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
     conn.transaction_with_behavior(TransactionBehavior::Immediate)
 }
@@ -352,11 +359,9 @@ impl ConsumerStore for SqliteConsumers {
                        last_ack_at_ms = excluded.last_ack_at_ms",
                 )?
                 .execute(params![name, to_sql(sequence), now])?;
-                let acked: i64 = tx
-                    .prepare_cached("SELECT acked_sequence FROM consumers WHERE name = ?1")?
-                    .query_row([&name], |r| r.get(0))?;
+                let acked = position(&tx, &name)?;
                 tx.commit()?;
-                Ok(Ok(from_sql(acked)))
+                Ok(Ok(acked))
             })
             .await?
     }
@@ -398,11 +403,9 @@ impl ConsumerStore for SqliteConsumers {
                     holder,
                     now.saturating_add(millis(hold))
                 ])?;
-                let acked: i64 = tx
-                    .prepare_cached("SELECT acked_sequence FROM consumers WHERE name = ?1")?
-                    .query_row([&name], |r| r.get(0))?;
+                let acked = position(&tx, &name)?;
                 tx.commit()?;
-                Ok(Ok(from_sql(acked)))
+                Ok(Ok(acked))
             })
             .await?
     }

@@ -644,3 +644,32 @@ pub async fn subscribe_when_free(
         }
     }
 }
+
+/// Sends SIGTERM to the binary.
+pub fn sigterm(bin: &Binary) {
+    let pid = bin.child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -TERM {pid}");
+}
+
+/// Waits for the binary to exit, failing after `limit`.
+pub async fn exit_within(mut bin: Binary, limit: Duration) -> std::process::ExitStatus {
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = bin.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still running {limit:?} later"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })
+    .await
+    .unwrap()
+}

@@ -62,7 +62,7 @@ fn slow_body_start() -> Vec<u8> {
 async fn stalled_connections_cannot_hold_the_listener_shut_nor_delay_shutdown() {
     const READ_TIMEOUT: Duration = Duration::from_secs(4);
     let dir = tempfile::tempdir().unwrap();
-    let mut bin = Binary::start_in(
+    let bin = Binary::start_in(
         &["serve", "--notify-read-timeout-ms", "4000"],
         dir.path(),
         None,
@@ -172,30 +172,9 @@ async fn stalled_connections_cannot_hold_the_listener_shut_nor_delay_shutdown() 
         half_sent.push(open(&addr, &slow_body_start()).await);
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let pid = bin.child.id().to_string();
     let signalled = Instant::now();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = bin.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "still running 10 s after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    })
-    .await
-    .unwrap();
+    crate::helpers::sigterm(&bin);
+    let status = crate::helpers::exit_within(bin, Duration::from_secs(10)).await;
     let exit = signalled.elapsed();
     assert!(status.success(), "{status:?}");
     assert!(

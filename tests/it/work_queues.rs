@@ -570,25 +570,6 @@ async fn a_second_stream_on_a_cursor_consumer_is_refused_until_the_first_ends() 
     assert_eq!(second.message().await.unwrap().unwrap().sequence, 2);
 }
 
-/// Waits up to 20 s for the binary to exit.
-async fn exits(mut bin: crate::helpers::Binary) -> std::process::ExitStatus {
-    tokio::task::spawn_blocking(move || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = bin.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "still running after 20 s"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cursor_read_before_a_restart_is_read_again_at_once_after_it() {
     use crate::helpers::Binary;
@@ -613,15 +594,12 @@ async fn a_cursor_read_before_a_restart_is_read_again_at_once_after_it() {
     let a = Binary::start(&["serve", "--store", &db.url]);
     let b = Binary::start(&["serve", "--store", &db.url]);
     let stream = subscribe(a.grpc.clone()).await.unwrap();
-    let pid = a.child.id().to_string();
+    crate::helpers::sigterm(&a);
     assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
+        crate::helpers::exit_within(a, Duration::from_secs(20))
+            .await
             .success()
     );
-    assert!(exits(a).await.success());
     drop(stream);
     let on_b = subscribe(b.grpc.clone()).await;
     assert!(on_b.is_ok(), "refused on B after A stopped: {on_b:?}");
