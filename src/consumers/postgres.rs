@@ -470,41 +470,48 @@ impl ConsumerStore for PostgresConsumers {
     }
 
     async fn ack_events(&self, name: &str, sequences: &[u64]) -> Result<Acked, ConsumerError> {
-        let mut tx = self.pool.begin().await.map_err(backend)?;
-        let q = lock_queue(&mut tx, name).await?;
-        if let Some(&sequence) = sequences.iter().find(|&&s| s > q.delivered) {
-            return Err(ConsumerError::NotDelivered {
+        // One statement, no lock on the consumer's row: an ack is a delete
+        // of rows by key (two acks of one event: the second deletes
+        // nothing), so acks do not queue behind each other or behind
+        // fetches. Nothing is deleted if any sequence was never delivered.
+        let sequences: Vec<i64> = sequences.iter().map(|&s| to_sql(s)).collect();
+        let row = sqlx::query(
+            "WITH q AS (SELECT kind, delivered_sequence FROM consumers WHERE name = $1), \
+             d AS (DELETE FROM consumer_pending p USING q \
+                   WHERE q.kind = 'work_queue' AND p.consumer = $1 AND p.sequence = ANY($2) \
+                     AND (SELECT MAX(s) FROM UNNEST($2::bigint[]) s) <= q.delivered_sequence \
+                   RETURNING p.sequence), \
+             u AS (UPDATE consumers SET last_ack_at = now(), updated_at = now() \
+                   WHERE name = $1 AND EXISTS (SELECT 1 FROM d)) \
+             SELECT q.kind, q.delivered_sequence, (SELECT COUNT(*) FROM d), \
+               (SELECT MIN(sequence) FROM consumer_pending \
+                WHERE consumer = $1 AND sequence NOT IN (SELECT sequence FROM d)) \
+             FROM q",
+        )
+        .bind(name)
+        .bind(&sequences)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend)?
+        .ok_or_else(|| ConsumerError::NotFound(name.to_owned()))?;
+        let kind: String = row.try_get(0).map_err(backend)?;
+        if kind != Kind::WorkQueue.as_str() {
+            return Err(ConsumerError::WrongKind {
                 name: name.to_owned(),
-                sequence,
+                kind: Kind::parse(&kind).unwrap_or(Kind::Cursor),
             });
         }
-        let sequences: Vec<i64> = sequences.iter().map(|&s| to_sql(s)).collect();
-        let newly =
-            sqlx::query("DELETE FROM consumer_pending WHERE consumer = $1 AND sequence = ANY($2)")
-                .bind(name)
-                .bind(&sequences)
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?
-                .rows_affected();
-        if newly > 0 {
-            sqlx::query(
-                "UPDATE consumers SET last_ack_at = now(), updated_at = now() WHERE name = $1",
-            )
-            .bind(name)
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
+        let delivered = from_sql(row.try_get(1).map_err(backend)?);
+        if let Some(&sequence) = sequences.iter().find(|&&s| from_sql(s) > delivered) {
+            return Err(ConsumerError::NotDelivered {
+                name: name.to_owned(),
+                sequence: from_sql(sequence),
+            });
         }
-        let oldest: Option<i64> =
-            sqlx::query_scalar("SELECT MIN(sequence) FROM consumer_pending WHERE consumer = $1")
-                .bind(name)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(backend)?;
-        tx.commit().await.map_err(backend)?;
+        let newly: i64 = row.try_get(2).map_err(backend)?;
+        let oldest: Option<i64> = row.try_get(3).map_err(backend)?;
         Ok(Acked {
-            acked_sequence: oldest.map_or(q.delivered, |s| from_sql(s).saturating_sub(1)),
+            acked_sequence: oldest.map_or(delivered, |s| from_sql(s).saturating_sub(1)),
             newly_acked: u32::try_from(newly).unwrap_or(u32::MAX),
         })
     }
