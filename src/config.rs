@@ -327,12 +327,17 @@ pub struct SandboxArgs {
 }
 
 impl SandboxArgs {
+    /// The standalone simulator's configuration: it notifies
+    /// `--notify-url`.
     pub fn sandbox_config(&self) -> SandboxConfig {
-        sandbox_config(
-            &self.kongtie,
-            self.wechat_app_id.clone(),
-            Duration::from_secs(self.token_lifetime_secs),
-        )
+        SandboxConfig {
+            notify_url: Some(self.notify_url.clone()),
+            ..sandbox_config(
+                &self.kongtie,
+                self.wechat_app_id.clone(),
+                Duration::from_secs(self.token_lifetime_secs),
+            )
+        }
     }
 }
 

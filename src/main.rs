@@ -52,6 +52,12 @@ async fn run_sandbox(
         .await
         .map_err(|e| format!("binding the sandbox on {}: {e}", args.addr))?;
     let sandbox = SandboxHandle::spawn(args.sandbox_config(), listener)?;
+    tracing::info!(
+        ktapi_url = %sandbox.ktapi_url(),
+        pay_url = %sandbox.pay_url(),
+        notify_url = %args.notify_url,
+        "point a gateway here with --ktapi-url and --pay-url; payments are notified to notify_url"
+    );
     shutdown_signal().await;
     sandbox.shutdown().await;
     Ok(())

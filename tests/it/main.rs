@@ -12,6 +12,7 @@ mod payment;
 mod pg;
 mod production;
 mod replicas;
+mod sandbox_command;
 #[macro_use]
 mod store;
 mod ticket;
