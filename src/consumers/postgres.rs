@@ -126,19 +126,26 @@ async fn lock_queue(
     .await
     .map_err(backend)?
     .ok_or_else(|| ConsumerError::NotFound(name.to_owned()))?;
-    let kind: String = row.try_get(0).map_err(backend)?;
-    if kind != Kind::WorkQueue.as_str() {
-        return Err(ConsumerError::WrongKind {
-            name: name.to_owned(),
-            kind: Kind::parse(&kind).unwrap_or(Kind::Cursor),
-        });
-    }
+    work_queue(&row, name)?;
     Ok(Queue {
         ack_wait_ms: row.try_get(1).map_err(backend)?,
         max_deliver: row.try_get(2).map_err(backend)?,
         max_ack_pending: row.try_get(3).map_err(backend)?,
         delivered: from_sql(row.try_get(4).map_err(backend)?),
     })
+}
+
+/// Refuses a cursor where a work queue is meant, from a row whose first
+/// column is the kind.
+fn work_queue(row: &PgRow, name: &str) -> Result<(), ConsumerError> {
+    let kind: String = row.try_get(0).map_err(backend)?;
+    match Kind::parse(&kind) {
+        Some(Kind::WorkQueue) => Ok(()),
+        other => Err(ConsumerError::WrongKind {
+            name: name.to_owned(),
+            kind: other.unwrap_or(Kind::Cursor),
+        }),
+    }
 }
 
 /// Refuses a work queue where a cursor is meant.
@@ -494,13 +501,7 @@ impl ConsumerStore for PostgresConsumers {
         .await
         .map_err(backend)?
         .ok_or_else(|| ConsumerError::NotFound(name.to_owned()))?;
-        let kind: String = row.try_get(0).map_err(backend)?;
-        if kind != Kind::WorkQueue.as_str() {
-            return Err(ConsumerError::WrongKind {
-                name: name.to_owned(),
-                kind: Kind::parse(&kind).unwrap_or(Kind::Cursor),
-            });
-        }
+        work_queue(&row, name)?;
         let delivered = from_sql(row.try_get(1).map_err(backend)?);
         if let Some(&sequence) = sequences.iter().find(|&&s| from_sql(s) > delivered) {
             return Err(ConsumerError::NotDelivered {

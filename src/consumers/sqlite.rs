@@ -20,6 +20,32 @@ pub struct SqliteConsumers {
 }
 
 impl SqliteConsumers {
+    /// Runs `change` on cursor `name` in a write transaction (refusing a
+    /// work queue), and answers the cursor's position after it.
+    async fn change_cursor(
+        &self,
+        name: &str,
+        change: impl FnOnce(&Transaction<'_>, &str) -> rusqlite::Result<Result<(), ConsumerError>>
+        + Send
+        + 'static,
+    ) -> Result<u64, ConsumerError> {
+        let name = name.to_owned();
+        self.conn
+            .with(move |conn| {
+                let tx = immediate(conn)?;
+                if let Err(e) = cursor_kind(&tx, &name)? {
+                    return Ok(Err(e));
+                }
+                if let Err(e) = change(&tx, &name)? {
+                    return Ok(Err(e));
+                }
+                let acked = position(&tx, &name)?;
+                tx.commit()?;
+                Ok(Ok(acked))
+            })
+            .await?
+    }
+
     /// Opens the consumers of the store at `path` (already migrated). A
     /// SQLite store has one gateway, this one: stream holds left by a
     /// previous run that did not end cleanly are given up.
@@ -333,37 +359,28 @@ impl ConsumerStore for SqliteConsumers {
     }
 
     async fn ack_cursor(&self, name: &str, sequence: u64) -> Result<u64, ConsumerError> {
-        let name = name.to_owned();
-        self.conn
-            .with(move |conn| {
-                let tx = immediate(conn)?;
-                if let Err(e) = cursor_kind(&tx, &name)? {
-                    return Ok(Err(e));
+        self.change_cursor(name, move |tx, name| {
+            let last = last_sequence(tx)?;
+            if sequence > last {
+                return Ok(Err(StoreError::BeyondLast {
+                    requested: sequence,
+                    last,
                 }
-                let last = last_sequence(&tx)?;
-                if sequence > last {
-                    return Ok(Err(StoreError::BeyondLast {
-                        requested: sequence,
-                        last,
-                    }
-                    .into()));
-                }
-                let now = now_ms();
-                tx.prepare_cached(
-                    "INSERT INTO consumers \
-                     (name, acked_sequence, updated_at_ms, last_ack_at_ms, created_at_ms) \
-                     VALUES (?1, ?2, ?3, ?3, ?3) \
-                     ON CONFLICT (name) DO UPDATE SET \
-                       acked_sequence = MAX(acked_sequence, excluded.acked_sequence), \
-                       updated_at_ms = excluded.updated_at_ms, \
-                       last_ack_at_ms = excluded.last_ack_at_ms",
-                )?
-                .execute(params![name, to_sql(sequence), now])?;
-                let acked = position(&tx, &name)?;
-                tx.commit()?;
-                Ok(Ok(acked))
-            })
-            .await?
+                .into()));
+            }
+            tx.prepare_cached(
+                "INSERT INTO consumers \
+                 (name, acked_sequence, updated_at_ms, last_ack_at_ms, created_at_ms) \
+                 VALUES (?1, ?2, ?3, ?3, ?3) \
+                 ON CONFLICT (name) DO UPDATE SET \
+                   acked_sequence = MAX(acked_sequence, excluded.acked_sequence), \
+                   updated_at_ms = excluded.updated_at_ms, \
+                   last_ack_at_ms = excluded.last_ack_at_ms",
+            )?
+            .execute(params![name, to_sql(sequence), now_ms()])?;
+            Ok(Ok(()))
+        })
+        .await
     }
 
     async fn hold_stream(
@@ -372,42 +389,32 @@ impl ConsumerStore for SqliteConsumers {
         holder: &str,
         hold: Duration,
     ) -> Result<u64, ConsumerError> {
-        let (name, holder) = (name.to_owned(), holder.to_owned());
-        self.conn
-            .with(move |conn| {
-                let tx = immediate(conn)?;
-                if let Err(e) = cursor_kind(&tx, &name)? {
-                    return Ok(Err(e));
-                }
-                let now = now_ms();
-                let held_by_another: bool = tx
-                    .prepare_cached(
-                        "SELECT EXISTS (SELECT 1 FROM consumers WHERE name = ?1 \
-                         AND stream_holder IS NOT NULL AND stream_holder != ?2 \
-                         AND stream_until_ms > ?3)",
-                    )?
-                    .query_row(params![name, holder, now], |r| r.get(0))?;
-                if held_by_another {
-                    return Ok(Err(ConsumerError::InUse { name }));
-                }
-                tx.prepare_cached(
-                    "INSERT INTO consumers (name, acked_sequence, updated_at_ms, created_at_ms, \
-                     stream_holder, stream_until_ms) VALUES (?1, 0, ?2, ?2, ?3, ?4) \
-                     ON CONFLICT (name) DO UPDATE SET \
-                       stream_holder = excluded.stream_holder, \
-                       stream_until_ms = excluded.stream_until_ms",
+        let holder = holder.to_owned();
+        self.change_cursor(name, move |tx, name| {
+            let now = now_ms();
+            let held_by_another: bool = tx
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM consumers WHERE name = ?1 \
+                     AND stream_holder IS NOT NULL AND stream_holder != ?2 \
+                     AND stream_until_ms > ?3)",
                 )?
-                .execute(params![
-                    name,
-                    now,
-                    holder,
-                    now.saturating_add(millis(hold))
-                ])?;
-                let acked = position(&tx, &name)?;
-                tx.commit()?;
-                Ok(Ok(acked))
-            })
-            .await?
+                .query_row(params![name, holder, now], |r| r.get(0))?;
+            if held_by_another {
+                return Ok(Err(ConsumerError::InUse {
+                    name: name.to_owned(),
+                }));
+            }
+            tx.prepare_cached(
+                "INSERT INTO consumers (name, acked_sequence, updated_at_ms, created_at_ms, \
+                 stream_holder, stream_until_ms) VALUES (?1, 0, ?2, ?2, ?3, ?4) \
+                 ON CONFLICT (name) DO UPDATE SET \
+                   stream_holder = excluded.stream_holder, \
+                   stream_until_ms = excluded.stream_until_ms",
+            )?
+            .execute(params![name, now, holder, now.saturating_add(millis(hold))])?;
+            Ok(Ok(()))
+        })
+        .await
     }
 
     async fn renew_stream(
