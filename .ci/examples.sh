@@ -47,7 +47,7 @@ node examples/node/client.js --grpc "$GRPC" --sandbox "$SANDBOX" || status=1
 echo "== grpcurl example"
 GRPC=$GRPC SANDBOX=$SANDBOX GRPCURL=.tools/bin/grpcurl bash examples/grpcurl.sh || status=1
 echo "== two replicas on PostgreSQL (the README's walk-through)"
-GRPCURL=.tools/bin/grpcurl bash examples/replicas.sh || status=1
+BIN=target/debug/kongtie-gateway GRPCURL=.tools/bin/grpcurl bash examples/replicas.sh || status=1
 
 if [ "$status" -ne 0 ]; then
   echo "== gateway log"; cat "$log"

@@ -7,11 +7,19 @@
 #
 # PostgreSQL: KONGTIE_TEST_DATABASE_URL (default: the local server, user
 # postgres), where this user may CREATE DATABASE; psql must be installed.
-# BIN names the gateway binary (default: target/debug/kongtie-gateway).
+# BIN names the gateway binary (default: the release build if there is one,
+# as the README builds, else the debug build, built if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GRPCURL=${GRPCURL:-$(command -v grpcurl || echo .tools/bin/grpcurl)}
-BIN=${BIN:-target/debug/kongtie-gateway}
+if [ -z "${BIN:-}" ]; then
+  if [ -x target/release/kongtie-gateway ]; then
+    BIN=target/release/kongtie-gateway
+  else
+    [ -x target/debug/kongtie-gateway ] || cargo build --quiet
+    BIN=target/debug/kongtie-gateway
+  fi
+fi
 server=${KONGTIE_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 fail() { echo "FAILED: $*" >&2; exit 1; }
 

@@ -336,3 +336,34 @@ async fn readyz_follows_whether_postgresql_takes_writes() {
     );
     assert_eq!(list_all(&app.addr.to_string()).await.len(), 2);
 }
+
+/// The store is required at start-up: with PostgreSQL down, `serve` exits
+/// at once, status 1, saying why (and not the URL's password), for a
+/// supervisor to restart it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_postgresql_is_down_at_start_exits_saying_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let down = crate::helpers::closed_port().await;
+    let url = format!("postgres://postgres:s3cret-pw@{down}/kongtie");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kongtie-gateway"))
+            .args(["serve", "--store", &url, "--grpc-addr", "127.0.0.1:0"])
+            .args(["--notify-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("KONGTIE_TOKEN", KTAPI_TOKEN)
+            .output()
+            .unwrap()
+    });
+    let out = tokio::time::timeout(Duration::from_secs(30), out)
+        .await
+        .expect("exited within 30 s")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("connecting to PostgreSQL") && stderr.contains("Connection refused"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("s3cret-pw"), "the password was printed: {stderr}");
+}
