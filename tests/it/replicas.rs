@@ -348,7 +348,12 @@ async fn a_replica_whose_postgresql_is_down_at_start_exits_saying_why() {
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_kongtie-gateway"))
             .args(["serve", "--store", &url, "--grpc-addr", "127.0.0.1:0"])
-            .args(["--notify-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+            .args([
+                "--notify-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+            ])
             .arg("--data-dir")
             .arg(dir.path())
             .env("KONGTIE_TOKEN", KTAPI_TOKEN)
@@ -365,5 +370,8 @@ async fn a_replica_whose_postgresql_is_down_at_start_exits_saying_why() {
         stderr.contains("connecting to PostgreSQL") && stderr.contains("Connection refused"),
         "{stderr}"
     );
-    assert!(!stderr.contains("s3cret-pw"), "the password was printed: {stderr}");
+    assert!(
+        !stderr.contains("s3cret-pw"),
+        "the password was printed: {stderr}"
+    );
 }
