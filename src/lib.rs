@@ -11,6 +11,7 @@ pub mod api_keys;
 pub mod cache;
 pub mod check;
 pub mod config;
+pub mod connect;
 pub mod consumers;
 pub mod domain;
 pub mod error;

@@ -8,10 +8,6 @@ use secrecy::ExposeSecret;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
-use tower_http::{
-    LatencyUnit,
-    trace::{DefaultOnEos, DefaultOnFailure, DefaultOnResponse, TraceLayer},
-};
 use tracing::{info, warn};
 use url::Url;
 
@@ -19,9 +15,10 @@ use crate::{
     admin,
     api_keys::ApiKeys,
     config::{AccessConfig, Config},
+    connect::ConnectLayer,
     consumers::WorkQueues,
     gateway::Gateway,
-    grpc::{AuthService, PaymentService, TicketService},
+    grpc::{AuthService, PaymentService, TicketService, observe::ObserveLayer},
     metrics::Metrics,
     notify,
     orders::Ledger,
@@ -55,6 +52,10 @@ impl Application {
     /// picks a free port) and, with a sandbox configured, starts it and
     /// points the upstream URLs at it and its notifications at us.
     pub async fn build(mut config: Config) -> Result<Self, BoxError> {
+        info!(
+            version = %env!("CARGO_PKG_VERSION"),
+            "kongtie-gateway starting"
+        );
         let api_keys = load_api_keys(&config.access)?;
         let grpc_ip = config.grpc_addr.ip();
         if api_keys.is_empty() {
@@ -222,29 +223,20 @@ impl Application {
             // the GOAWAY and closes the connection hard at age + grace.
             server = server.max_connection_age(age);
         }
-        info!(addr = %self.grpc_addr, tls = self.config.access.tls.is_some(), "gRPC listening");
+        info!(
+            addr = %self.grpc_addr,
+            tls = self.config.access.tls.is_some(),
+            version = %env!("CARGO_PKG_VERSION"),
+            "gRPC listening (and the Connect protocol)"
+        );
         let grpc = server
-            // Each RPC's span (handlers fill in the order id where there
-            // is one) and one log line when it ends, with its latency and,
-            // for a failure, its gRPC code. No header is logged.
-            .layer(
-                TraceLayer::new_for_grpc()
-                    .make_span_with(|request: &axum::http::Request<_>| {
-                        tracing::info_span!(
-                            "grpc",
-                            method = request.uri().path(),
-                            out_trade_id = tracing::field::Empty
-                        )
-                    })
-                    .on_request(())
-                    .on_response(
-                        DefaultOnResponse::new()
-                            .level(tracing::Level::DEBUG)
-                            .latency_unit(LatencyUnit::Micros),
-                    )
-                    .on_eos(DefaultOnEos::new().level(tracing::Level::INFO))
-                    .on_failure(DefaultOnFailure::new().level(tracing::Level::WARN)),
-            )
+            // HTTP/1.1 beside HTTP/2, for the Connect protocol's callers.
+            .accept_http1(true)
+            // Connect requests become the gRPC calls they mean, before
+            // anything else sees them (src/connect).
+            .layer(ConnectLayer::new()?)
+            // Each RPC's metrics, span and log line (src/grpc/observe.rs).
+            .layer(ObserveLayer::new(Arc::clone(&self.metrics)))
             // Notice dead subscribers: a ping every 30 s, gone after 10 s
             // without an answer.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))

@@ -4,6 +4,7 @@
 mod auth;
 pub mod codec;
 mod consumers;
+pub mod observe;
 mod payment;
 mod ticket;
 

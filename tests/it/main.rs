@@ -2,11 +2,13 @@
 //! port 0, and real gRPC clients over real sockets.
 
 mod auth;
+mod connect;
 mod crash;
 mod grpcurl;
 mod helpers;
 mod hostile_notify;
 mod notifications;
+mod observe;
 mod orders;
 mod payment;
 mod pg;

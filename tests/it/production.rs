@@ -675,7 +675,7 @@ fn a_full_run_logs_no_secret() {
     assert!(log.lines().count() > 20);
     assert!(
         log.lines()
-            .any(|l| l.contains("/kongtie.v1.Auth/GetAccessToken") && l.contains("end of stream")),
+            .any(|l| l.contains("/kongtie.v1.Auth/GetAccessToken") && l.contains("rpc finished")),
         "each RPC logs its end"
     );
     for secret in &secrets {

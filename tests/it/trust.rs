@@ -303,7 +303,7 @@ async fn a_refused_signature_is_logged_once_at_warn_with_what_to_check_and_no_se
             .unwrap_err();
     assert_eq!(error_info(&status).0, "UPSTREAM_SIGNATURE_REJECTED");
     // The RPC's end is logged after the failure itself.
-    let log = wait_for_log(&bin, "GetAccessToken", "response failed").await;
+    let log = wait_for_log(&bin, "GetAccessToken", "rpc finished").await;
     let refusals: Vec<&String> = log
         .iter()
         .filter(|l| l.contains("refused the gateway's signature"))

@@ -1,0 +1,303 @@
+//! What every RPC leaves behind, gRPC and Connect alike (a Connect call
+//! reaches this layer already turned into its gRPC call):
+//!
+//! - the usual gRPC server metrics, `grpc_server_started_total`,
+//!   `grpc_server_handled_total{grpc_code}` and the
+//!   `grpc_server_handling_seconds` histogram, labelled by `grpc_type`,
+//!   `grpc_service` and `grpc_method` (paths we do not serve count as
+//!   `unknown`, so a scanner cannot grow the label set);
+//! - a span per call (`grpc`, with the method, and the order id where a
+//!   handler fills it in), continuing the caller's `traceparent`;
+//! - one log line when the call ends, with its code and latency: INFO, or
+//!   DEBUG for health checks and reflection (probes every few seconds would
+//!   drown the log), WARN for our own faults. No header is logged.
+
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::{Arc, OnceLock},
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use axum::http::{HeaderMap, Request, Response};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use prost::Message;
+use tonic::Code;
+use tower::{Layer, Service};
+use tracing::{Level, Span};
+
+use crate::metrics::{Metrics, RpcLabels};
+
+/// How one served path is labelled.
+#[derive(Debug)]
+struct Rpc {
+    service: &'static str,
+    method: &'static str,
+    /// unary, server_stream, client_stream, bidi_stream
+    kind: &'static str,
+    /// Health and reflection: logged at DEBUG.
+    quiet: bool,
+}
+
+const UNKNOWN: Rpc = Rpc {
+    service: "unknown",
+    method: "unknown",
+    kind: "unknown",
+    quiet: false,
+};
+
+/// Every served path, read once from the descriptor sets the server serves.
+fn routes() -> &'static HashMap<String, Rpc> {
+    static ROUTES: OnceLock<HashMap<String, Rpc>> = OnceLock::new();
+    ROUTES.get_or_init(|| {
+        let mut routes = HashMap::new();
+        for (set, quiet) in [
+            (crate::proto::FILE_DESCRIPTOR_SET, false),
+            (tonic_health::pb::FILE_DESCRIPTOR_SET, true),
+            (tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET, true),
+            (tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET, true),
+        ] {
+            let set = prost_types::FileDescriptorSet::decode(set).expect("a descriptor set");
+            for file in set.file {
+                for service in &file.service {
+                    let full = format!("{}.{}", file.package(), service.name());
+                    let service_name: &'static str = full.clone().leak();
+                    for method in &service.method {
+                        let kind = match (method.client_streaming(), method.server_streaming()) {
+                            (false, false) => "unary",
+                            (false, true) => "server_stream",
+                            (true, false) => "client_stream",
+                            (true, true) => "bidi_stream",
+                        };
+                        routes.insert(
+                            format!("/{full}/{}", method.name()),
+                            Rpc {
+                                service: service_name,
+                                method: method.name().to_owned().leak(),
+                                kind,
+                                quiet,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        routes
+    })
+}
+
+/// gRPC's name of a code, as the metric label of every gRPC library.
+pub fn code_label(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "Canceled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
+/// Our own faults, logged at WARN.
+fn is_server_fault(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unknown | Code::Internal | Code::DataLoss | Code::Unimplemented
+    )
+}
+
+#[derive(Clone)]
+pub struct ObserveLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl ObserveLayer {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        routes();
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe {
+            inner,
+            metrics: Arc::clone(&self.metrics),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Observe<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ObservedBody<ResBody>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let rpc = routes().get(request.uri().path()).unwrap_or(&UNKNOWN);
+        let labels = RpcLabels {
+            grpc_type: rpc.kind,
+            grpc_service: rpc.service,
+            grpc_method: rpc.method,
+        };
+        self.metrics.rpc_started(&labels);
+        let span = if rpc.quiet {
+            tracing::debug_span!("grpc", method = request.uri().path())
+        } else {
+            tracing::info_span!(
+                "grpc",
+                method = request.uri().path(),
+                out_trade_id = tracing::field::Empty
+            )
+        };
+        let call = {
+            let _entered = span.enter();
+            self.inner.call(request)
+        };
+        let metrics = Arc::clone(&self.metrics);
+        let started = Instant::now();
+        Box::pin(async move {
+            // The handler runs in the call's span.
+            let response = tracing::Instrument::instrument(call, span.clone()).await?;
+            let mut finish = Finish {
+                metrics,
+                labels,
+                quiet: rpc.quiet,
+                started,
+                span,
+                done: false,
+            };
+            // Trailers-only: the status is in the headers.
+            if let Some(code) = code_in(response.headers()) {
+                finish.record(code);
+            }
+            Ok(response.map(|body| ObservedBody { body, finish }))
+        })
+    }
+}
+
+fn code_in(headers: &HeaderMap) -> Option<Code> {
+    let value = headers.get("grpc-status")?;
+    Some(
+        value
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok())
+            .map_or(Code::Unknown, Code::from_i32),
+    )
+}
+
+/// Records the call's end once: at its trailers, or, for a body dropped
+/// before them (the client went away), as CANCELLED.
+struct Finish {
+    metrics: Arc<Metrics>,
+    labels: RpcLabels,
+    quiet: bool,
+    started: Instant,
+    span: Span,
+    done: bool,
+}
+
+impl Finish {
+    fn record(&mut self, code: Code) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let seconds = self.started.elapsed().as_secs_f64();
+        self.metrics
+            .rpc_handled(&self.labels, code_label(code), seconds);
+        let micros = (seconds * 1e6) as u64;
+        let fault = is_server_fault(code);
+        let code = code_label(code);
+        let level = if fault {
+            Level::WARN
+        } else if self.quiet {
+            Level::DEBUG
+        } else {
+            Level::INFO
+        };
+        let _entered = self.span.enter();
+        match level {
+            Level::WARN => tracing::warn!(code = %code, latency_us = micros, "rpc finished"),
+            Level::DEBUG => tracing::debug!(code = %code, latency_us = micros, "rpc finished"),
+            _ => tracing::info!(code = %code, latency_us = micros, "rpc finished"),
+        }
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        if !self.done {
+            self.record(Code::Cancelled);
+        }
+    }
+}
+
+/// The response body, watched for the trailers that carry the status.
+pub struct ObservedBody<B> {
+    body: B,
+    finish: Finish,
+}
+
+impl<B: HttpBody + Unpin> HttpBody for ObservedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(code_in) {
+                    this.finish.record(code);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.finish.record(Code::Unknown),
+            Poll::Ready(None) if !this.finish.done => {
+                // A body that ended without trailers: a gRPC status was
+                // in the headers (recorded then) or it was not gRPC.
+                this.finish.record(Code::Unknown)
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}

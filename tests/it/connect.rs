@@ -1,0 +1,472 @@
+//! The Connect protocol on the gRPC port, driven by real HTTP clients:
+//! `curl` for unary calls (JSON, protobuf, GET) and errors, and an
+//! HTTP/1.1-only client reading the notification stream. The npm
+//! `@connectrpc/connect` client and PHP run in `.ci/examples.sh`.
+
+use std::{process::Command, time::Duration};
+
+use base64::{Engine, engine::general_purpose::STANDARD_NO_PAD};
+use kongtie_gateway::proto::{GetAccessTokenRequest, GetAccessTokenResponse};
+use prost::Message;
+use serde_json::{Value, json};
+use tokio::time::timeout;
+
+use crate::helpers::{
+    KTAPI_TOKEN, admin_metrics, payment_notification, sample, spawn_app, spawn_app_with,
+    violated_fields,
+};
+
+/// What `curl` printed: the HTTP status, the headers (lower-cased names)
+/// and the body.
+struct Curled {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Curled {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// Runs curl (over HTTP/1.1, as PHP and shell scripts do) and splits its
+/// `--include` output.
+async fn curl(args: &[&str]) -> Curled {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("curl")
+            .args([
+                "-sS",
+                "--globoff",
+                "--include",
+                "--http1.1",
+                "--max-time",
+                "10",
+            ])
+            .args(&args)
+            .output()
+            .expect("running curl")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let raw = out.stdout;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a header block");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Curled {
+        status,
+        headers,
+        body: raw[split + 4..].to_vec(),
+    }
+}
+
+fn url(app_addr: std::net::SocketAddr, path: &str) -> String {
+    format!("http://{app_addr}/{path}")
+}
+
+#[tokio::test]
+async fn curl_calls_rpcs_with_json_protobuf_and_get_and_gets_what_grpc_gets() {
+    let app = spawn_app().await;
+    let grpc_token = app.access_token().await.unwrap().into_inner().access_token;
+    let at = url(app.addr, "kongtie.v1.Auth/GetAccessToken");
+
+    let post = curl(&["-H", "content-type: application/json", "-d", "{}", &at]).await;
+    assert_eq!(post.status, 200);
+    assert_eq!(post.header("content-type"), Some("application/json"));
+    assert_eq!(post.json()["accessToken"], grpc_token.as_str());
+    // fetchedAt is a Timestamp in protobuf JSON (RFC 3339), not an object.
+    assert!(post.json()["fetchedAt"].as_str().unwrap().ends_with('Z'));
+
+    let get = curl(&[&format!("{at}?connect=v1&encoding=json&message=%7B%7D")]).await;
+    assert_eq!(get.status, 200);
+    assert_eq!(get.json()["accessToken"], grpc_token.as_str());
+
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        file.path(),
+        GetAccessTokenRequest::default().encode_to_vec(),
+    )
+    .unwrap();
+    let proto = curl(&[
+        "-H",
+        "content-type: application/proto",
+        "--data-binary",
+        &format!("@{}", file.path().display()),
+        &at,
+    ])
+    .await;
+    assert_eq!(proto.status, 200);
+    assert_eq!(proto.header("content-type"), Some("application/proto"));
+    let decoded = GetAccessTokenResponse::decode(proto.body.as_slice()).unwrap();
+    assert_eq!(decoded.access_token, grpc_token);
+
+    // The same field names as grpcurl's (snake_case) are read too.
+    let order = curl(&[
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"out_trade_id": "C1001", "amountFen": "20", "openid": "oConnectUser"}"#,
+        &url(app.addr, "kongtie.v1.Payment/CreateJsapiOrder"),
+    ])
+    .await;
+    assert_eq!(
+        order.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&order.body)
+    );
+    assert_eq!(order.json()["payParams"]["signType"], "MD5");
+    let stored = curl(&[&format!(
+        "{}?encoding=json&message={}",
+        url(app.addr, "kongtie.v1.Payment/GetOrder"),
+        "%7B%22outTradeId%22%3A%22C1001%22%7D"
+    )])
+    .await;
+    assert_eq!(stored.status, 200);
+    // int64 is a string in protobuf JSON: no float ever holds an amount.
+    assert_eq!(stored.json()["order"]["amountFen"], "20");
+}
+
+#[tokio::test]
+async fn connect_errors_carry_the_grpc_code_its_http_status_and_the_same_details() {
+    let app = spawn_app().await;
+    let create = url(app.addr, "kongtie.v1.Payment/CreateJsapiOrder");
+    let bad = json!({"out_trade_id": "A-1", "amount_fen": 0, "openid": "oUser"}).to_string();
+
+    let grpc_status = app
+        .payment()
+        .await
+        .create_jsapi_order(kongtie_gateway::proto::CreateJsapiOrderRequest {
+            out_trade_id: "A-1".into(),
+            amount_fen: 0,
+            openid: "oUser".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let r = curl(&["-H", "content-type: application/json", "-d", &bad, &create]).await;
+    assert_eq!(r.status, 400);
+    let error = r.json();
+    assert_eq!(error["code"], "invalid_argument");
+    assert_eq!(error["message"], grpc_status.message());
+    let detail = &error["details"][0];
+    assert_eq!(detail["type"], "google.rpc.BadRequest");
+    let fields: Vec<&str> = detail["debug"]["fieldViolations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, violated_fields(&grpc_status));
+    // `value` is the BadRequest's own bytes, as a Connect client decodes them.
+    let bytes = STANDARD_NO_PAD
+        .decode(detail["value"].as_str().unwrap())
+        .unwrap();
+    let decoded = tonic_types::pb::BadRequest::decode(bytes.as_slice()).unwrap();
+    assert_eq!(decoded.field_violations.len(), fields.len());
+
+    let not_json = curl(&["-H", "content-type: application/json", "-d", "{", &create]).await;
+    assert_eq!(not_json.status, 400);
+    assert_eq!(not_json.json()["code"], "invalid_argument");
+    assert!(
+        not_json.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("kongtie.v1.CreateJsapiOrderRequest")
+    );
+
+    let missing = curl(&[&format!(
+        "{}?encoding=json&message=%7B%22outTradeId%22%3A%22NOPE1%22%7D",
+        url(app.addr, "kongtie.v1.Payment/GetOrder")
+    )])
+    .await;
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.json()["code"], "not_found");
+
+    let unknown = curl(&[
+        "-H",
+        "content-type: application/json",
+        "-d",
+        "{}",
+        &url(app.addr, "kongtie.v1.Auth/Nope"),
+    ])
+    .await;
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.json()["code"], "unimplemented");
+
+    let get_a_write = curl(&[&format!("{create}?encoding=json&message={{}}")]).await;
+    assert_eq!(get_a_write.status, 405);
+    assert_eq!(get_a_write.header("allow"), Some("POST"));
+
+    let unary_to_stream = curl(&[
+        "-H",
+        "content-type: application/json",
+        "-d",
+        "{}",
+        &url(app.addr, "kongtie.v1.Payment/SubscribeNotifications"),
+    ])
+    .await;
+    assert_eq!(unary_to_stream.status, 415);
+
+    let gzip = curl(&[
+        "-H",
+        "content-type: application/json",
+        "-H",
+        "content-encoding: gzip",
+        "-d",
+        "{}",
+        &url(app.addr, "kongtie.v1.Auth/GetAccessToken"),
+    ])
+    .await;
+    assert_eq!(gzip.status, 501);
+    assert_eq!(gzip.json()["code"], "unimplemented");
+}
+
+#[tokio::test]
+async fn api_keys_guard_connect_calls_as_they_guard_grpc() {
+    const KEY: &str = "connect-test-key-0123456789";
+    let app = spawn_app_with(&["--api-keys", KEY], |_| {}).await;
+    let at = url(app.addr, "kongtie.v1.Auth/GetAccessToken");
+    let none = curl(&["-H", "content-type: application/json", "-d", "{}", &at]).await;
+    assert_eq!(none.status, 401);
+    assert_eq!(none.json()["code"], "unauthenticated");
+    let wrong = curl(&[
+        "-H",
+        "content-type: application/json",
+        "-H",
+        "authorization: Bearer wrong-key-0123456789",
+        "-d",
+        "{}",
+        &at,
+    ])
+    .await;
+    assert_eq!(wrong.status, 401);
+    assert!(!String::from_utf8_lossy(&wrong.body).contains("wrong-key"));
+    let good = curl(&[
+        "-H",
+        "content-type: application/json",
+        "-H",
+        &format!("authorization: Bearer {KEY}"),
+        "-d",
+        "{}",
+        &at,
+    ])
+    .await;
+    assert_eq!(good.status, 200);
+    assert!(
+        good.json()["accessToken"]
+            .as_str()
+            .unwrap()
+            .starts_with("SBXAT_")
+    );
+}
+
+#[tokio::test]
+async fn a_connect_timeout_bounds_a_long_poll_as_grpc_timeout_does() {
+    let app = spawn_app().await;
+    let create = curl(&[
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"name": "connect-queue"}"#,
+        &url(app.addr, "kongtie.v1.Payment/CreateConsumer"),
+    ])
+    .await;
+    assert_eq!(
+        create.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&create.body)
+    );
+    let started = std::time::Instant::now();
+    let fetch = curl(&[
+        "-H",
+        "content-type: application/json",
+        "-H",
+        "connect-timeout-ms: 800",
+        "-d",
+        r#"{"consumer": "connect-queue", "max_events": 5, "wait": "20s"}"#,
+        &url(app.addr, "kongtie.v1.Payment/FetchNotifications"),
+    ])
+    .await;
+    let took = started.elapsed();
+    assert_eq!(
+        fetch.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&fetch.body)
+    );
+    assert!(fetch.json().get("events").is_none(), "nothing to fetch");
+    assert!(
+        took < Duration::from_secs(3),
+        "the 800 ms timeout, not the 20 s wait, ended the poll ({took:?})"
+    );
+    let bad = curl(&[
+        "-H",
+        "content-type: application/json",
+        "-H",
+        "connect-timeout-ms: soon",
+        "-d",
+        "{}",
+        &url(app.addr, "kongtie.v1.Auth/GetAccessToken"),
+    ])
+    .await;
+    assert_eq!(bad.status, 400);
+}
+
+/// One Connect envelope: (flags, payload).
+fn take_envelope(buffer: &mut Vec<u8>) -> Option<(u8, Vec<u8>)> {
+    if buffer.len() < 5 {
+        return None;
+    }
+    let len = u32::from_be_bytes(buffer[1..5].try_into().unwrap()) as usize;
+    if buffer.len() < 5 + len {
+        return None;
+    }
+    let flags = buffer[0];
+    let payload = buffer[5..5 + len].to_vec();
+    buffer.drain(..5 + len);
+    Some((flags, payload))
+}
+
+fn envelope(payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![0];
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+#[tokio::test]
+async fn the_notification_stream_flows_over_http1_as_connect_json_and_ends_with_the_status() {
+    let app = spawn_app().await;
+    for i in 1..=2 {
+        let (status, body) = app
+            .notify(payment_notification(&format!("CS{i}"), KTAPI_TOKEN))
+            .await;
+        assert_eq!((status, body.as_str()), (200, "success"));
+    }
+    let client = reqwest::Client::builder().http1_only().build().unwrap();
+    let mut response = client
+        .post(url(app.addr, "kongtie.v1.Payment/SubscribeNotifications"))
+        .header("content-type", "application/connect+json")
+        .header("connect-protocol-version", "1")
+        .body(envelope(br#"{"afterSequence": "0"}"#))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), reqwest::Version::HTTP_11);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/connect+json"
+    );
+    let mut buffer = Vec::new();
+    let mut next = async || loop {
+        if let Some(e) = take_envelope(&mut buffer) {
+            return e;
+        }
+        let chunk = timeout(Duration::from_secs(10), response.chunk())
+            .await
+            .expect("an envelope within 10 s")
+            .unwrap()
+            .expect("the stream goes on");
+        buffer.extend_from_slice(&chunk);
+    };
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (flags, payload) = next().await;
+        assert_eq!(flags, 0);
+        let event: Value = serde_json::from_slice(&payload).unwrap();
+        ids.push(event["outTradeId"].as_str().unwrap().to_owned());
+        assert!(event["sequence"].is_string(), "uint64 as a string: {event}");
+    }
+    // One arriving while the stream is open comes live.
+    let (status, _) = app.notify(payment_notification("CS3", KTAPI_TOKEN)).await;
+    assert_eq!(status, 200);
+    let (_, payload) = next().await;
+    ids.push(
+        serde_json::from_slice::<Value>(&payload).unwrap()["outTradeId"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+    );
+    assert_eq!(ids, ["CS1", "CS2", "CS3"]);
+
+    let metrics = admin_metrics(&app.admin.to_string()).await;
+    assert!(
+        sample(
+            &metrics,
+            "grpc_server_started_total{grpc_type=\"server_stream\",grpc_service=\"kongtie.v1.Payment\",grpc_method=\"SubscribeNotifications\"}"
+        ) >= 1.0,
+        "a Connect stream counts as the RPC it is:\n{metrics}"
+    );
+
+    // The gateway's shutdown ends the stream with Connect's end-of-stream
+    // message, carrying the gRPC status.
+    let mut app = app;
+    let stop = tokio::spawn(async move {
+        app.stop().await;
+    });
+    let (flags, payload) = next().await;
+    assert_eq!(flags, 0x02, "end of stream");
+    let end: Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(end["error"]["code"], "unavailable", "{end}");
+    timeout(Duration::from_secs(15), stop)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_stream_refused_at_once_is_http_200_with_the_error_in_the_end_message() {
+    let app = spawn_app().await;
+    let response = reqwest::Client::builder()
+        .http1_only()
+        .build()
+        .unwrap()
+        .post(url(app.addr, "kongtie.v1.Payment/SubscribeNotifications"))
+        .header("content-type", "application/connect+json")
+        .body(envelope(br#"{"consumer": "Not A Name!"}"#))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes().await.unwrap().to_vec();
+    let (flags, payload) = take_envelope(&mut body).unwrap();
+    assert_eq!(flags, 0x02);
+    let end: Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(end["error"]["code"], "invalid_argument", "{end}");
+    assert_eq!(
+        end["error"]["details"][0]["debug"]["fieldViolations"][0]["field"],
+        "consumer"
+    );
+    assert!(body.is_empty());
+}
