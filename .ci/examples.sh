@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs the Python, Node and grpcurl examples against a live gateway
-# (`serve --sandbox` on free ports), and the two-replica walk-through on a
-# fresh PostgreSQL database, failing on any wrong answer.
+# Runs the Python, Node and grpcurl examples (gRPC) and the Connect
+# protocol's Node and PHP examples against a live gateway (`serve
+# --sandbox` on free ports), and the two-replica walk-through on a fresh
+# PostgreSQL database, failing on any wrong answer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -10,11 +11,17 @@ echo "== build"
 cargo build --quiet
 bash .ci/install-grpcurl.sh >/dev/null
 
-echo "== example dependencies (PyPI, npm)"
+echo "== example dependencies (PyPI, npm, Debian's php-cli and php-curl)"
+if ! command -v php >/dev/null || ! php -m | grep -qx curl; then
+  apt-get install -y -qq php-cli php-curl >/dev/null \
+    || { apt-get update -qq && apt-get install -y -qq php-cli php-curl >/dev/null; }
+fi
+php --version | head -1
 [ -x .tools/venv/bin/python ] || python3 -m venv .tools/venv
 .tools/venv/bin/pip install --quiet --disable-pip-version-check -r examples/python/requirements.txt
 PATH="$root/.tools/venv/bin:$PATH" bash examples/python/generate.sh
 (cd examples/node && npm ci --silent --no-audit --no-fund)
+(cd examples/connect-node && npm ci --silent --no-audit --no-fund && npm run --silent generate)
 
 echo "== start the gateway with its sandbox on free ports"
 work=$(mktemp -d)
@@ -44,6 +51,10 @@ echo "== Python example"
 .tools/venv/bin/python examples/python/client.py --grpc "$GRPC" --sandbox "$SANDBOX" || status=1
 echo "== Node example"
 node examples/node/client.js --grpc "$GRPC" --sandbox "$SANDBOX" || status=1
+echo "== Connect protocol: Node (@connectrpc/connect-node, HTTP/1.1)"
+(cd examples/connect-node && node client.js --gateway "$GRPC" --sandbox "$SANDBOX") || status=1
+echo "== Connect protocol: PHP (php-cli, curl extension)"
+php examples/php/client.php --gateway "$GRPC" --sandbox "$SANDBOX" || status=1
 echo "== grpcurl example"
 GRPC=$GRPC SANDBOX=$SANDBOX GRPCURL=.tools/bin/grpcurl bash examples/grpcurl.sh || status=1
 echo "== two replicas on PostgreSQL (the README's walk-through)"

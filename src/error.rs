@@ -1,4 +1,6 @@
 //! The crate's one error type, and the one place it becomes a gRPC status.
+//! It depends on nothing of the crate but [`Endpoint`], which depends on
+//! nothing.
 //!
 //! Every variant carries only what is safe to show a caller: never a token,
 //! a `Sign` or an access token. Upstream failures keep Kongtie's own code
@@ -10,7 +12,7 @@ use std::{collections::HashMap, fmt, time::Duration};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::upstream::Endpoint;
+use crate::endpoint::Endpoint;
 
 /// `ErrorInfo.domain` of every error this service reports.
 pub const ERROR_DOMAIN: &str = "kongtie";
@@ -321,3 +323,27 @@ fn upstream_meta(endpoint: Endpoint, code: &str, message: &str) -> HashMap<Strin
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod layering {
+    /// The error type is imported by every layer, so it imports none of
+    /// them (a cycle would let a change anywhere ripple into it).
+    #[test]
+    fn the_error_type_imports_nothing_of_the_crate_but_the_endpoint_names() {
+        for (file, text) in [
+            ("error.rs", include_str!("error.rs")),
+            ("endpoint.rs", include_str!("endpoint.rs")),
+        ] {
+            let crate_paths: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains(concat!("crate", "::")) && !l.trim_start().starts_with("//"))
+                .collect();
+            let allowed: &[&str] = if file == "error.rs" {
+                &[concat!("use crate", "::endpoint::Endpoint;")]
+            } else {
+                &[]
+            };
+            assert_eq!(crate_paths, allowed, "{file}");
+        }
+    }
+}

@@ -14,6 +14,7 @@ pub mod config;
 pub mod connect;
 pub mod consumers;
 pub mod domain;
+pub mod endpoint;
 pub mod error;
 pub mod gateway;
 pub mod grpc;

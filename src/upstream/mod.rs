@@ -5,7 +5,6 @@ pub mod sign;
 pub mod wire;
 
 use std::{
-    fmt,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -16,6 +15,7 @@ use serde_json::value::RawValue;
 use tracing::{debug, warn};
 use url::Url;
 
+pub use crate::endpoint::Endpoint;
 use crate::{
     domain::{NewOrder, beijing_compact},
     error::{Error, Result},
@@ -24,48 +24,6 @@ use crate::{
 
 /// The answer size past which an upstream reply is refused unread.
 const MAX_RESPONSE_BYTES: usize = 1 << 20;
-
-/// The four Kongtie calls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Endpoint {
-    GetAccessToken,
-    GetJsApiTicket,
-    GetWeChatAccessToken,
-    ParTrade,
-}
-
-impl Endpoint {
-    pub const ALL: [Endpoint; 4] = [
-        Endpoint::GetAccessToken,
-        Endpoint::GetJsApiTicket,
-        Endpoint::GetWeChatAccessToken,
-        Endpoint::ParTrade,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Endpoint::GetAccessToken => wire::GET_ACCESS_TOKEN,
-            Endpoint::GetJsApiTicket => wire::GET_JSAPI_TICKET,
-            Endpoint::GetWeChatAccessToken => wire::GET_WECHAT_ACCESS_TOKEN,
-            Endpoint::ParTrade => "ParTrade",
-        }
-    }
-
-    /// The settings a request's signature to this endpoint is made of, for
-    /// an operator whose signature Kongtie refused.
-    pub fn signing_settings(self) -> &'static str {
-        match self {
-            Endpoint::ParTrade => "KONGTIE_PAY_TOKEN and KONGTIE_PAY_SOURCE_FROM",
-            _ => "KONGTIE_TOKEN and KONGTIE_SOURCE_FROM",
-        }
-    }
-}
-
-impl fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// Who we are to one of the two upstream systems.
 #[derive(Clone)]

@@ -7,9 +7,11 @@
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
-pub const GET_ACCESS_TOKEN: &str = "GetAccessToken";
-pub const GET_JSAPI_TICKET: &str = "GetJsApiTicket";
-pub const GET_WECHAT_ACCESS_TOKEN: &str = "GetWeChatAccessToken";
+use crate::endpoint::Endpoint;
+
+pub const GET_ACCESS_TOKEN: &str = Endpoint::GetAccessToken.name();
+pub const GET_JSAPI_TICKET: &str = Endpoint::GetJsApiTicket.name();
+pub const GET_WECHAT_ACCESS_TOKEN: &str = Endpoint::GetWeChatAccessToken.name();
 
 /// `ResponseHead.Code` of a successful call.
 pub const CODE_OK: &str = "0000";
