@@ -54,10 +54,16 @@ pub struct Gateway {
 /// A gateway in this process on a fresh SQLite file, or on the PostgreSQL
 /// database `url`.
 pub async fn gateway(postgres: Option<&str>) -> Gateway {
+    gateway_with(&[], postgres).await
+}
+
+/// As [`gateway`], with more flags (`--sandbox`...).
+pub async fn gateway_with(extra: &[&str], postgres: Option<&str>) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let args = ["kongtie-gateway", "serve", "--token", BENCH_TOKEN]
         .into_iter()
-        .chain(FREE_PORTS);
+        .chain(FREE_PORTS)
+        .chain(extra.iter().copied());
     let Cmd::Serve(args) = Cli::try_parse_from(args).unwrap().command else {
         unreachable!()
     };
