@@ -8,6 +8,21 @@
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
+# The dependencies first, in a layer of their own: it is rebuilt only when
+# the manifest, the lock file, the vendored crate, the protos or the
+# migrations change, not at every source change. The crate itself is an
+# empty stand-in here; its traces are removed so that the real one below is
+# always compiled (COPY keeps the context's older timestamps).
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY vendor vendor
+COPY proto proto
+COPY migrations migrations
+COPY benches benches
+RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+ && cargo build --release --locked \
+ && rm -rf src target/release/kongtie-gateway* \
+      target/release/.fingerprint/kongtie-gateway-* \
+      target/release/deps/kongtie_gateway-* target/release/deps/libkongtie_gateway-*
 COPY . .
 RUN cargo build --release --locked \
  && strip target/release/kongtie-gateway \
