@@ -324,20 +324,23 @@ impl Metrics {
         })
     }
 
-    pub fn rpc_started(&self, labels: &RpcLabels) {
-        self.rpc_started.get_or_create(labels).inc();
+    /// The handles of one RPC's series, taken once and kept by the caller,
+    /// so that a call costs no label hashing.
+    pub fn rpc_started(&self, labels: &RpcLabels) -> Counter {
+        self.rpc_started.get_or_create_owned(labels)
     }
 
-    pub fn rpc_handled(&self, labels: &RpcLabels, grpc_code: &'static str, seconds: f64) {
-        self.rpc_handled
-            .get_or_create(&HandledLabels {
-                grpc_type: labels.grpc_type,
-                grpc_service: labels.grpc_service,
-                grpc_method: labels.grpc_method,
-                grpc_code,
-            })
-            .inc();
-        self.rpc_seconds.get_or_create(labels).observe(seconds);
+    pub fn rpc_seconds(&self, labels: &RpcLabels) -> Histogram {
+        self.rpc_seconds.get_or_create_owned(labels)
+    }
+
+    pub fn rpc_handled(&self, labels: &RpcLabels, grpc_code: &'static str) -> Counter {
+        self.rpc_handled.get_or_create_owned(&HandledLabels {
+            grpc_type: labels.grpc_type,
+            grpc_service: labels.grpc_service,
+            grpc_method: labels.grpc_method,
+            grpc_code,
+        })
     }
 
     pub fn upstream_call(&self, endpoint: &'static str, outcome: &'static str, seconds: f64) {

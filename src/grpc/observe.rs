@@ -13,19 +13,20 @@
 //!   drown the log), WARN for our own faults. No header is logged.
 
 use std::{
-    collections::HashMap,
     pin::Pin,
     sync::{Arc, OnceLock},
     task::{Context, Poll},
     time::Instant,
 };
 
-use axum::http::{HeaderMap, Request, Response};
+use axum::http::{HeaderMap, HeaderName, Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use prost::Message;
 use tonic::Code;
 use tower::{Layer, Service};
 use tracing::{Level, Span};
+
+use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 
 use crate::metrics::{Metrics, RpcLabels};
 
@@ -47,11 +48,12 @@ const UNKNOWN: Rpc = Rpc {
     quiet: false,
 };
 
-/// Every served path, read once from the descriptor sets the server serves.
-fn routes() -> &'static HashMap<String, Rpc> {
-    static ROUTES: OnceLock<HashMap<String, Rpc>> = OnceLock::new();
+/// Every served path, read once from the descriptor sets the server
+/// serves, sorted by path.
+fn routes() -> &'static [(String, Rpc)] {
+    static ROUTES: OnceLock<Vec<(String, Rpc)>> = OnceLock::new();
     ROUTES.get_or_init(|| {
-        let mut routes = HashMap::new();
+        let mut routes = Vec::new();
         for (set, quiet) in [
             (crate::proto::FILE_DESCRIPTOR_SET, false),
             (tonic_health::pb::FILE_DESCRIPTOR_SET, true),
@@ -70,7 +72,7 @@ fn routes() -> &'static HashMap<String, Rpc> {
                             (true, false) => "client_stream",
                             (true, true) => "bidi_stream",
                         };
-                        routes.insert(
+                        routes.push((
                             format!("/{full}/{}", method.name()),
                             Rpc {
                                 service: service_name,
@@ -78,13 +80,81 @@ fn routes() -> &'static HashMap<String, Rpc> {
                                 kind,
                                 quiet,
                             },
-                        );
+                        ));
                     }
                 }
             }
         }
+        routes.sort_by(|a, b| a.0.cmp(&b.0));
         routes
     })
+}
+
+/// One RPC's metric handles, each taken from its family on first use (a
+/// method never called exports no series) and then kept.
+struct Route {
+    rpc: &'static Rpc,
+    labels: RpcLabels,
+    started: OnceLock<Counter>,
+    seconds: OnceLock<Histogram>,
+    /// By code number.
+    handled: [OnceLock<Counter>; 17],
+}
+
+impl Route {
+    fn new(rpc: &'static Rpc) -> Self {
+        Self {
+            rpc,
+            labels: RpcLabels {
+                grpc_type: rpc.kind,
+                grpc_service: rpc.service,
+                grpc_method: rpc.method,
+            },
+            started: OnceLock::new(),
+            seconds: OnceLock::new(),
+            handled: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+}
+
+/// The routes of one server (one [`Metrics`]): by path, sorted, looked up
+/// by binary search.
+struct Table {
+    metrics: Arc<Metrics>,
+    routes: Vec<(&'static str, Route)>,
+    unknown: Route,
+}
+
+/// A route of a [`Table`]: its index, or none for a path nobody serves.
+#[derive(Clone, Copy)]
+struct RouteId(Option<usize>);
+
+impl Table {
+    fn find(&self, path: &str) -> RouteId {
+        RouteId(self.routes.binary_search_by(|(p, _)| (*p).cmp(path)).ok())
+    }
+
+    fn route(&self, id: RouteId) -> &Route {
+        id.0.map_or(&self.unknown, |i| &self.routes[i].1)
+    }
+
+    fn started(&self, route: &Route) {
+        route
+            .started
+            .get_or_init(|| self.metrics.rpc_started(&route.labels))
+            .inc();
+    }
+
+    fn handled(&self, route: &Route, code: Code, seconds: f64) {
+        let index = (code as usize).min(16);
+        route.handled[index]
+            .get_or_init(|| self.metrics.rpc_handled(&route.labels, code_label(code)))
+            .inc();
+        route
+            .seconds
+            .get_or_init(|| self.metrics.rpc_seconds(&route.labels))
+            .observe(seconds);
+    }
 }
 
 /// gRPC's name of a code, as the metric label of every gRPC library.
@@ -120,13 +190,22 @@ fn is_server_fault(code: Code) -> bool {
 
 #[derive(Clone)]
 pub struct ObserveLayer {
-    metrics: Arc<Metrics>,
+    table: Arc<Table>,
 }
 
 impl ObserveLayer {
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        routes();
-        Self { metrics }
+        let routes = routes()
+            .iter()
+            .map(|(path, rpc)| (path.as_str(), Route::new(rpc)))
+            .collect();
+        Self {
+            table: Arc::new(Table {
+                metrics,
+                routes,
+                unknown: Route::new(&UNKNOWN),
+            }),
+        }
     }
 }
 
@@ -136,7 +215,7 @@ impl<S> Layer<S> for ObserveLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Observe {
             inner,
-            metrics: Arc::clone(&self.metrics),
+            table: Arc::clone(&self.table),
         }
     }
 }
@@ -144,7 +223,7 @@ impl<S> Layer<S> for ObserveLayer {
 #[derive(Clone)]
 pub struct Observe<S> {
     inner: S,
-    metrics: Arc<Metrics>,
+    table: Arc<Table>,
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Observe<S>
@@ -161,13 +240,10 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let rpc = routes().get(request.uri().path()).unwrap_or(&UNKNOWN);
-        let labels = RpcLabels {
-            grpc_type: rpc.kind,
-            grpc_service: rpc.service,
-            grpc_method: rpc.method,
-        };
-        self.metrics.rpc_started(&labels);
+        let id = self.table.find(request.uri().path());
+        let route = self.table.route(id);
+        self.table.started(route);
+        let rpc = route.rpc;
         let span = if rpc.quiet {
             tracing::debug_span!("grpc", method = request.uri().path())
         } else {
@@ -181,14 +257,14 @@ where
             let _entered = span.enter();
             self.inner.call(request)
         };
-        let metrics = Arc::clone(&self.metrics);
+        let table = Arc::clone(&self.table);
         let started = Instant::now();
         Box::pin(async move {
             // The handler runs in the call's span.
             let response = tracing::Instrument::instrument(call, span.clone()).await?;
             let mut finish = Finish {
-                metrics,
-                labels,
+                table,
+                id,
                 quiet: rpc.quiet,
                 started,
                 span,
@@ -204,7 +280,8 @@ where
 }
 
 fn code_in(headers: &HeaderMap) -> Option<Code> {
-    let value = headers.get("grpc-status")?;
+    static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+    let value = headers.get(&GRPC_STATUS)?;
     Some(
         value
             .to_str()
@@ -217,8 +294,8 @@ fn code_in(headers: &HeaderMap) -> Option<Code> {
 /// Records the call's end once: at its trailers, or, for a body dropped
 /// before them (the client went away), as CANCELLED.
 struct Finish {
-    metrics: Arc<Metrics>,
-    labels: RpcLabels,
+    table: Arc<Table>,
+    id: RouteId,
     quiet: bool,
     started: Instant,
     span: Span,
@@ -231,8 +308,7 @@ impl Finish {
             return;
         }
         let seconds = self.started.elapsed().as_secs_f64();
-        self.metrics
-            .rpc_handled(&self.labels, code_label(code), seconds);
+        self.table.handled(self.table.route(self.id), code, seconds);
         let micros = (seconds * 1e6) as u64;
         let fault = is_server_fault(code);
         let code = code_label(code);
