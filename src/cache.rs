@@ -27,7 +27,8 @@ where
     V: Clone + Send + Sync + 'static,
     F: Future<Output = Result<V>> + Send + 'static,
 {
-    let task = tokio::spawn(fetch);
+    // In the first caller's span: its trace shows the Kongtie call.
+    let task = tokio::spawn(tracing::Instrument::in_current_span(fetch));
     async move {
         task.await
             .unwrap_or_else(|e| Err(Error::Internal(format!("fetch task failed: {e}"))))

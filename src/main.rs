@@ -14,7 +14,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => {
-            telemetry::init(args.log_format);
+            let _telemetry = telemetry::init(args.log_format);
             match args.config() {
                 Ok(config) => match Application::build(config).await {
                     Ok(app) => app.run_until(shutdown_signal()).await,
@@ -31,7 +31,7 @@ async fn main() -> ExitCode {
             };
         }
         Command::Sandbox(args) => {
-            telemetry::init(args.log_format);
+            let _telemetry = telemetry::init(args.log_format);
             run_sandbox(*args).await
         }
     };

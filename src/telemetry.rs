@@ -1,4 +1,12 @@
-//! Logging: `tracing` to stderr, plain or JSON, level from `RUST_LOG`.
+//! Logging and tracing: `tracing` to stderr, plain or JSON, level from
+//! `RUST_LOG`; and OpenTelemetry spans, exported over OTLP (HTTP/protobuf)
+//! when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, and not otherwise.
+//!
+//! Trace context is W3C `traceparent`: an RPC that carries one continues
+//! its trace (src/grpc/observe.rs), and each Kongtie request carries the
+//! context of its own span (src/upstream). Without an exporter the spans
+//! are still made, so the context still flows; they are just not sent.
 
 use std::{
     io::IsTerminal,
@@ -6,20 +14,107 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tracing_subscriber::{EnvFilter, fmt};
+use axum::http::{HeaderMap, HeaderName};
+use opentelemetry::{global, trace::TraceContextExt, trace::TracerProvider as _};
+use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::{EnvFilter, Layer, fmt, layer::SubscriberExt, util::SubscriberInitExt};
 
 use crate::config::LogFormat;
 
-pub fn init(format: LogFormat) {
+/// Keeps the span exporter; dropping it sends what is still batched.
+#[must_use = "dropping it stops the span export"]
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        let _ = self.provider.shutdown();
+    }
+}
+
+/// Whether spans are exported: an OTLP endpoint is configured.
+pub fn otlp_configured() -> bool {
+    [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var(v).is_ok_and(|s| !s.trim().is_empty()))
+}
+
+pub fn init(format: LogFormat) -> Telemetry {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Plain => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let logs = match format {
+        LogFormat::Plain => fmt::layer()
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Json => fmt::layer().json().with_writer(std::io::stderr).boxed(),
     };
+    global::set_text_map_propagator(TraceContextPropagator::new());
+    let mut provider = SdkTracerProvider::builder();
+    let mut export_error = None;
+    if otlp_configured() {
+        match opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+        {
+            Ok(exporter) => provider = provider.with_batch_exporter(exporter),
+            Err(e) => export_error = Some(e.to_string()),
+        }
+    }
+    let mut resource = Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name("kongtie-gateway");
+    }
+    let provider = provider.with_resource(resource.build()).build();
+    let spans = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("kongtie-gateway"))
+        // Our spans only: no span of a library's inner workings.
+        .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+            meta.target().starts_with("kongtie_gateway")
+        }));
+    let _ = tracing_subscriber::registry()
+        .with(logs)
+        .with(spans)
+        .with(filter)
+        .try_init();
+    if let Some(e) = export_error {
+        tracing::warn!(error = %e, "OTLP span export is configured but could not start; spans are not exported");
+    } else if otlp_configured() {
+        tracing::info!("spans are exported over OTLP (OTEL_EXPORTER_OTLP_ENDPOINT)");
+    }
+    Telemetry { provider }
+}
+
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// Continues the caller's trace in `span`, when the request carries a
+/// valid `traceparent`.
+pub fn continue_trace(span: &tracing::Span, headers: &HeaderMap) {
+    if !headers.contains_key(&TRACEPARENT) {
+        return;
+    }
+    let parent = global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// The current span's trace context as request headers (`traceparent`,
+/// `tracestate`), for a call to Kongtie.
+pub fn trace_headers() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    let context = tracing::Span::current().context();
+    if context.span().span_context().is_valid() {
+        global::get_text_map_propagator(|p| {
+            p.inject_context(&context, &mut HeaderInjector(&mut headers))
+        });
+    }
+    headers
 }
 
 /// A warning that may repeat many times a second (each failed accept, each

@@ -253,6 +253,7 @@ where
                 out_trade_id = tracing::field::Empty
             )
         };
+        crate::telemetry::continue_trace(&span, request.headers());
         let call = {
             let _entered = span.enter();
             self.inner.call(request)

@@ -34,7 +34,7 @@ use axum::{
     Json, Router,
     body::Bytes,
     extract::State,
-    http::StatusCode,
+    http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -99,6 +99,8 @@ pub struct SeenRequest {
     /// apart from the crate (kept in memory only, never logged).
     pub sign: String,
     pub sign_valid: bool,
+    /// The W3C trace context the request carried.
+    pub traceparent: Option<String>,
     /// The signed body fields as received, in signing order.
     pub fields: Vec<(String, String)>,
 }
@@ -113,6 +115,7 @@ impl SeenRequest {
             sign: String::new(),
             sign_valid: false,
             fields: Vec::new(),
+            traceparent: None,
         }
     }
 
@@ -266,17 +269,20 @@ fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route(
             &format!("{KTAPI_PREFIX}/{}", wire::GET_ACCESS_TOKEN),
-            post(|s, b| upstream(s, b, Endpoint::GetAccessToken)),
+            post(|s, h, b| upstream(s, h, b, Endpoint::GetAccessToken)),
         )
         .route(
             &format!("{KTAPI_PREFIX}/{}", wire::GET_JSAPI_TICKET),
-            post(|s, b| upstream(s, b, Endpoint::GetJsApiTicket)),
+            post(|s, h, b| upstream(s, h, b, Endpoint::GetJsApiTicket)),
         )
         .route(
             &format!("{KTAPI_PREFIX}/{}", wire::GET_WECHAT_ACCESS_TOKEN),
-            post(|s, b| upstream(s, b, Endpoint::GetWeChatAccessToken)),
+            post(|s, h, b| upstream(s, h, b, Endpoint::GetWeChatAccessToken)),
         )
-        .route(PAY_PATH, post(|s, b| upstream(s, b, Endpoint::ParTrade)))
+        .route(
+            PAY_PATH,
+            post(|s, h, b| upstream(s, h, b, Endpoint::ParTrade)),
+        )
         .route("/sandbox/oauth/codes", post(ktapi::new_code))
         .route("/sandbox/rotate", post(ktapi::rotate))
         .route("/sandbox/orders/{out_trade_id}/pay", post(pay::pay_order))
@@ -325,7 +331,16 @@ pub(super) fn hint() -> String {
     format!("hints: [ req_id: {} ]", random_alnum(8).to_lowercase())
 }
 
-async fn upstream(State(shared): State<Arc<Shared>>, body: Bytes, endpoint: Endpoint) -> Response {
+async fn upstream(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+    endpoint: Endpoint,
+) -> Response {
+    let traceparent = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let fault = {
         let mut st = shared.lock();
         match &mut st.fault {
@@ -344,7 +359,7 @@ async fn upstream(State(shared): State<Arc<Shared>>, body: Bytes, endpoint: Endp
         // Kongtie handles the request, and its answer is late: a caller
         // that gives up cannot tell whether it was handled.
         Some(Fault::Delay(d)) => {
-            let response = handle(&shared, &body, endpoint);
+            let response = handle(&shared, &body, endpoint, traceparent);
             tokio::time::sleep(d).await;
             response
         }
@@ -359,12 +374,17 @@ async fn upstream(State(shared): State<Arc<Shared>>, body: Bytes, endpoint: Endp
             (StatusCode::OK, "<html>502 Bad Gateway</html>").into_response()
         }
         // Turned into `Status` above.
-        Some(Fault::Flaky { .. }) | None => handle(&shared, &body, endpoint),
+        Some(Fault::Flaky { .. }) | None => handle(&shared, &body, endpoint, traceparent),
     }
 }
 
 /// A request read, checked and answered.
-fn handle(shared: &Arc<Shared>, body: &[u8], endpoint: Endpoint) -> Response {
+fn handle(
+    shared: &Arc<Shared>,
+    body: &[u8],
+    endpoint: Endpoint,
+    traceparent: Option<String>,
+) -> Response {
     let Ok(request) = serde_json::from_slice::<wire::IncomingRequest>(body) else {
         return refuse(endpoint, "invalid request format");
     };
@@ -391,6 +411,7 @@ fn handle(shared: &Arc<Shared>, body: &[u8], endpoint: Endpoint) -> Response {
         source_from: request.head.source_from.clone(),
         sign: request.head.sign.clone(),
         sign_valid,
+        traceparent,
         fields: fields
             .iter()
             .map(|(k, v)| ((*k).to_owned(), v.clone()))

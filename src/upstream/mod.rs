@@ -280,14 +280,22 @@ impl KongtieClient {
         };
 
         let started = Instant::now();
-        let response = self
-            .http
-            .post(url)
-            .json(&request)
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(|e| transport_error(endpoint, timeout, &e))?;
+        // One span per attempt; Kongtie gets its trace context.
+        let span = tracing::info_span!("kongtie", endpoint = endpoint.name());
+        let response = tracing::Instrument::instrument(
+            async {
+                self.http
+                    .post(url)
+                    .headers(crate::telemetry::trace_headers())
+                    .json(&request)
+                    .timeout(timeout)
+                    .send()
+                    .await
+            },
+            span,
+        )
+        .await
+        .map_err(|e| transport_error(endpoint, timeout, &e))?;
         let status = response.status();
         let bytes = response
             .bytes()
