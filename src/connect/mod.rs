@@ -37,7 +37,10 @@ use base64::{
     engine::general_purpose::{URL_SAFE, URL_SAFE_NO_PAD},
 };
 use bytes::{Bytes, BytesMut};
-use futures::{Stream, StreamExt};
+use futures::{
+    Stream, StreamExt, TryFutureExt,
+    future::{Either, MapOk},
+};
 use http_body::Frame;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use tonic::{Code, Status, body::Body};
@@ -96,6 +99,11 @@ pub struct ConnectService<S> {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+/// A gRPC answer passed through untouched, or a Connect answer.
+pub type ConnectBody<B> = http_body_util::Either<B, Body>;
+
+type Passed<B> = fn(Response<B>) -> Response<ConnectBody<B>>;
+
 impl<S, B> Service<Request<Body>> for ConnectService<S>
 where
     S: Service<Request<Body>, Response = Response<B>, Error = Infallible> + Clone + Send + 'static,
@@ -103,44 +111,46 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<Body>;
+    type Response = Response<ConnectBody<B>>;
     type Error = Infallible;
-    type Future = BoxFuture<Result<Response<Body>, Infallible>>;
+    // gRPC passes through without a box or an allocation of its own.
+    type Future = Either<
+        MapOk<S::Future, Passed<B>>,
+        BoxFuture<Result<Response<ConnectBody<B>>, Infallible>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let Some(kind) = classify(&request) else {
+            let passed: Passed<B> = |r| r.map(ConnectBody::Left);
+            return Either::Left(self.inner.call(request).map_ok(passed));
+        };
         // The ready service goes with this call; its clone stays for the next.
         let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let Some(kind) = classify(&request) else {
-            let call = inner.call(request);
-            return Box::pin(async move { Ok(call.await?.map(Body::new)) });
-        };
+        let inner = std::mem::replace(&mut self.inner, clone);
         let schema = Arc::clone(&self.schema);
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             let (parts, body) = request.into_parts();
             let Some(method) = schema.method(parts.uri.path()) else {
                 let status = Status::unimplemented(format!(
                     "no procedure {} (the Connect protocol serves kongtie.v1 and grpc.health.v1)",
                     parts.uri.path()
                 ));
-                return Ok(unary_error(
-                    &status,
-                    &schema,
-                    HeaderMap::new(),
-                    StatusCode::NOT_FOUND,
-                ));
+                return Ok(
+                    unary_error(&status, &schema, HeaderMap::new(), StatusCode::NOT_FOUND)
+                        .map(ConnectBody::Right),
+                );
             };
             let answer = match kind {
                 Kind::Stream(codec) => stream(inner, &schema, method, codec, parts, body).await,
                 Kind::Unary(codec) => unary(inner, &schema, method, codec, parts, Some(body)).await,
                 Kind::Get => unary(inner, &schema, method, Codec::Json, parts, None).await,
             };
-            Ok(answer)
-        })
+            Ok(answer.map(ConnectBody::Right))
+        }))
     }
 }
 

@@ -470,3 +470,45 @@ async fn a_stream_refused_at_once_is_http_200_with_the_error_in_the_end_message(
     );
     assert!(body.is_empty());
 }
+
+#[tokio::test]
+async fn the_stream_speaks_connect_proto_too() {
+    use kongtie_gateway::proto::{PaymentNotification, SubscribeNotificationsRequest};
+    let app = spawn_app().await;
+    let (status, _) = app.notify(payment_notification("CP1", KTAPI_TOKEN)).await;
+    assert_eq!(status, 200);
+    let request = SubscribeNotificationsRequest {
+        after_sequence: Some(0),
+        ..Default::default()
+    };
+    let mut response = reqwest::Client::builder()
+        .http1_only()
+        .build()
+        .unwrap()
+        .post(url(app.addr, "kongtie.v1.Payment/SubscribeNotifications"))
+        .header("content-type", "application/connect+proto")
+        .body(envelope(&request.encode_to_vec()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/connect+proto"
+    );
+    let mut buffer = Vec::new();
+    let (flags, payload) = loop {
+        if let Some(e) = take_envelope(&mut buffer) {
+            break e;
+        }
+        let chunk = timeout(Duration::from_secs(10), response.chunk())
+            .await
+            .expect("a message within 10 s")
+            .unwrap()
+            .expect("the stream goes on");
+        buffer.extend_from_slice(&chunk);
+    };
+    assert_eq!(flags, 0);
+    let event = PaymentNotification::decode(payload.as_slice()).unwrap();
+    assert_eq!((event.sequence, event.out_trade_id.as_str()), (1, "CP1"));
+}
