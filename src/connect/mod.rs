@@ -301,22 +301,12 @@ fn unary_answer(
     if status.code() != Code::Ok {
         return unary_error(&status, schema, out, http_of(&status));
     }
-    let message = match envelope::single(frames) {
-        Ok(m) => m,
+    let body = match envelope::single(frames).and_then(|m| encode(codec, method, m)) {
+        Ok(body) => body,
         Err(e) => {
             let status = Status::internal(e);
             return unary_error(&status, schema, out, http_of(&status));
         }
-    };
-    let body = match codec {
-        Codec::Proto => message,
-        Codec::Json => match method.response_to_json(message) {
-            Ok(json) => Bytes::from(json),
-            Err(e) => {
-                let status = Status::internal(e);
-                return unary_error(&status, schema, out, http_of(&status));
-            }
-        },
     };
     let mut response = Response::new(Body::new(Full::new(body)));
     *response.headers_mut() = out;
@@ -439,6 +429,67 @@ where
     response
 }
 
+/// A message's bytes in the answer's codec.
+fn encode(codec: Codec, method: &Method, message: Bytes) -> Result<Bytes, String> {
+    match codec {
+        Codec::Proto => Ok(message),
+        Codec::Json => method.response_to_json(message).map(Bytes::from),
+    }
+}
+
+/// A server stream being translated: the gRPC body and the bytes of a
+/// frame not yet whole.
+struct Translation<B> {
+    body: Pin<Box<B>>,
+    buffer: BytesMut,
+    done: bool,
+}
+
+/// Why a stream ends: its status and trailers.
+type End = (Status, HeaderMap);
+
+impl<B> Translation<B>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    /// The next message as a Connect envelope, or how the stream ends.
+    async fn next(&mut self, codec: Codec, method: &Method) -> Result<Bytes, End> {
+        let broken = |status| (status, HeaderMap::new());
+        loop {
+            if let Some(message) = envelope::take(&mut self.buffer) {
+                let payload = message
+                    .and_then(|m| encode(codec, method, m))
+                    .map_err(|e| broken(Status::internal(e)))?;
+                return Ok(envelope::wrap(0, &payload));
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => self.buffer.extend_from_slice(&data),
+                    Err(frame) => {
+                        let trailers = frame.into_trailers().unwrap_or_default();
+                        let status = status_of(&trailers).unwrap_or_else(|| {
+                            Status::internal("the stream ended without a status")
+                        });
+                        return Err((status, trailers));
+                    }
+                },
+                Some(Err(e)) => {
+                    return Err(broken(Status::unavailable(format!(
+                        "the stream broke: {}",
+                        e.into()
+                    ))));
+                }
+                None => {
+                    return Err(broken(Status::unavailable(
+                        "the stream ended without a status",
+                    )));
+                }
+            }
+        }
+    }
+}
+
 /// The gRPC response body's frames as Connect envelopes, then the
 /// end-of-stream message from the gRPC trailers.
 fn translate<B>(
@@ -451,12 +502,7 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    struct State<B> {
-        body: Pin<Box<B>>,
-        buffer: BytesMut,
-        done: bool,
-    }
-    let state = State {
+    let state = Translation {
         body: Box::pin(body),
         buffer: BytesMut::new(),
         done: false,
@@ -467,64 +513,14 @@ where
             if state.done {
                 return None;
             }
-            loop {
-                if let Some(message) = envelope::take(&mut state.buffer) {
-                    let message = match message {
-                        Ok(m) => m,
-                        Err(e) => {
-                            state.done = true;
-                            let end = envelope::end_stream(
-                                &Status::internal(e),
-                                &schema,
-                                &HeaderMap::new(),
-                            );
-                            return Some((Ok(Frame::data(end)), state));
-                        }
-                    };
-                    let payload = match codec {
-                        Codec::Proto => message,
-                        Codec::Json => match method.response_to_json(message) {
-                            Ok(json) => Bytes::from(json),
-                            Err(e) => {
-                                state.done = true;
-                                let end = envelope::end_stream(
-                                    &Status::internal(e),
-                                    &schema,
-                                    &HeaderMap::new(),
-                                );
-                                return Some((Ok(Frame::data(end)), state));
-                            }
-                        },
-                    };
-                    return Some((Ok(Frame::data(envelope::wrap(0, &payload))), state));
+            let frame = match state.next(codec, &method).await {
+                Ok(envelope) => envelope,
+                Err((status, trailers)) => {
+                    state.done = true;
+                    envelope::end_stream(&status, &schema, &trailers)
                 }
-                match state.body.frame().await {
-                    Some(Ok(frame)) => match frame.into_data() {
-                        Ok(data) => state.buffer.extend_from_slice(&data),
-                        Err(frame) => {
-                            let trailers = frame.into_trailers().unwrap_or_default();
-                            let status = status_of(&trailers).unwrap_or_else(|| {
-                                Status::internal("the stream ended without a status")
-                            });
-                            state.done = true;
-                            let end = envelope::end_stream(&status, &schema, &trailers);
-                            return Some((Ok(Frame::data(end)), state));
-                        }
-                    },
-                    Some(Err(e)) => {
-                        state.done = true;
-                        let status = Status::unavailable(format!("the stream broke: {}", e.into()));
-                        let end = envelope::end_stream(&status, &schema, &HeaderMap::new());
-                        return Some((Ok(Frame::data(end)), state));
-                    }
-                    None => {
-                        state.done = true;
-                        let status = Status::unavailable("the stream ended without a status");
-                        let end = envelope::end_stream(&status, &schema, &HeaderMap::new());
-                        return Some((Ok(Frame::data(end)), state));
-                    }
-                }
-            }
+            };
+            Some((Ok(Frame::data(frame)), state))
         }
     })
     .boxed()
