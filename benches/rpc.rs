@@ -257,7 +257,7 @@ fn main() {
             rates[i].push(rate);
         }
     }
-    if targets[0] != Target::BareTonic {
+    if targets[0] != Target::BareTonic || targets.len() < 2 {
         return;
     }
     let base = median(rates[0].clone());

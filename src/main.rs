@@ -12,9 +12,12 @@ use kongtie_gateway::{
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Kept to the end of main: the last lines, the error below among them,
+    // are written out when it drops.
+    let _telemetry;
     let result = match cli.command {
         Command::Serve(args) => {
-            let _telemetry = telemetry::init(args.log_format);
+            _telemetry = telemetry::init(args.log_format);
             match args.config() {
                 Ok(config) => match Application::build(config).await {
                     Ok(app) => app.run_until(shutdown_signal()).await,
@@ -31,7 +34,7 @@ async fn main() -> ExitCode {
             };
         }
         Command::Sandbox(args) => {
-            let _telemetry = telemetry::init(args.log_format);
+            _telemetry = telemetry::init(args.log_format);
             run_sandbox(*args).await
         }
     };

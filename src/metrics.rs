@@ -121,6 +121,8 @@ pub struct Metrics {
     pub notify_connections: Gauge,
     pub notify_connection_waits: Counter,
     pub notify_accept_errors: Counter,
+    log_lines_dropped: Counter,
+    scrape: std::sync::Mutex<()>,
     pub notify_connections_closed: Family<ReasonLabels, Counter>,
     pub store_commit_seconds: Histogram,
     pub store_checkpoint_failures: Counter,
@@ -141,14 +143,26 @@ impl Metrics {
         // prefixed `kongtie_`.
         let mut root = Registry::default();
         let registry = root.sub_registry_with_prefix("kongtie");
+        let cache_lookups: Family<CacheLabels, Counter> = Family::default();
+        let cache_counters = ["access_token", "jsapi_ticket", "oauth_code"]
+            .into_iter()
+            .map(|cache| {
+                let take = |result| {
+                    cache_lookups
+                        .get_or_create(&CacheLabels { cache, result })
+                        .clone()
+                };
+                (cache, take("hit"), take("miss"))
+            })
+            .collect();
         let m = Self {
             rpc_started: Family::default(),
             rpc_handled: Family::default(),
             rpc_seconds: HistogramFamily::new_with_constructor(rpc_histogram),
             upstream_calls: Family::default(),
             upstream_seconds: HistogramFamily::new_with_constructor(latency_histogram),
-            cache_lookups: Family::default(),
-            cache_counters: Vec::new(),
+            cache_lookups,
+            cache_counters,
             notifications: Family::default(),
             notifications_rejected: Family::default(),
             subscribers: Gauge::default(),
@@ -157,6 +171,8 @@ impl Metrics {
             notify_connections: Gauge::default(),
             notify_connection_waits: Counter::default(),
             notify_accept_errors: Counter::default(),
+            log_lines_dropped: Counter::default(),
+            scrape: std::sync::Mutex::new(()),
             notify_connections_closed: Family::default(),
             store_commit_seconds: latency_histogram(),
             store_checkpoint_failures: Counter::default(),
@@ -227,6 +243,11 @@ impl Metrics {
             "notify_accept_errors",
             "Connections the notify listener failed to accept (out of file descriptors...)",
             m.notify_accept_errors.clone(),
+        );
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because stderr did not keep up (the writer's queue was full)",
+            m.log_lines_dropped.clone(),
         );
         registry.register(
             "notify_connections_closed",
@@ -479,9 +500,47 @@ impl Metrics {
 
     /// The Prometheus text format.
     pub fn encode(&self) -> String {
+        // Values read at scrape time; one scrape at a time, so a counter
+        // brought up to date is not brought up twice.
+        let _scrape = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        let dropped = crate::telemetry::dropped_log_lines();
+        let counted = self.log_lines_dropped.get();
+        if dropped > counted {
+            self.log_lines_dropped.inc_by(dropped - counted);
+        }
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The three caches' counters are taken at start-up, so a lookup
+    /// updates the exported series without a label lookup, and the
+    /// series are there, at zero, before the first lookup.
+    #[test]
+    fn cache_counters_are_the_exported_series() {
+        let metrics = Metrics::new();
+        let series = |cache: &str, result: &str| {
+            let text = metrics.encode();
+            let name =
+                format!(r#"kongtie_cache_lookups_total{{cache="{cache}",result="{result}"}} "#);
+            text.lines()
+                .find_map(|l| l.strip_prefix(name.as_str()).map(str::to_owned))
+                .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+        };
+        assert_eq!(series("jsapi_ticket", "miss"), "0");
+        metrics.cache_lookup("access_token", true);
+        metrics.cache_lookup("access_token", true);
+        metrics.cache_lookup("oauth_code", false);
+        assert_eq!(series("access_token", "hit"), "2");
+        assert_eq!(series("oauth_code", "miss"), "1");
+        assert_eq!(series("access_token", "miss"), "0");
+        let taken: Vec<_> = metrics.cache_counters.iter().map(|(n, _, _)| *n).collect();
+        assert_eq!(taken, ["access_token", "jsapi_ticket", "oauth_code"]);
     }
 }

@@ -9,8 +9,8 @@
 //! are still made, so the context still flows; they are just not sent.
 
 use std::{
-    io::IsTerminal,
-    sync::Mutex,
+    io::{BufWriter, IsTerminal},
+    sync::{Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -23,16 +23,30 @@ use tracing_subscriber::{EnvFilter, Layer, fmt, layer::SubscriberExt, util::Subs
 
 use crate::config::LogFormat;
 
-/// Keeps the span exporter; dropping it sends what is still batched.
-#[must_use = "dropping it stops the span export"]
+/// Keeps the log writer and the span exporter; dropping it writes out the
+/// log lines still queued and sends the spans still batched.
+#[must_use = "dropping it stops the log writer and the span export"]
 pub struct Telemetry {
     provider: SdkTracerProvider,
+    _log_writer: tracing_appender::non_blocking::WorkerGuard,
 }
 
 impl Drop for Telemetry {
     fn drop(&mut self) {
         let _ = self.provider.shutdown();
     }
+}
+
+/// Log lines queued beyond the writer's buffer (stderr not keeping up).
+const LOG_QUEUE_LINES: usize = 128_000;
+
+static DROPPED_LOG_LINES: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
+
+/// Log lines dropped because stderr did not keep up (0 without `init`).
+pub fn dropped_log_lines() -> u64 {
+    DROPPED_LOG_LINES
+        .get()
+        .map_or(0, |c| c.dropped_lines() as u64)
 }
 
 /// Whether spans are exported: an OTLP endpoint is configured.
@@ -47,12 +61,23 @@ pub fn otlp_configured() -> bool {
 
 pub fn init(format: LogFormat) -> Telemetry {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Lines are formatted on the calling thread and written by a thread of
+    // their own, in batches: no write(2) per RPC on a runtime thread, and a
+    // stderr that blocks (a full pipe, a slow log shipper) holds up no
+    // call. If it stays blocked past LOG_QUEUE_LINES lines, lines are
+    // dropped, never calls, and counted (kongtie_log_lines_dropped).
+    let (writer, log_writer) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .lossy(true)
+        .thread_name("kongtie-log")
+        .finish(BufWriter::with_capacity(64 * 1024, std::io::stderr()));
+    let _ = DROPPED_LOG_LINES.set(writer.error_counter());
     let logs = match format {
         LogFormat::Plain => fmt::layer()
             .with_ansi(std::io::stderr().is_terminal())
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .boxed(),
-        LogFormat::Json => fmt::layer().json().with_writer(std::io::stderr).boxed(),
+        LogFormat::Json => fmt::layer().json().with_writer(writer).boxed(),
     };
     global::set_text_map_propagator(TraceContextPropagator::new());
     let mut provider = SdkTracerProvider::builder();
@@ -95,7 +120,10 @@ pub fn init(format: LogFormat) -> Telemetry {
     } else if otlp_configured() {
         tracing::info!("spans are exported over OTLP (OTEL_EXPORTER_OTLP_ENDPOINT)");
     }
-    Telemetry { provider }
+    Telemetry {
+        provider,
+        _log_writer: log_writer,
+    }
 }
 
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");

@@ -286,6 +286,8 @@ pub struct Binary {
     pub admin: String,
     sandbox: Option<String>,
     pub log: Arc<Mutex<Vec<String>>>,
+    /// Held, the test stops reading the process's stderr (its pipe fills).
+    pub log_reader: Arc<Mutex<()>>,
     _data: Option<tempfile::TempDir>,
 }
 
@@ -332,10 +334,13 @@ impl Binary {
         let mut child = child.spawn().expect("starting the binary");
         let stderr = BufReader::new(child.stderr.take().unwrap());
         let log = Arc::new(Mutex::new(Vec::new()));
+        let log_reader = Arc::new(Mutex::new(()));
         let (tx, rx) = mpsc::channel();
         let kept = Arc::clone(&log);
+        let gate = Arc::clone(&log_reader);
         std::thread::spawn(move || {
             for line in stderr.lines().map_while(Result::ok) {
+                drop(gate.lock());
                 // Plain (`addr=A`) or JSON (`"addr":"A"`) logs.
                 let addr = line
                     .split("addr=")
@@ -377,6 +382,7 @@ impl Binary {
             admin: admin.unwrap(),
             sandbox,
             log,
+            log_reader,
             _data: keep,
         }
     }

@@ -166,6 +166,69 @@ fn health_checks_and_reflection_stay_out_of_the_info_log_and_rpcs_do_not() {
     );
 }
 
+/// Log lines are written by a thread of their own: a stderr nobody reads
+/// (a full pipe, a stuck log shipper) holds up no call. The calls' lines
+/// are all written once it is read again, and none was dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// The gate is held across the calls on purpose: the reader thread waits on it.
+#[allow(clippy::await_holding_lock)]
+async fn a_stderr_nobody_reads_holds_up_no_call_and_loses_no_line() {
+    const CALLS: usize = 3_000;
+    let bin = Binary::start(&["serve", "--sandbox", "--sandbox-addr", "127.0.0.1:0"]);
+    let mut client = AuthClient::connect(format!("http://{}", bin.grpc))
+        .await
+        .unwrap();
+    client
+        .get_access_token(GetAccessTokenRequest::default())
+        .await
+        .unwrap();
+    let finished = |bin: &Binary| {
+        bin.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("rpc finished") && l.contains("GetAccessToken"))
+            .count()
+    };
+    let before = finished(&bin);
+    let paused = bin.log_reader.lock().unwrap();
+    // Each line is about 150 bytes: 3,000 of them are seven times what a
+    // pipe holds (64 KiB), so a writer on the calls' path would block.
+    let calls = async {
+        for _ in 0..CALLS {
+            client
+                .get_access_token(GetAccessTokenRequest::default())
+                .await
+                .unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), calls)
+        .await
+        .expect("calls held up by a stderr nobody reads");
+    let unread = finished(&bin);
+    assert!(
+        unread < before + CALLS,
+        "the pipe did not fill (the test reads what it should not)"
+    );
+    drop(paused);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while finished(&bin) < before + CALLS {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {CALLS} lines written once stderr was read",
+            finished(&bin) - before
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let metrics = admin_metrics(&bin.admin).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "kongtie_log_lines_dropped_total 0"),
+        "{metrics}"
+    );
+}
+
 /// The spans a small OTLP/HTTP receiver (the test's own) was sent.
 type Received = Arc<Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>>;
 
