@@ -3,6 +3,8 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use crate::retention::RetentionPolicy;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use secrecy::{ExposeSecret, SecretString};
@@ -42,6 +44,54 @@ pub enum Command {
     /// signed GetAccessToken call; one line per check, non-zero exit on a
     /// failure.
     Check(Box<ServeArgs>),
+    /// Copy the SQLite store, consistent, while the gateway runs: the copy
+    /// holds every notification stored before it began.
+    Backup(BackupArgs),
+}
+
+/// Where the store is: shared by `serve`, `check` and `backup`.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Directory of the local store.
+    #[arg(long, env = "KONGTIE_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Notification store URL: sqlite://PATH (default:
+    /// sqlite://DATA_DIR/notifications.db) or postgres://... (may hold a
+    /// password: never shown).
+    #[arg(long, env = "KONGTIE_STORE", hide_env_values = true, value_parser = secret)]
+    pub store: Option<SecretString>,
+}
+
+impl StoreArgs {
+    pub fn url(&self) -> String {
+        self.store.as_ref().map_or_else(
+            || {
+                format!(
+                    "sqlite://{}",
+                    self.data_dir.join("notifications.db").display()
+                )
+            },
+            |url| url.expose_secret().to_owned(),
+        )
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Where to write the copy (a new file).
+    pub path: PathBuf,
+}
+
+/// Checks a retention duration; [`crate::retention::parse_duration`]
+/// reads it.
+fn retention_duration(s: &str) -> Result<String, String> {
+    crate::retention::parse_duration(s).map(|_| s.to_owned())
+}
+
+fn sweep_every(s: &str) -> Result<Duration, String> {
+    crate::retention::parse_duration(s)?.ok_or_else(|| "must be more than 0".to_owned())
 }
 
 /// How to talk to Kongtie: shared by the gateway and the sandbox, so the
@@ -223,14 +273,21 @@ pub struct ServeArgs {
     /// Largest notification body accepted, in bytes.
     #[arg(long, env = "KONGTIE_NOTIFY_MAX_BODY_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(512..=16 << 20))]
     pub notify_max_body_bytes: u64,
-    /// Directory of the local store.
-    #[arg(long, env = "KONGTIE_DATA_DIR", default_value = "./data")]
-    pub data_dir: PathBuf,
-    /// Notification store URL: sqlite://PATH (default:
-    /// sqlite://DATA_DIR/notifications.db) or postgres://... (may hold a
-    /// password: never shown).
-    #[arg(long, env = "KONGTIE_STORE", hide_env_values = true, value_parser = secret)]
-    pub store: Option<SecretString>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// How long notifications and final orders are kept, e.g. 400d, 12h;
+    /// 0 keeps everything. An event no durable consumer has acknowledged
+    /// is kept longer, up to KONGTIE_RETENTION_MAX.
+    #[arg(long, env = "KONGTIE_RETENTION", default_value = "400d", value_parser = retention_duration)]
+    pub retention: String,
+    /// Past this, events go even if a consumer has not acknowledged them
+    /// (default: twice KONGTIE_RETENTION; 0: never).
+    #[arg(long, env = "KONGTIE_RETENTION_MAX", value_parser = retention_duration)]
+    pub retention_max: Option<String>,
+    /// How often the retention sweep runs (it also refreshes the store's
+    /// size and first retained sequence in the metrics).
+    #[arg(long, env = "KONGTIE_RETENTION_SWEEP_EVERY", default_value = "60s", value_parser = sweep_every)]
+    pub retention_sweep_every: Duration,
     /// Time a notify connection has to send a request's headers (from
     /// opening, or from its previous answer: idle connections end then), and
     /// then its body, in milliseconds.
@@ -390,6 +447,7 @@ pub struct Config {
     pub access: AccessConfig,
     pub shutdown_grace: Duration,
     pub max_connection_age: Option<Duration>,
+    pub retention: RetentionPolicy,
     /// Run this simulator in-process, on this address, and use it as the
     /// upstream.
     pub sandbox: Option<(SocketAddr, SandboxConfig)>,
@@ -485,15 +543,18 @@ impl ServeArgs {
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
             max_connection_age: (self.max_connection_age_secs > 0)
                 .then(|| Duration::from_secs(self.max_connection_age_secs)),
-            store_url: self.store.as_ref().map_or_else(
-                || {
-                    format!(
-                        "sqlite://{}",
-                        self.data_dir.join("notifications.db").display()
-                    )
-                },
-                |url| url.expose_secret().to_owned(),
-            ),
+            store_url: self.store.url(),
+            retention: {
+                let keep = crate::retention::parse_duration(&self.retention)?;
+                RetentionPolicy {
+                    keep,
+                    hard: match &self.retention_max {
+                        Some(max) => crate::retention::parse_duration(max)?,
+                        None => keep.map(|keep| keep * 2),
+                    },
+                    sweep_every: self.retention_sweep_every,
+                }
+            },
             sandbox,
         })
     }

@@ -91,6 +91,18 @@ pub enum Error {
         last: u64,
     },
 
+    /// A position before the first retained sequence: the events between
+    /// were deleted by retention, and resuming there would skip them.
+    #[error(
+        "{field} {requested} is before the first retained sequence {first}: the events \
+         between were deleted by retention"
+    )]
+    SequenceBeforeRetained {
+        field: &'static str,
+        requested: u64,
+        first: u64,
+    },
+
     #[error("not configured: {0}")]
     NotConfigured(&'static str),
 
@@ -243,6 +255,15 @@ impl From<Error> for Status {
                     "SEQUENCE_BEYOND_LAST",
                     ERROR_DOMAIN,
                     HashMap::from([("last_sequence".to_owned(), last.to_string())]),
+                );
+                Code::OutOfRange
+            }
+            Error::SequenceBeforeRetained { field, first, .. } => {
+                details.add_bad_request_violation(*field, message.clone());
+                details.set_error_info(
+                    "SEQUENCE_BEFORE_RETAINED",
+                    ERROR_DOMAIN,
+                    HashMap::from([("first_retained_sequence".to_owned(), first.to_string())]),
                 );
                 Code::OutOfRange
             }

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod api_keys;
+pub mod backup;
 pub mod cache;
 pub mod check;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod notify;
 pub mod orders;
+pub mod retention;
 pub mod sandbox;
 pub mod startup;
 pub mod store;

@@ -33,6 +33,24 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             };
         }
+        Command::Backup(args) => {
+            return match kongtie_gateway::backup::backup(&args.store.url(), &args.path).await {
+                Ok(copied) => {
+                    println!(
+                        "backed up {} notifications (last sequence {}) to {} ({} bytes)",
+                        copied.notifications,
+                        copied.last_sequence,
+                        args.path.display(),
+                        copied.bytes
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("kongtie-gateway backup: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Sandbox(args) => {
             _telemetry = telemetry::init(args.log_format);
             run_sandbox(*args).await

@@ -37,6 +37,12 @@ pub struct CacheLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// notification, unacknowledged_notification, order
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     /// stored, duplicate
     pub outcome: &'static str,
@@ -122,6 +128,10 @@ pub struct Metrics {
     pub notify_connection_waits: Counter,
     pub notify_accept_errors: Counter,
     log_lines_dropped: Counter,
+    retention_deleted: Family<KindLabels, Counter>,
+    pub retention_sweeps: Counter,
+    pub store_first_retained: Gauge,
+    pub store_size_bytes: Gauge,
     scrape: std::sync::Mutex<()>,
     pub notify_connections_closed: Family<ReasonLabels, Counter>,
     pub store_commit_seconds: Histogram,
@@ -172,6 +182,10 @@ impl Metrics {
             notify_connection_waits: Counter::default(),
             notify_accept_errors: Counter::default(),
             log_lines_dropped: Counter::default(),
+            retention_deleted: Family::default(),
+            retention_sweeps: Counter::default(),
+            store_first_retained: Gauge::default(),
+            store_size_bytes: Gauge::default(),
             scrape: std::sync::Mutex::new(()),
             notify_connections_closed: Family::default(),
             store_commit_seconds: latency_histogram(),
@@ -243,6 +257,27 @@ impl Metrics {
             "notify_accept_errors",
             "Connections the notify listener failed to accept (out of file descriptors...)",
             m.notify_accept_errors.clone(),
+        );
+        registry.register(
+            "retention_deleted",
+            "Rows deleted by retention sweeps, by kind: notification, \
+             unacknowledged_notification (of those, past the hard limit), order",
+            m.retention_deleted.clone(),
+        );
+        registry.register(
+            "retention_sweeps",
+            "Retention sweeps run (they also refresh the store's size and first retained sequence)",
+            m.retention_sweeps.clone(),
+        );
+        registry.register(
+            "store_first_retained_sequence",
+            "The lowest sequence still stored; reading from before it is OUT_OF_RANGE",
+            m.store_first_retained.clone(),
+        );
+        registry.register(
+            "store_size_bytes",
+            "Bytes the store takes: SQLite's file and WAL, or the gateway's PostgreSQL tables",
+            m.store_size_bytes.clone(),
         );
         registry.register(
             "log_lines_dropped",
@@ -398,6 +433,12 @@ impl Metrics {
                     .inc();
             }
         }
+    }
+
+    pub fn retention_deleted(&self, kind: &'static str, rows: u64) {
+        self.retention_deleted
+            .get_or_create(&KindLabels { kind })
+            .inc_by(rows);
     }
 
     pub fn notification(&self, outcome: &'static str) {

@@ -202,6 +202,12 @@ impl Application {
             Arc::clone(&self.metrics),
         );
         queues.spawn_sampler();
+        crate::retention::spawn_sweeper(
+            self.store.retention(),
+            self.config.retention,
+            Arc::clone(&self.metrics),
+            stopping.clone(),
+        );
         let payment = PaymentService::new(
             Arc::clone(&self.gateway),
             ledger,

@@ -83,7 +83,9 @@ impl PaymentService {
 
     /// Refuses a position past the newest stored sequence: waiting would
     /// never reach it (a position from another deployment, or from before a
-    /// backup was restored).
+    /// backup was restored). And one before the first retained sequence:
+    /// the events between were deleted. 0, "from the start", starts at the
+    /// first retained one.
     async fn within_stored(&self, field: &'static str, after: u64) -> Result<(), Status> {
         if after == 0 {
             return Ok(());
@@ -97,8 +99,31 @@ impl PaymentService {
             }
             .into());
         }
-        Ok(())
+        within_retained(self.store.as_ref(), field, after).await
     }
+}
+
+/// Refuses a position `after` which events were deleted by retention
+/// (`after` + 1 below the first retained sequence).
+pub(super) async fn within_retained(
+    store: &dyn NotificationStore,
+    field: &'static str,
+    after: u64,
+) -> Result<(), Status> {
+    let first = store
+        .retention()
+        .first_retained()
+        .await
+        .map_err(Error::from)?;
+    if after.saturating_add(1) < first {
+        return Err(Error::SequenceBeforeRetained {
+            field,
+            requested: after,
+            first,
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// A page size: 0 for the default, at most [`MAX_PAGE`].
@@ -365,6 +390,10 @@ impl Payment for PaymentService {
             (None, None) => (0, "after_sequence"),
         };
         self.within_stored(field, after).await?;
+        if after == 0 && consumer.is_some() {
+            // A consumer's position is where it is, not "from the start".
+            within_retained(self.store.as_ref(), field, after).await?;
+        }
         let (tx, rx) = mpsc::channel(crate::notify::STREAM_BUFFER);
         let subscription = Subscription {
             store: Arc::clone(&self.store),

@@ -26,6 +26,7 @@ use crate::{
     error::Error,
     metrics::Metrics,
     orders::{OrderCheck, OrderStore},
+    retention::RetentionStore,
 };
 
 /// A notification as verified by the listener, not yet stored.
@@ -239,6 +240,10 @@ pub trait NotificationStore: Send + Sync + 'static {
 
     /// The consumers kept in the same database (see `consumers`).
     fn consumers(&self) -> Arc<dyn ConsumerStore>;
+
+    /// Retention of the events and orders in the same database (see
+    /// `retention`).
+    fn retention(&self) -> Arc<dyn RetentionStore>;
 
     /// Finishes pending writes and ends the live feed.
     async fn close(&self);

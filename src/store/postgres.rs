@@ -51,6 +51,7 @@ use crate::{
     consumers::{ConsumerStore, PostgresConsumers},
     metrics::Metrics,
     orders::{self, OrderCheck, OrderStore, PostgresOrders},
+    retention::{PostgresRetention, RetentionStore},
 };
 
 use super::{
@@ -105,6 +106,7 @@ pub struct PostgresStore {
     health: WriteHealth,
     orders: Arc<PostgresOrders>,
     consumers: Arc<PostgresConsumers>,
+    retention: Arc<PostgresRetention>,
     pool: PgPool,
     write_pool: PgPool,
     /// Random, per process: the NOTIFY payloads of our own commits.
@@ -258,6 +260,7 @@ impl PostgresStore {
         Ok(Self {
             consumers: Arc::new(PostgresConsumers::new(pool.clone())),
             orders: Arc::new(PostgresOrders::new(pool.clone())),
+            retention: Arc::new(PostgresRetention::new(pool.clone())),
             health,
             pool,
             write_pool,
@@ -332,6 +335,10 @@ impl NotificationStore for PostgresStore {
 
     fn consumers(&self) -> Arc<dyn ConsumerStore> {
         Arc::clone(&self.consumers) as Arc<dyn ConsumerStore>
+    }
+
+    fn retention(&self) -> Arc<dyn RetentionStore> {
+        Arc::clone(&self.retention) as Arc<dyn RetentionStore>
     }
 
     async fn close(&self) {

@@ -25,6 +25,7 @@ use crate::{
     consumers::{ConsumerStore, SqliteConsumers},
     metrics::Metrics,
     orders::{self, OrderCheck, OrderStore, SqliteOrders},
+    retention::{RetentionStore, SqliteRetention},
     telemetry::RateLimited,
 };
 
@@ -130,6 +131,11 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX consumer_pending_due ON consumer_pending (consumer, leased_until_ms);
 ",
+    "
+    -- Retention (src/retention/): the sweep finds events past the horizon
+    -- by when they were received.
+    CREATE INDEX notifications_by_received_at ON notifications (received_at_ms);
+",
 ];
 
 /// How other rooms of the crate read notification rows in this backend.
@@ -171,6 +177,7 @@ pub struct SqliteStore {
     health: WriteHealth,
     orders: Arc<SqliteOrders>,
     consumers: Arc<SqliteConsumers>,
+    retention: Arc<SqliteRetention>,
 }
 
 impl SqliteStore {
@@ -187,7 +194,11 @@ impl SqliteStore {
         let orders = Arc::new(SqliteOrders::open(&path)?);
 
         let checkpointer = Connection::open(&path)
-            .and_then(|c| c.pragma_update(None, "busy_timeout", 5000).map(|()| c))
+            .and_then(|c| {
+                c.pragma_update(None, "busy_timeout", 5000)?;
+                c.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
+                Ok(c)
+            })
             .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
         let (writes, queue) = mpsc::channel(QUEUE);
         let (feed, live) = LiveFeed::new();
@@ -226,6 +237,7 @@ impl SqliteStore {
         });
         Ok(Self {
             consumers: Arc::new(SqliteConsumers::open(&path)?),
+            retention: Arc::new(SqliteRetention::open(&path)?),
             orders,
             health,
             writes: Mutex::new(Some(writes)),
@@ -333,6 +345,10 @@ impl NotificationStore for SqliteStore {
         Arc::clone(&self.consumers) as Arc<dyn ConsumerStore>
     }
 
+    fn retention(&self) -> Arc<dyn RetentionStore> {
+        Arc::clone(&self.retention) as Arc<dyn RetentionStore>
+    }
+
     async fn close(&self) {
         // The live feed ends when the writer drops its clone too.
         self.live.close();
@@ -355,7 +371,10 @@ fn open_writer(path: &Path) -> rusqlite::Result<(Connection, u64)> {
     }
     let mut conn = Connection::open(path)?;
     conn.pragma_update(None, "busy_timeout", 5000)?;
+    incremental_vacuum(&conn, path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
+    // After a burst, the WAL shrinks back to this once checkpointed.
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     // FULL: the WAL is synced at every commit, so an acknowledged
     // notification survives a power cut, not only a process crash.
     conn.pragma_update(None, "synchronous", "FULL")?;
@@ -369,6 +388,28 @@ fn open_writer(path: &Path) -> rusqlite::Result<(Connection, u64)> {
         |r| r.get(0),
     )?;
     Ok((conn, from_sql(last)))
+}
+
+/// The WAL's size kept after a checkpoint (bytes).
+const WAL_SIZE_LIMIT: i64 = 64 << 20;
+
+/// Makes the file give freed pages back on request (`auto_vacuum =
+/// INCREMENTAL`, which retention's compaction uses). A new file takes the
+/// mode at once; a file made before it is rewritten once (`VACUUM`), which
+/// takes a while for a large store and is logged.
+fn incremental_vacuum(conn: &Connection, path: &Path) -> rusqlite::Result<()> {
+    const INCREMENTAL: i64 = 2;
+    let mode: i64 = conn.pragma_query_value(None, "auto_vacuum", |r| r.get(0))?;
+    if mode == INCREMENTAL {
+        return Ok(());
+    }
+    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    let tables: i64 = conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get(0))?;
+    if tables > 0 {
+        info!(path = %path.display(), "rewriting the store once so that it can give freed space back");
+        conn.execute_batch("VACUUM")?;
+    }
+    Ok(())
 }
 
 /// Writes [`PROBE_BYTES`] durably, in a transaction of its own, to the

@@ -50,7 +50,7 @@ pub fn serve_args(extra: &[&str]) -> ServeArgs {
         .command
     {
         Command::Serve(args) => *args,
-        Command::Sandbox(_) | Command::Check(_) => unreachable!("parsed a serve command"),
+        _ => unreachable!("parsed a serve command"),
     }
 }
 

@@ -14,6 +14,7 @@ mod payment;
 mod pg;
 mod production;
 mod replicas;
+mod retention;
 mod sandbox_command;
 #[macro_use]
 mod store;

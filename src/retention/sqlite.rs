@@ -1,0 +1,140 @@
+//! Retention in the SQLite store's file, on a connection of its own. Each
+//! batch is one short IMMEDIATE transaction, so the notification writer
+//! waits a moment at most; the freed pages go back to the file system by
+//! incremental vacuum (the store is created, or rewritten once, with
+//! `auto_vacuum=INCREMENTAL`), a few megabytes per transaction.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{TransactionBehavior, params};
+
+use super::{Cutoffs, RetentionStore, Swept};
+use crate::store::{SideConnection, StoreError};
+
+/// Pages freed per incremental-vacuum transaction (4 KiB pages: 8 MiB).
+const VACUUM_STEP: i64 = 2048;
+
+pub struct SqliteRetention {
+    conn: SideConnection,
+    path: PathBuf,
+}
+
+impl SqliteRetention {
+    /// Retention for the store at `path` (already migrated).
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Ok(Self {
+            conn: SideConnection::open(path)?,
+            path: path.to_owned(),
+        })
+    }
+}
+
+/// The lowest sequence some consumer has not acknowledged, less one: a
+/// cursor's acknowledged position; a work queue's delivered position, or
+/// just below its oldest pending (unacknowledged or parked) event.
+/// `i64::MAX` without consumers.
+const ACK_FLOOR: &str = "
+    SELECT COALESCE(MIN(CASE WHEN c.kind = 'work_queue'
+        THEN MIN(c.delivered_sequence,
+                 COALESCE((SELECT MIN(p.sequence) FROM consumer_pending p
+                           WHERE p.consumer = c.name) - 1, c.delivered_sequence))
+        ELSE c.acked_sequence END), 9223372036854775807)
+    FROM consumers c";
+
+#[async_trait::async_trait]
+impl RetentionStore for SqliteRetention {
+    async fn sweep(&self, cutoffs: Cutoffs, batch: usize) -> Result<Swept, StoreError> {
+        let keep = cutoffs.keep_before.timestamp_millis();
+        let hard = cutoffs.hard_before.timestamp_millis();
+        let batch = i64::try_from(batch).unwrap_or(i64::MAX);
+        self.conn
+            .with(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let floor: i64 = tx.query_row(ACK_FLOOR, [], |r| r.get(0))?;
+                let victims = "
+                    SELECT sequence FROM notifications
+                    WHERE received_at_ms < ?1
+                      AND sequence < (SELECT MAX(sequence) FROM notifications)
+                      AND (sequence <= ?2 OR received_at_ms < ?3)
+                    ORDER BY received_at_ms LIMIT ?4";
+                let unacknowledged: i64 = tx.query_row(
+                    &format!("SELECT COUNT(*) FROM ({victims}) WHERE sequence > ?2"),
+                    params![keep, floor, hard, batch],
+                    |r| r.get(0),
+                )?;
+                let notifications = tx.execute(
+                    &format!("DELETE FROM notifications WHERE sequence IN ({victims})"),
+                    params![keep, floor, hard, batch],
+                )?;
+                if unacknowledged > 0 {
+                    // Deliveries of events that are gone go with them.
+                    tx.execute(
+                        "DELETE FROM consumer_pending \
+                         WHERE sequence < (SELECT MIN(sequence) FROM notifications)",
+                        [],
+                    )?;
+                }
+                let orders = tx.execute(
+                    "DELETE FROM orders WHERE out_trade_id IN (
+                        SELECT out_trade_id FROM orders
+                        WHERE created_at_ms < ?1 AND updated_at_ms < ?1
+                          AND (state IN ('PAID', 'FAILED')
+                               OR (state IN ('CREATED', 'UNKNOWN') AND expires_at_ms < ?1))
+                        ORDER BY created_at_ms LIMIT ?2)",
+                    params![keep, batch],
+                )?;
+                tx.commit()?;
+                Ok(Swept {
+                    notifications: notifications as u64,
+                    unacknowledged: u64::try_from(unacknowledged).unwrap_or(0),
+                    orders: orders as u64,
+                })
+            })
+            .await
+    }
+
+    async fn first_retained(&self) -> Result<u64, StoreError> {
+        self.conn
+            .with(|conn| {
+                conn.query_row(
+                    "SELECT COALESCE(MIN(sequence), 1) FROM notifications",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+            })
+            .await
+            .map(|s| u64::try_from(s).unwrap_or(1))
+    }
+
+    async fn size_bytes(&self) -> Result<u64, StoreError> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || file_bytes(&path))
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))
+    }
+
+    async fn compact(&self) -> Result<(), StoreError> {
+        self.conn
+            .with(|conn| {
+                loop {
+                    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+                    if free == 0 {
+                        return Ok(());
+                    }
+                    conn.execute_batch(&format!("PRAGMA incremental_vacuum({VACUUM_STEP})"))?;
+                    if free <= VACUUM_STEP {
+                        return Ok(());
+                    }
+                }
+            })
+            .await
+    }
+}
+
+/// The database file and its WAL, in bytes.
+pub(crate) fn file_bytes(path: &Path) -> u64 {
+    let len = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    len(path) + len(Path::new(&wal))
+}
