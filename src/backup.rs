@@ -36,7 +36,10 @@ pub async fn backup(url: &str, to: &Path) -> Result<Copied, String> {
         _ => return Err("the store URL is not sqlite://PATH".into()),
     };
     if to.exists() {
-        return Err(format!("{} exists; a backup writes a new file", to.display()));
+        return Err(format!(
+            "{} exists; a backup writes a new file",
+            to.display()
+        ));
     }
     let to = to.to_owned();
     tokio::task::spawn_blocking(move || copy(&from, &to))

@@ -146,8 +146,8 @@ pub async fn sweep_once(
             metrics.retention_deleted("notification", swept.notifications);
             metrics.retention_deleted("unacknowledged_notification", swept.unacknowledged);
             metrics.retention_deleted("order", swept.orders);
-            let full = swept.notifications as usize >= SWEEP_BATCH
-                || swept.orders as usize >= SWEEP_BATCH;
+            let full =
+                swept.notifications as usize >= SWEEP_BATCH || swept.orders as usize >= SWEEP_BATCH;
             if !full || *stopping.borrow() {
                 break;
             }
@@ -184,7 +184,9 @@ pub fn parse_duration(s: &str) -> Result<Option<Duration>, String> {
     match humantime::parse_duration(s) {
         Ok(d) if d.is_zero() => Ok(None),
         Ok(d) => Ok(Some(d)),
-        Err(e) => Err(format!("{s:?} is not a duration such as 400d, 12h or 30s ({e})")),
+        Err(e) => Err(format!(
+            "{s:?} is not a duration such as 400d, 12h or 30s ({e})"
+        )),
     }
 }
 
@@ -207,7 +209,7 @@ mod tests {
     #[test]
     fn cutoffs() {
         let now = Utc::now();
-        let policy = |keep, hard| RetentionPolicy {
+        let policy = |keep, hard: Option<u64>| RetentionPolicy {
             keep: Some(Duration::from_secs(keep)),
             hard: hard.map(Duration::from_secs),
             sweep_every: Duration::from_secs(60),

@@ -121,7 +121,11 @@ impl RetentionStore for SqliteRetention {
                     if free == 0 {
                         return Ok(());
                     }
-                    conn.execute_batch(&format!("PRAGMA incremental_vacuum({VACUUM_STEP})"))?;
+                    // Each step of the statement frees pages: run it to its end.
+                    let mut vacuum =
+                        conn.prepare(&format!("PRAGMA incremental_vacuum({VACUUM_STEP})"))?;
+                    let mut steps = vacuum.query([])?;
+                    while steps.next()?.is_some() {}
                     if free <= VACUUM_STEP {
                         return Ok(());
                     }

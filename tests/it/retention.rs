@@ -114,7 +114,11 @@ async fn acknowledged_events_go_an_unacknowledged_one_stays_until_acknowledged_o
     until_stored(&app, &[4]).await;
 
     assert_eq!(
-        metric(&app, r#"kongtie_retention_deleted_total{kind="notification"}"#).await,
+        metric(
+            &app,
+            r#"kongtie_retention_deleted_total{kind="notification"}"#
+        )
+        .await,
         3.0
     );
     assert_eq!(
@@ -223,4 +227,201 @@ async fn with_retention_0_nothing_is_deleted() {
         metric(&app, "kongtie_store_first_retained_sequence").await,
         1.0
     );
+}
+
+/// `kongtie-gateway backup` in the middle of a notification flood: the copy
+/// opens, holds every notification answered `success` before the backup
+/// began, and a gateway started on it (the restore: the file put in place)
+/// carries on with the next sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_during_a_flood_holds_every_acknowledged_event_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = crate::helpers::store_url(dir.path());
+    let app = spawn_app_with(&["--store", &live], |_| {}).await;
+    let flooding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let flood = {
+        let (url, flooding, answered) =
+            (app.notify_url.clone(), flooding.clone(), answered.clone());
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut i = 0;
+            while flooding.load(std::sync::atomic::Ordering::SeqCst) {
+                let id = format!("BK{i}");
+                let resp = client
+                    .post(&url)
+                    .body(payment_notification(&id, KTAPI_TOKEN))
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.text().await.unwrap(), "success");
+                answered.lock().unwrap().push(id);
+                i += 1;
+            }
+            i
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while answered.lock().unwrap().len() < 200 {
+        assert!(Instant::now() < deadline, "the flood did not get going");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let before: Vec<String> = answered.lock().unwrap().clone();
+    let copy = dir.path().join("backup.db");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongtie-gateway"))
+        .args(["backup", "--store", &live])
+        .arg(&copy)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("the backup finished")
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The flood went on during and after it.
+    let at_end = answered.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    flooding.store(false, std::sync::atomic::Ordering::SeqCst);
+    let total = tokio::time::timeout(Duration::from_secs(20), flood)
+        .await
+        .expect("the flood stopped")
+        .unwrap();
+    assert!(total > at_end, "the gateway kept taking notifications");
+
+    let conn = rusqlite::Connection::open(&copy).unwrap();
+    let (count, last): (i64, i64) = conn
+        .query_row(
+            "SELECT COUNT(*), MAX(sequence) FROM notifications",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(
+        printed.contains(&format!(
+            "backed up {count} notifications (last sequence {last})"
+        )),
+        "{printed}"
+    );
+    assert!(count as usize >= before.len(), "{count} < {}", before.len());
+    let mut missing = Vec::new();
+    for id in &before {
+        let found: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM notifications WHERE out_trade_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        if found != 1 {
+            missing.push(id.clone());
+        }
+    }
+    assert!(missing.is_empty(), "not in the backup: {missing:?}");
+    drop(conn);
+    assert!(
+        (total as i64) > last,
+        "the copy stops where the backup began"
+    );
+
+    // Restore: a gateway on the copy carries on from its newest sequence.
+    let copy_url = format!("sqlite://{}", copy.display());
+    let restored = spawn_app_with(&["--store", &copy_url], |_| {}).await;
+    assert_eq!(
+        restored
+            .notify(payment_notification("AFTER-RESTORE", KTAPI_TOKEN))
+            .await,
+        (200, "success".into())
+    );
+    let newest = restored
+        .payment()
+        .await
+        .list_notifications(ListNotificationsRequest {
+            after_sequence: u64::try_from(last).unwrap(),
+            page_size: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .notifications;
+    assert_eq!(newest.len(), 1);
+    assert_eq!(newest[0].out_trade_id, "AFTER-RESTORE");
+    assert_eq!(newest[0].sequence, u64::try_from(last).unwrap() + 1);
+}
+
+/// A long loop of intake and sweeps: the SQLite file stops growing (the
+/// sweep deletes, incremental vacuum gives the pages back, the WAL is
+/// kept small).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_file_stops_growing_under_intake_and_sweeps() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = crate::helpers::store_url(dir.path());
+    let app = spawn_app_with(
+        &[
+            "--store",
+            &url,
+            "--retention",
+            "1s",
+            "--retention-sweep-every",
+            "100ms",
+        ],
+        |_| {},
+    )
+    .await;
+    let file = dir.path().join("notifications.db");
+    let client = reqwest::Client::new();
+    let mut sizes = Vec::new();
+    for round in 0..8 {
+        let posts = (0..300).map(|i| {
+            let body = payment_notification(&format!("GR{round}-{i}"), KTAPI_TOKEN);
+            let request = client.post(&app.notify_url).body(body).send();
+            async move { request.await.unwrap().text().await.unwrap() }
+        });
+        for answer in futures::future::join_all(posts).await {
+            assert_eq!(answer, "success");
+        }
+        // Past the retention, everything but the newest goes.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while stored(&app).await.len() > 1 {
+            assert!(Instant::now() < deadline, "round {round} was not swept");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        sizes.push(std::fs::metadata(&file).unwrap().len());
+    }
+    assert!(
+        metric(
+            &app,
+            r#"kongtie_retention_deleted_total{kind="notification"}"#
+        )
+        .await
+            >= 2399.0
+    );
+    // After the first rounds, the file is as large as it gets.
+    let settled = sizes[2];
+    assert!(
+        sizes[3..].iter().all(|&s| s <= settled + settled / 5),
+        "the file kept growing: {sizes:?}"
+    );
+    // 2,400 events of about 830 bytes went through it.
+    assert!(
+        *sizes.last().unwrap() < 2_400 * 830 / 4,
+        "the file holds what was deleted: {sizes:?}"
+    );
+    // And the pages freed by the last sweep were given back, not kept on
+    // the free list.
+    sweeps(&app, 3.0).await;
+    let conn = rusqlite::Connection::open(&file).unwrap();
+    let mode: i64 = conn
+        .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, 2, "auto_vacuum=INCREMENTAL");
+    let free: i64 = conn
+        .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+        .unwrap();
+    assert!(free < 16, "{free} free pages kept");
 }

@@ -473,8 +473,9 @@ async fn replicas_starting_together_apply_the_migrations_once() {
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    // Each migration once (0001 notifications, 0002 orders, 0003 consumers).
-    assert_eq!(applied, 3);
+    // Each migration once (0001 notifications, 0002 orders, 0003 consumers,
+    // 0004 retention).
+    assert_eq!(applied, 4);
 }
 
 /// A hint lost while the listening connection was down is made up for:
