@@ -205,6 +205,14 @@ pub enum ConsumerError {
     InUse { name: String },
     #[error("sequence {sequence} was not delivered to consumer {name}")]
     NotDelivered { name: String, sequence: u64 },
+    /// The events after the queue's position were deleted by retention
+    /// (past the hard limit) before it got them.
+    #[error("consumer {name} is at {delivered}, before the first retained sequence {first}")]
+    BehindRetention {
+        name: String,
+        delivered: u64,
+        first: u64,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -228,6 +236,13 @@ impl From<ConsumerError> for Error {
             ConsumerError::NotDelivered { name, sequence } => {
                 Error::NotDelivered { name, sequence }
             }
+            ConsumerError::BehindRetention {
+                delivered, first, ..
+            } => Error::SequenceBeforeRetained {
+                field: "consumer",
+                requested: delivered,
+                first,
+            },
             ConsumerError::Store(e) => e.into(),
         }
     }
@@ -426,13 +441,27 @@ fn same_queue(existing: &Consumer, settings: &QueueSettings) -> bool {
         .is_some_and(|q| q.settings == *settings)
 }
 
-/// The sequence a new work queue starts after, given the newest stored.
-fn start_after(policy: DeliverPolicy, last: u64) -> Result<u64, ConsumerError> {
+/// The sequence a new work queue starts after, given the first retained
+/// and the newest stored. "All" is all that is retained; a sequence whose
+/// next event retention deleted is refused, as reads from there are.
+fn start_after(
+    name: &str,
+    policy: DeliverPolicy,
+    first: u64,
+    last: u64,
+) -> Result<u64, ConsumerError> {
     match policy {
-        DeliverPolicy::All => Ok(0),
+        DeliverPolicy::All => Ok(first.saturating_sub(1)),
         DeliverPolicy::New => Ok(last),
         DeliverPolicy::AfterSequence(s) if s > last => {
             Err(StoreError::BeyondLast { requested: s, last }.into())
+        }
+        DeliverPolicy::AfterSequence(s) if s.saturating_add(1) < first => {
+            Err(ConsumerError::BehindRetention {
+                name: name.to_owned(),
+                delivered: s,
+                first,
+            })
         }
         DeliverPolicy::AfterSequence(s) => Ok(s),
     }

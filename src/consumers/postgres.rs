@@ -135,6 +135,19 @@ async fn lock_queue(
     })
 }
 
+/// Refuses to go on past events retention deleted before the queue got
+/// them (`oldest` is the first event it would get after `delivered`).
+fn behind_retention(name: &str, delivered: u64, oldest: u64) -> Result<(), ConsumerError> {
+    if oldest > delivered.saturating_add(1) {
+        return Err(ConsumerError::BehindRetention {
+            name: name.to_owned(),
+            delivered,
+            first: oldest,
+        });
+    }
+    Ok(())
+}
+
 /// Refuses a cursor where a work queue is meant, from a row whose first
 /// column is the kind.
 fn work_queue(row: &PgRow, name: &str) -> Result<(), ConsumerError> {
@@ -329,7 +342,18 @@ impl ConsumerStore for PostgresConsumers {
                 Err(ConsumerError::Exists(Box::new(existing)))
             };
         }
-        let start = start_after(settings.deliver_policy, last_sequence(&mut tx).await?)?;
+        let first =
+            sqlx::query_scalar::<_, i64>("SELECT COALESCE(MIN(sequence), 1) FROM notifications")
+                .fetch_one(&mut *tx)
+                .await
+                .map(from_sql)
+                .map_err(backend)?;
+        let start = start_after(
+            name,
+            settings.deliver_policy,
+            first,
+            last_sequence(&mut tx).await?,
+        )?;
         let (policy, policy_sequence) = settings.deliver_policy.columns();
         let inserted = sqlx::query(
             "INSERT INTO consumers (name, kind, acked_sequence, updated_at, created_at, \
@@ -417,6 +441,11 @@ impl ConsumerStore for PostgresConsumers {
             .await
             .map_err(backend)?;
             let fresh = leases(&fresh)?;
+            if let Some(&(oldest, ..)) = fresh.first() {
+                // Sequences are gapless: a gap is events retention deleted
+                // before this queue got them. The transaction rolls back.
+                behind_retention(name, q.delivered, from_sql(oldest))?;
+            }
             if let Some(newest) = fresh.last() {
                 sqlx::query("UPDATE consumers SET delivered_sequence = $2 WHERE name = $1")
                     .bind(name)

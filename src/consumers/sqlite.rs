@@ -149,6 +149,16 @@ fn last_sequence(tx: &Transaction<'_>) -> rusqlite::Result<u64> {
     .map(from_sql)
 }
 
+/// The lowest stored sequence (1 before the first event).
+fn first_sequence(tx: &Transaction<'_>) -> rusqlite::Result<u64> {
+    tx.query_row(
+        "SELECT COALESCE(MIN(sequence), 1) FROM notifications",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(from_sql)
+}
+
 /// A work queue's settings for an operation on it, refusing a cursor.
 struct Queue {
     ack_wait_ms: i64,
@@ -269,6 +279,18 @@ fn fetch_tx(
             )?
             .query_map(params![to_sql(q.delivered), room], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
+        if let Some(&oldest) = fresh.first() {
+            // Sequences are gapless: a gap is events retention deleted
+            // before this queue got them (the transaction rolls back).
+            let oldest = u64::try_from(oldest).unwrap_or(0);
+            if oldest > q.delivered.saturating_add(1) {
+                return Ok(Err(ConsumerError::BehindRetention {
+                    name: name.to_owned(),
+                    delivered: q.delivered,
+                    first: oldest,
+                }));
+            }
+        }
         let mut insert = tx.prepare_cached(
             "INSERT INTO consumer_pending \
              (consumer, sequence, delivery_count, deliveries_left, leased_until_ms) \
@@ -469,7 +491,12 @@ impl ConsumerStore for SqliteConsumers {
                         Err(ConsumerError::Exists(Box::new(existing)))
                     });
                 }
-                let start = match start_after(settings.deliver_policy, last_sequence(&tx)?) {
+                let start = match start_after(
+                    &name,
+                    settings.deliver_policy,
+                    first_sequence(&tx)?,
+                    last_sequence(&tx)?,
+                ) {
                     Ok(s) => s,
                     Err(e) => return Ok(Err(e)),
                 };

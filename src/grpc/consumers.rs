@@ -140,6 +140,13 @@ pub(super) async fn create(
                     last,
                 }
             }
+            ConsumerError::BehindRetention {
+                delivered, first, ..
+            } => Error::SequenceBeforeRetained {
+                field: "after_sequence",
+                requested: delivered,
+                first,
+            },
             e => e.into(),
         })?;
     Ok(proto::CreateConsumerResponse {

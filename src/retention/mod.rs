@@ -56,13 +56,14 @@ impl RetentionPolicy {
             chrono::Duration::from_std(d)
                 .ok()
                 .and_then(|d| now.checked_sub_signed(d))
-                .unwrap_or(DateTime::<Utc>::MIN_UTC)
+                // Before anything stored, and in every database's range.
+                .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
         };
         Some(Cutoffs {
             keep_before: before(keep),
             hard_before: self
                 .hard
-                .map_or(DateTime::<Utc>::MIN_UTC, before)
+                .map_or(DateTime::<Utc>::UNIX_EPOCH, before)
                 .min(before(keep)),
         })
     }
@@ -222,7 +223,7 @@ mod tests {
         assert_eq!(c.hard_before, c.keep_before);
         assert_eq!(
             policy(10, None).cutoffs(now).unwrap().hard_before,
-            DateTime::<Utc>::MIN_UTC
+            DateTime::<Utc>::UNIX_EPOCH
         );
         let all = RetentionPolicy {
             keep: None,

@@ -18,6 +18,7 @@ mod retention;
 mod sandbox_command;
 #[macro_use]
 mod store;
+mod retention_store;
 mod ticket;
 mod trust;
 mod upstream_failures;
