@@ -9,6 +9,9 @@
 //! 3. Latency across replicas: two gateways on one PostgreSQL database, a
 //!    subscriber on each, notifications posted to the first.
 //! 4. Memory per idle subscriber, from the binary's RSS.
+//! 5. Intake with retention sweeps deleting all the while (1 s retention,
+//!    a sweep every 200 ms) against intake with none (`--retention 0`),
+//!    SQLite and PostgreSQL, in alternating rounds.
 //!
 //! Run: `cargo bench --bench notify` (KONGTIE_BENCH_SECS sets the length of
 //! each intake round, default 5; KONGTIE_BENCH_CONNECTIONS the load
@@ -158,7 +161,71 @@ async fn intake(secs: f64) {
     );
 }
 
+/// Intake with sweeps running against without, same run, alternating.
+async fn retention(secs: f64) {
+    println!(
+        "## Intake with retention sweeps ({} connections, {secs} s a round)",
+        connections()
+    );
+    let ids = AtomicU64::new(0);
+    let sweeping: &[&str] = &["--retention", "1s", "--retention-sweep-every", "200ms"];
+    let mut ratios = [Vec::new(), Vec::new()];
+    for round in 1..=3 {
+        for (i, backend) in [Backend::Sqlite, Backend::Postgres].into_iter().enumerate() {
+            let mut rates = [0.0; 2];
+            let (mut deleted, mut sweeps) = (0.0, 0.0);
+            for (j, extra) in [&["--retention", "0"][..], sweeping]
+                .into_iter()
+                .enumerate()
+            {
+                let db = match backend {
+                    Backend::Sqlite => None,
+                    Backend::Postgres => Some(PgDatabase::create().await),
+                };
+                let gw = common::gateway_with(extra, db.as_ref().map(|db| db.url.as_str())).await;
+                rates[j] = drive(&gw.notify_url, secs, &ids).await;
+                if j == 1 {
+                    deleted = gw
+                        .metric(r#"kongtie_retention_deleted_total{kind="notification"}"#)
+                        .await;
+                    sweeps = gw.metric("kongtie_retention_sweeps_total").await;
+                }
+            }
+            ratios[i].push(rates[1] / rates[0]);
+            println!(
+                "round {round}: {:<10} no sweeps {:>7.0}/s   sweeping {:>7.0}/s ({:.2}; {sweeps:.0} sweeps deleted {deleted:.0} rows during it)",
+                ["SQLite", "PostgreSQL"][i],
+                rates[0],
+                rates[1],
+                rates[1] / rates[0],
+            );
+            assert!(deleted > 0.0, "the sweeps deleted nothing");
+        }
+    }
+    for r in &mut ratios {
+        r.sort_by(f64::total_cmp);
+    }
+    println!(
+        "median ratio sweeping / no sweeps: SQLite {:.2}, PostgreSQL {:.2}\n",
+        ratios[0][1], ratios[1][1]
+    );
+}
+
 impl Gateway {
+    /// One sample of the gateway's metrics (0 when absent).
+    async fn metric(&self, series: &str) -> f64 {
+        let text = reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// Commits so far: (how many, mean notifications per commit, mean
     /// milliseconds per commit), from the gateway's own metrics.
     async fn commits(&self) -> (f64, f64, f64) {
@@ -428,6 +495,9 @@ fn main() {
         }
         if runs("memory") {
             memory().await;
+        }
+        if runs("retention") {
+            retention(secs).await;
         }
     });
 }

@@ -1,29 +1,35 @@
-//! Retention in the SQLite store's file, on a connection of its own. Each
-//! batch is one short IMMEDIATE transaction, so the notification writer
-//! waits a moment at most; the freed pages go back to the file system by
-//! incremental vacuum (the store is created, or rewritten once, with
-//! `auto_vacuum=INCREMENTAL`), a few megabytes per transaction.
+//! Retention in the SQLite store's file. Each sweep batch and each step of
+//! compaction runs on the store's writer, between its batches (SQLite has
+//! one writer; a second connection would wait on the lock, and under full
+//! intake starve): one short transaction, so intake waits a moment at most.
+//! The freed pages go back to the file system by incremental vacuum (the
+//! store is created, or rewritten once, with `auto_vacuum=INCREMENTAL`), a
+//! few megabytes per step. Reads use a connection of their own.
 
 use std::path::{Path, PathBuf};
 
 use rusqlite::{TransactionBehavior, params};
 
 use super::{Cutoffs, RetentionStore, Swept};
-use crate::store::{SideConnection, StoreError};
+use crate::store::{SideConnection, StoreError, WriterHandle};
 
 /// Pages freed per incremental-vacuum transaction (4 KiB pages: 8 MiB).
 const VACUUM_STEP: i64 = 2048;
 
 pub struct SqliteRetention {
+    /// For reads.
     conn: SideConnection,
+    writer: WriterHandle,
     path: PathBuf,
 }
 
 impl SqliteRetention {
-    /// Retention for the store at `path` (already migrated).
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    /// Retention for the store at `path` (already migrated), writing
+    /// through its `writer`.
+    pub fn open(path: &Path, writer: WriterHandle) -> Result<Self, StoreError> {
         Ok(Self {
             conn: SideConnection::open(path)?,
+            writer,
             path: path.to_owned(),
         })
     }
@@ -47,8 +53,8 @@ impl RetentionStore for SqliteRetention {
         let keep = cutoffs.keep_before.timestamp_millis();
         let hard = cutoffs.hard_before.timestamp_millis();
         let batch = i64::try_from(batch).unwrap_or(i64::MAX);
-        self.conn
-            .with(move |conn| {
+        self.writer
+            .run(move |conn| {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let floor: i64 = tx.query_row(ACK_FLOOR, [], |r| r.get(0))?;
                 let victims = "

@@ -18,7 +18,7 @@ use tokio::{
 use tracing::{info, warn};
 
 pub use postgres::PostgresStore;
-pub use sqlite::{SideConnection, SqliteStore};
+pub use sqlite::{SideConnection, SqliteStore, WriterHandle};
 pub(crate) use {postgres::rows as postgres_rows, sqlite::rows as sqlite_rows};
 
 use crate::{

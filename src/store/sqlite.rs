@@ -164,6 +164,29 @@ enum WriteOp {
     ),
     /// A small durable write, to learn whether the store can write again.
     Probe(oneshot::Sender<Result<(), StoreError>>),
+    /// Maintenance on the writer's connection, between batches (retention's
+    /// sweeps): it waits its turn behind queued records instead of fighting
+    /// the writer for the lock.
+    Maintain(Box<dyn FnOnce(&mut Connection) + Send>),
+}
+
+/// Runs maintenance on the writer's connection, between its batches, while
+/// the store is open (it does not keep the writer running).
+pub struct WriterHandle(mpsc::WeakSender<WriteOp>);
+
+impl WriterHandle {
+    pub async fn run<R: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let writer = self.0.upgrade().ok_or(StoreError::Closed)?;
+        ask(writer, |reply| {
+            WriteOp::Maintain(Box::new(move |conn| {
+                let _ = reply.send(job(conn).map_err(|e| StoreError::Backend(e.to_string())));
+            }))
+        })
+        .await
+    }
 }
 
 pub struct SqliteStore {
@@ -237,7 +260,10 @@ impl SqliteStore {
         });
         Ok(Self {
             consumers: Arc::new(SqliteConsumers::open(&path)?),
-            retention: Arc::new(SqliteRetention::open(&path)?),
+            retention: Arc::new(SqliteRetention::open(
+                &path,
+                WriterHandle(writes.downgrade()),
+            )?),
             orders,
             health,
             writes: Mutex::new(Some(writes)),
@@ -464,13 +490,14 @@ enum Reply {
     ),
     /// A probe that met a batch: the batch's commit answers it.
     Probe(oneshot::Sender<Result<(), StoreError>>),
+    Nothing,
 }
 
 impl Reply {
     fn rolled_back(self) -> Self {
         match self {
             Reply::Record(tx, _) => Reply::Record(tx, Err(StoreError::RolledBack)),
-            probe @ Reply::Probe(_) => probe,
+            other => other,
         }
     }
 
@@ -483,6 +510,7 @@ impl Reply {
             Reply::Probe(tx) => {
                 let _ = tx.send(failed.map_or(Ok(()), |e| Err(err(e))));
             }
+            Reply::Nothing => {}
         }
     }
 }
@@ -512,11 +540,15 @@ fn run_writer(
                 let _ = reply.send(probed.map_err(|e| StoreError::Backend(e.to_string())));
                 continue;
             }
+            WriteOp::Maintain(job) => {
+                job(&mut conn);
+                continue;
+            }
             op => batch.push(op),
         }
         while release.is_none() && batch.len() < MAX_BATCH {
             match queue.try_recv() {
-                Ok(op @ WriteOp::Held(..)) => {
+                Ok(op @ (WriteOp::Held(..) | WriteOp::Maintain(_))) => {
                     next = Some(op);
                     break;
                 }
@@ -609,6 +641,8 @@ fn commit_batch(
                 }
             }
             WriteOp::Probe(reply) => replies.push(Reply::Probe(reply)),
+            // Never batched: `run_writer` runs each on its own.
+            WriteOp::Maintain(_) => {}
         }
     }
     if let Some(e) = failure {
@@ -633,6 +667,8 @@ fn unapplied(op: WriteOp) -> Reply {
     match op {
         WriteOp::Record(_, reply) | WriteOp::Held(_, reply, _) => Reply::Record(reply, Err(err())),
         WriteOp::Probe(reply) => Reply::Probe(reply),
+        // Dropped: its caller hears the store closed.
+        WriteOp::Maintain(_) => Reply::Nothing,
     }
 }
 
