@@ -425,3 +425,61 @@ async fn the_sqlite_file_stops_growing_under_intake_and_sweeps() {
         .unwrap();
     assert!(free < 16, "{free} free pages kept");
 }
+
+/// A work queue that never fetched, past the hard limit: its fetch is
+/// OUT_OF_RANGE naming the first retained sequence, and made again it
+/// starts there.
+#[tokio::test]
+async fn a_work_queue_past_the_hard_limit_is_told_and_made_again_starts_at_the_horizon() {
+    use kongtie_gateway::proto::{
+        CreateConsumerRequest, DeleteConsumerRequest, DeliverPolicy, FetchNotificationsRequest,
+    };
+    let app = spawn_app_with(
+        &[
+            "--retention",
+            "1s",
+            "--retention-max",
+            "2s",
+            "--retention-sweep-every",
+            "100ms",
+        ],
+        |_| {},
+    )
+    .await;
+    let mut payment = app.payment().await;
+    let queue = || CreateConsumerRequest {
+        name: "late".into(),
+        deliver_policy: DeliverPolicy::All as i32,
+        ..Default::default()
+    };
+    payment.create_consumer(queue()).await.unwrap();
+    for id in ["WQ1", "WQ2", "WQ3"] {
+        app.notify(payment_notification(id, KTAPI_TOKEN)).await;
+    }
+    until_stored(&app, &[3]).await;
+    let fetch = FetchNotificationsRequest {
+        consumer: "late".into(),
+        max_events: 10,
+        wait: None,
+    };
+    let refused = payment
+        .fetch_notifications(fetch.clone())
+        .await
+        .unwrap_err();
+    assert_before_retained(&refused, "consumer", 3);
+    payment
+        .delete_consumer(DeleteConsumerRequest {
+            name: "late".into(),
+        })
+        .await
+        .unwrap();
+    payment.create_consumer(queue()).await.unwrap();
+    let fetched = payment
+        .fetch_notifications(fetch)
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(fetched.len(), 1);
+    assert_eq!(fetched[0].notification.as_ref().unwrap().sequence, 3);
+}
