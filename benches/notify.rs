@@ -229,24 +229,12 @@ impl Gateway {
     /// Commits so far: (how many, mean notifications per commit, mean
     /// milliseconds per commit), from the gateway's own metrics.
     async fn commits(&self) -> (f64, f64, f64) {
-        let text = reqwest::get(format!("http://{}/metrics", self.admin))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let value = |name: &str| -> f64 {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0.0)
-        };
-        let commits = value("kongtie_store_commit_seconds_count");
+        let commits = self.metric("kongtie_store_commit_seconds_count").await;
         let per = |sum: f64| if commits > 0.0 { sum / commits } else { 0.0 };
         (
             commits,
-            per(value("kongtie_store_commit_batch_size_sum")),
-            per(value("kongtie_store_commit_seconds_sum")) * 1000.0,
+            per(self.metric("kongtie_store_commit_batch_size_sum").await),
+            per(self.metric("kongtie_store_commit_seconds_sum").await) * 1000.0,
         )
     }
 }

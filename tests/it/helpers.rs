@@ -117,6 +117,20 @@ impl TestApp {
         self.ticket().await.get_js_api_ticket(request).await
     }
 
+    /// Every stored notification (up to 1,000), in sequence order.
+    pub async fn stored_notifications(&self) -> Vec<kongtie_gateway::proto::PaymentNotification> {
+        self.payment()
+            .await
+            .list_notifications(kongtie_gateway::proto::ListNotificationsRequest {
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .notifications
+    }
+
     /// Stops the gateway gracefully and waits until it has.
     pub async fn stop(&mut self) {
         self.stop.take();

@@ -55,16 +55,7 @@ async fn subscribe(
 }
 
 async fn all_stored(app: &TestApp) -> Vec<PaymentNotification> {
-    app.payment()
-        .await
-        .list_notifications(ListNotificationsRequest {
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .notifications
+    app.stored_notifications().await
 }
 
 #[tokio::test]

@@ -24,19 +24,8 @@ const FAST: &[&str] = &[
 ];
 
 async fn stored(app: &TestApp) -> Vec<u64> {
-    app.payment()
-        .await
-        .list_notifications(ListNotificationsRequest {
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .notifications
-        .iter()
-        .map(|n| n.sequence)
-        .collect()
+    let stored = app.stored_notifications().await;
+    stored.iter().map(|n| n.sequence).collect()
 }
 
 async fn metric(app: &TestApp, series: &str) -> f64 {
