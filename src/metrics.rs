@@ -122,6 +122,7 @@ pub struct Metrics {
     pub notifications: Family<OutcomeLabels, Counter>,
     pub notifications_rejected: Family<ReasonLabels, Counter>,
     pub subscribers: Gauge,
+    pub subscription_catch_ups: Counter,
     pub order_requests: Family<OutcomeLabels, Counter>,
     pub order_checks: Family<ResultLabels, Counter>,
     pub notify_connections: Gauge,
@@ -176,6 +177,7 @@ impl Metrics {
             notifications: Family::default(),
             notifications_rejected: Family::default(),
             subscribers: Gauge::default(),
+            subscription_catch_ups: Counter::default(),
             order_requests: Family::default(),
             order_checks: Family::default(),
             notify_connections: Gauge::default(),
@@ -278,6 +280,12 @@ impl Metrics {
             "store_size_bytes",
             "Bytes the store takes: SQLite's file and WAL, or the gateway's PostgreSQL tables",
             m.store_size_bytes.clone(),
+        );
+        registry.register(
+            "subscription_catch_ups",
+            "Times a subscription fell behind the live feed (its client read slowly) \
+             and read what it missed from the store",
+            m.subscription_catch_ups.clone(),
         );
         registry.register(
             "log_lines_dropped",

@@ -173,6 +173,11 @@ impl Application {
             reporter
                 .set_not_serving::<PaymentServer<PaymentService>>()
                 .await;
+            // And the server as a whole (service ""), which is what probes
+            // ask by default.
+            reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
             let _ = stopping_tx.send(true);
         });
         let stopped = |mut rx: watch::Receiver<bool>| async move {

@@ -405,6 +405,7 @@ impl Payment for PaymentService {
             max_age: self
                 .subscription_max_age
                 .map(|age| age.mul_f64(0.9 + 0.2 * rand::random::<f64>())),
+            metrics: Arc::clone(&self.metrics),
         };
         let metrics = Arc::clone(&self.metrics);
         metrics.subscribers.inc();

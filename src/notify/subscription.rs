@@ -13,7 +13,10 @@ use std::sync::Arc;
 use tokio::sync::{broadcast::error::RecvError, mpsc, watch};
 use tonic::Status;
 
-use crate::store::{NotificationStore, StoreError, StoredNotification};
+use crate::{
+    metrics::Metrics,
+    store::{NotificationStore, StoreError, StoredNotification},
+};
 
 /// Events read from the store at a time while catching up.
 const PAGE: usize = 256;
@@ -31,6 +34,7 @@ pub struct Subscription {
     /// End the stream after this long (the client resubscribes, perhaps to
     /// another replica).
     pub max_age: Option<std::time::Duration>,
+    pub metrics: Arc<Metrics>,
 }
 
 enum End {
@@ -126,7 +130,10 @@ async fn follow<T>(
                     }
                 }
                 // A gap: fill it from the store.
-                Ok(_) | Err(RecvError::Lagged(_)) => break,
+                Ok(_) | Err(RecvError::Lagged(_)) => {
+                    sub.metrics.subscription_catch_ups.inc();
+                    break;
+                }
                 Err(RecvError::Closed) => return End::ShuttingDown,
             }
         }

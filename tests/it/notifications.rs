@@ -54,6 +54,32 @@ async fn subscribe(
         .into_inner()
 }
 
+/// HTTP/2 flow-control windows of a subscriber that stalls for real: a
+/// client that reads nothing holds at most this many bytes unread, so the
+/// server's task soon blocks on it (every event is over 100 bytes).
+const STALLED_WINDOW: u32 = 1024;
+
+/// A subscription on a connection of its own whose windows are
+/// [`STALLED_WINDOW`]: left unread, it stalls the server's task for it
+/// after a few events, instead of taking them all into a 2 MB window.
+async fn subscribe_stalling(
+    app: &TestApp,
+    request: SubscribeNotificationsRequest,
+) -> Streaming<PaymentNotification> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.addr))
+        .unwrap()
+        .initial_stream_window_size(STALLED_WINDOW)
+        .initial_connection_window_size(STALLED_WINDOW)
+        .connect()
+        .await
+        .unwrap();
+    kongtie_gateway::proto::payment_client::PaymentClient::new(channel)
+        .subscribe_notifications(request)
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 async fn all_stored(app: &TestApp) -> Vec<PaymentNotification> {
     app.stored_notifications().await
 }
@@ -404,8 +430,9 @@ async fn the_sandbox_resends_until_answered_success_ten_sends_at_most() {
 #[tokio::test]
 async fn a_thousand_subscribers_each_get_every_notification_and_a_stalled_one_holds_no_one_back() {
     let app = std::sync::Arc::new(spawn_app().await);
-    // A subscriber that never reads.
-    let _stalled = subscribe(&app, SubscribeNotificationsRequest::default()).await;
+    // A subscriber that reads nothing until the end: its 1 KiB window holds
+    // a few events, so the server's task for it blocks through the burst.
+    let mut stalled = subscribe_stalling(&app, SubscribeNotificationsRequest::default()).await;
 
     // Many streams share a few connections, as real clients would.
     let mut channels = Vec::new();
@@ -453,6 +480,17 @@ async fn a_thousand_subscribers_each_get_every_notification_and_a_stalled_one_ho
     for r in readers {
         assert_eq!(r.await.unwrap(), (1..=BURST).collect::<Vec<_>>());
     }
+    // Everyone had every event while it read nothing; it gets them all
+    // now, in order, and they are far more than its window held.
+    let mut got = Vec::new();
+    let mut bytes = 0;
+    while got.len() < BURST as usize {
+        let n = next_notification(&mut stalled).await;
+        bytes += prost::Message::encoded_len(&n);
+        got.push(n.sequence);
+    }
+    assert_eq!(got, (1..=BURST).collect::<Vec<_>>());
+    assert!(bytes > 10 * STALLED_WINDOW as usize, "{bytes} bytes");
 }
 
 #[tokio::test]
@@ -469,7 +507,16 @@ pub async fn a_stalled_subscriber_catches_up_in_order(
     sender: std::sync::Arc<TestApp>,
     receiver: &TestApp,
 ) {
-    let mut stalled = subscribe(receiver, SubscribeNotificationsRequest::default()).await;
+    let mut stalled = subscribe_stalling(receiver, SubscribeNotificationsRequest::default()).await;
+    let catch_ups = || async {
+        sample(
+            &admin_metrics(&receiver.admin.to_string()).await,
+            "kongtie_subscription_catch_ups_total",
+        )
+    };
+    let before = catch_ups().await;
+    // Past the 1,024 events the live feed holds for a slow subscriber,
+    // with the subscriber's task blocked on its 1 KiB window.
     const EVENTS: u64 = 1500;
     let senders: Vec<_> = (0..8)
         .map(|w| {
@@ -489,6 +536,11 @@ pub async fn a_stalled_subscriber_catches_up_in_order(
         got.push(next_notification(&mut stalled).await.sequence);
     }
     assert_eq!(got, (1..=EVENTS).collect::<Vec<_>>());
+    // It did fall behind the live feed and read the gap from the store.
+    assert!(
+        catch_ups().await > before,
+        "the subscription never left the live feed: the catch-up did not run"
+    );
     sender.notify(good("AFTER")).await;
     assert_eq!(next_notification(&mut stalled).await.sequence, EVENTS + 1);
 }

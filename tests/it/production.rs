@@ -274,14 +274,47 @@ async fn grpc_over_tls_and_mutual_tls() {
         |_| {},
     )
     .await;
-    let anonymous = match tls_channel(mtls.addr, &pki, false).await {
-        Ok(channel) => AuthClient::new(channel)
-            .get_access_token(GetAccessTokenRequest::default())
-            .await
-            .is_ok(),
-        Err(_) => false,
+    // The server ends the handshake (TLS 1.3: the client hears it at its
+    // first read): a transport error, never an answer.
+    let refused = |outcome: Result<tonic::Response<_>, tonic::Status>, who: &str| {
+        let status = outcome.expect_err(who);
+        assert!(
+            matches!(status.code(), Code::Unknown | Code::Unavailable)
+                && status.message() == "transport error",
+            "{who}: {status:?}"
+        );
     };
-    assert!(!anonymous, "a client without a certificate got in");
+    let channel = tls_channel(mtls.addr, &pki, false)
+        .await
+        .expect("the connection is lazy; the handshake happens at the call");
+    refused(
+        AuthClient::new(channel)
+            .get_access_token(GetAccessTokenRequest::default())
+            .await,
+        "a client without a certificate got in",
+    );
+    // A certificate from another CA, however valid, does not get in.
+    let stranger = self::pki();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca))
+        .domain_name("localhost")
+        .identity(Identity::from_pem(
+            &stranger.client_cert,
+            &stranger.client_key,
+        ));
+    let channel = Channel::from_shared(format!("https://{}", mtls.addr))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .expect("the connection is lazy; the handshake happens at the call");
+    refused(
+        AuthClient::new(channel)
+            .get_access_token(GetAccessTokenRequest::default())
+            .await,
+        "a client certificate from another CA got in",
+    );
     let channel = tls_channel(mtls.addr, &pki, true).await.unwrap();
     AuthClient::new(channel)
         .get_access_token(GetAccessTokenRequest::default())
@@ -377,11 +410,14 @@ async fn the_admin_port_serves_moving_metrics_and_readiness() {
     auth.get_access_token(GetAccessTokenRequest::default())
         .await
         .unwrap();
-    let _ = auth
+    let refused = auth
         .exchange_o_auth_code(ExchangeOAuthCodeRequest {
             code: "nosuchcode".into(),
         })
-        .await;
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert_eq!(error_info(&refused).0, "OAUTH_CODE_REJECTED");
     let mut stream = app
         .payment()
         .await
@@ -436,6 +472,18 @@ async fn the_admin_port_serves_moving_metrics_and_readiness() {
             delta,
             "{series}\n{after}"
         );
+    }
+    // The subscriber gauge goes down when the subscriber goes away.
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sample(&metrics(&app).await, "kongtie_subscribers")
+        != sample(&before, "kongtie_subscribers")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "kongtie_subscribers did not go down within 10 s of the client leaving"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -742,4 +790,239 @@ fn the_example_configuration_file_is_refused_until_its_placeholders_are_replaced
     });
     let log = bin.log.lock().unwrap().join("\n");
     assert!(log.starts_with('{'), "the file asks for JSON logs");
+}
+
+/// SIGINT (Ctrl-C) is a shutdown like SIGTERM: readiness and health (the
+/// server as a whole, service "", which probes ask) turn NOT_SERVING at once, the gRPC listener stops accepting, an RPC in flight
+/// finishes, and one that outlasts the grace period does not hold the
+/// process: it exits 0 when the grace runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_stops_readiness_at_once_lets_a_call_in_flight_finish_and_the_grace_bounds_the_rest()
+{
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let sandbox = spawn_sandbox().await;
+    let (ktapi, pay) = (
+        sandbox.ktapi_url().to_string(),
+        sandbox.pay_url().to_string(),
+    );
+    let mut bin = Binary::start(&[
+        "serve",
+        "--ktapi-url",
+        &ktapi,
+        "--pay-url",
+        &pay,
+        "--shutdown-grace-secs",
+        "3",
+    ]);
+    let channel = Channel::from_shared(format!("http://{}", bin.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    // In flight at the signal: a token call Kongtie answers after 1.5 s, and
+    // a ticket call (behind the same token, then its own request) that
+    // Kongtie answers after 20 s, past the grace period.
+    sandbox.set_fault(Some(Fault::Delay(Duration::from_millis(1500))));
+    let short = tokio::spawn({
+        let mut auth = AuthClient::new(channel.clone());
+        async move {
+            auth.get_access_token(GetAccessTokenRequest::default())
+                .await
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sandbox.calls(Endpoint::GetAccessToken) == 0 {
+        assert!(Instant::now() < deadline, "the token request never came");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sandbox.set_fault(Some(Fault::Delay(Duration::from_secs(20))));
+    let long = tokio::spawn({
+        let mut ticket = kongtie_gateway::proto::ticket_client::TicketClient::new(channel.clone());
+        async move {
+            ticket
+                .get_js_api_ticket(GetJsApiTicketRequest::default())
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut watch = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let serving = watch.message().await.unwrap().unwrap();
+    assert_eq!(serving.status, ServingStatus::Serving as i32);
+
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &bin.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let signalled = Instant::now();
+
+    // Readiness and health turn at once (well before the short call ends).
+    let admin = bin.admin.clone();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let ready = reqwest::get(format!("http://{admin}/readyz"))
+            .await
+            .unwrap();
+        if ready.status().as_u16() == 503 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz still 200 a second after SIGINT"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A health watcher (as load balancers use) hears NOT_SERVING before
+    // its stream ends with the connection's GOAWAY.
+    let heard = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("the watcher heard of the shutdown")
+        .unwrap()
+        .expect("a status before the stream ended");
+    assert_eq!(heard.status, ServingStatus::NotServing as i32);
+    // No new connection is taken.
+    let fresh = tokio::time::timeout(
+        Duration::from_secs(5),
+        AuthClient::connect(format!("http://{}", bin.grpc)),
+    )
+    .await
+    .expect("a connection attempt ends");
+    assert!(fresh.is_err(), "a new connection was accepted after SIGINT");
+
+    // The call in flight finishes with its answer.
+    let token = tokio::time::timeout(Duration::from_secs(10), short)
+        .await
+        .expect("the call in flight finished")
+        .unwrap()
+        .expect("the call in flight was answered");
+    assert!(!token.into_inner().access_token.is_empty());
+
+    // The one past the grace does not hold the process: it exits 0 at the
+    // grace (3 s), not at the 20 s answer, and the call gets no answer.
+    let exit = loop {
+        if let Some(exit) = bin.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(10),
+            "still running 10 s after SIGINT with a 3 s grace"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let took = signalled.elapsed();
+    assert!(exit.success(), "exit status {exit:?}");
+    assert!(
+        took >= Duration::from_secs(3),
+        "exited after {took:?}, before the grace ran out"
+    );
+    let long = tokio::time::timeout(Duration::from_secs(10), long)
+        .await
+        .expect("the long call ended with the process")
+        .unwrap();
+    assert!(long.is_err(), "{long:?}");
+    let log = bin.log.lock().unwrap().join("\n");
+    assert!(log.contains("grace period over"), "{log}");
+}
+
+/// Server reflection answers in both versions (grpcurl 1.8 speaks
+/// v1alpha, newer clients v1), and health reports each service by name.
+#[tokio::test]
+async fn reflection_v1_and_v1alpha_list_the_api_and_health_answers_per_service() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    use tonic_reflection::pb::{v1, v1alpha};
+    let app = spawn_app().await;
+    let expected = [
+        "kongtie.v1.Auth",
+        "kongtie.v1.Payment",
+        "kongtie.v1.Ticket",
+        "grpc.health.v1.Health",
+    ];
+
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut answers =
+        v1::server_reflection_client::ServerReflectionClient::new(app.channel().await)
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+    let answer = answers.message().await.unwrap().expect("a v1 answer");
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        answer.message_response
+    else {
+        panic!("not a service list: {answer:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for service in expected {
+        assert!(
+            names.iter().any(|n| n == service),
+            "v1: {service} in {names:?}"
+        );
+    }
+
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut answers =
+        v1alpha::server_reflection_client::ServerReflectionClient::new(app.channel().await)
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+    let answer = answers.message().await.unwrap().expect("a v1alpha answer");
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        answer.message_response
+    else {
+        panic!("not a service list: {answer:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for service in expected {
+        assert!(
+            names.iter().any(|n| n == service),
+            "v1alpha: {service} in {names:?}"
+        );
+    }
+
+    let mut health = HealthClient::new(app.channel().await);
+    for service in [
+        "",
+        "kongtie.v1.Auth",
+        "kongtie.v1.Ticket",
+        "kongtie.v1.Payment",
+    ] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "kongtie.v1.Nothing".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
 }
