@@ -178,8 +178,13 @@ pub async fn spawn_app_with(extra: &[&str], tweak: impl FnOnce(&mut Config)) -> 
     let sandbox = spawn_sandbox().await;
     let data_dir = tempfile::tempdir().unwrap();
     let mut config = serve_args(extra).config().expect("a valid configuration");
-    config.upstream.ktapi_url = sandbox.ktapi_url();
-    config.upstream.pay_url = sandbox.pay_url();
+    // Kongtie is the test's sandbox, unless the flags name another.
+    if !extra.contains(&"--ktapi-url") {
+        config.upstream.ktapi_url = sandbox.ktapi_url();
+    }
+    if !extra.contains(&"--pay-url") {
+        config.upstream.pay_url = sandbox.pay_url();
+    }
     // A store named by the test's flags is kept.
     let db = match std::env::var("KONGTIE_TEST_STORE").as_deref() {
         _ if extra.contains(&"--store") => None,

@@ -134,7 +134,7 @@ async fn keys_can_come_from_a_file() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("keys");
     std::fs::write(&file, format!("# the order service\n{KEY}\n\n")).unwrap();
-    let app = spawn_app_with(&[], |c| c.access.api_keys_file = Some(file)).await;
+    let app = spawn_app_with(&["--api-keys-file", file.to_str().unwrap()], |_| {}).await;
     let mut auth = app.auth().await;
     assert_eq!(
         auth.get_access_token(keyed(GetAccessTokenRequest::default(), None))
@@ -532,10 +532,8 @@ async fn token_fetches_are_retried_and_orders_and_codes_are_not() {
 #[tokio::test]
 async fn an_order_is_retried_when_the_connection_never_happened() {
     let down = closed_port().await;
-    let app = spawn_app_with(&[], |c| {
-        c.upstream.pay_url = format!("http://{down}/v5/ParTrade.ashx").parse().unwrap();
-    })
-    .await;
+    let pay_url = format!("http://{down}/v5/ParTrade.ashx");
+    let app = spawn_app_with(&["--pay-url", &pay_url], |_| {}).await;
     let status = app
         .payment()
         .await

@@ -161,8 +161,8 @@ async fn killing_a_replica_mid_flood_loses_no_acknowledged_notification() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_of_another_replica_that_falls_far_behind_catches_up_in_order() {
     let db = PgDatabase::create().await;
-    let a = std::sync::Arc::new(spawn_app_with(&[], |c| c.store_url = db.url.clone()).await);
-    let b = spawn_app_with(&[], |c| c.store_url = db.url.clone()).await;
+    let a = std::sync::Arc::new(spawn_app_with(&["--store", &db.url], |_| {}).await);
+    let b = spawn_app_with(&["--store", &db.url], |_| {}).await;
     crate::notifications::a_stalled_subscriber_catches_up_in_order(a, &b).await;
 }
 
@@ -206,8 +206,8 @@ fn an_unreachable_database_stops_start_up_without_showing_the_password() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_recover_when_the_database_cuts_every_session() {
     let db = PgDatabase::create().await;
-    let a = spawn_app_with(&[], |c| c.store_url = db.url.clone()).await;
-    let b = spawn_app_with(&[], |c| c.store_url = db.url.clone()).await;
+    let a = spawn_app_with(&["--store", &db.url], |_| {}).await;
+    let b = spawn_app_with(&["--store", &db.url], |_| {}).await;
     let mut on_b = b
         .payment()
         .await

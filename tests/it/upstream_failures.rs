@@ -14,11 +14,11 @@ use crate::helpers::*;
 #[tokio::test]
 async fn an_unreachable_upstream_is_unavailable_and_the_service_stays_healthy() {
     let down = closed_port().await;
-    let app = spawn_app_with(&[], |c| {
-        c.upstream.ktapi_url = format!("http://{down}/awkmanage/v3/ktapi").parse().unwrap();
-        c.upstream.pay_url = format!("http://{down}/v5/ParTrade.ashx").parse().unwrap();
-    })
-    .await;
+    let (ktapi_url, pay_url) = (
+        format!("http://{down}/awkmanage/v3/ktapi"),
+        format!("http://{down}/v5/ParTrade.ashx"),
+    );
+    let app = spawn_app_with(&["--ktapi-url", &ktapi_url, "--pay-url", &pay_url], |_| {}).await;
     let status = app.access_token().await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!(error_info(&status).0, "UPSTREAM_UNAVAILABLE");
