@@ -246,9 +246,11 @@ async fn replicas_recover_when_the_database_cuts_every_session() {
         assert!(sends < 10, "still refused after {sends} sends");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // As the README says: one 503 (the write that met the dead session),
+    // then `success` on the resend.
+    assert_eq!(sends, 2, "sends until success after the cut");
     let n = next_notification(&mut on_b).await;
     assert_eq!((n.sequence, n.out_trade_id.as_str()), (2, "AFTER"));
-    println!("sends until success after the cut: {sends}");
 }
 
 /// PostgreSQL turned read-only (as a failover to a standby, or an operator,
