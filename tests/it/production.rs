@@ -845,7 +845,16 @@ async fn sigint_stops_readiness_at_once_lets_a_call_in_flight_finish_and_the_gra
                 .await
         }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The ticket call has reached the gateway (it waits there for the token).
+    let started = r#"grpc_server_started_total{grpc_type="unary",grpc_service="kongtie.v1.Ticket",grpc_method="GetJsApiTicket"}"#;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sample(&admin_metrics(&bin.admin).await, started) < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the ticket call never reached the gateway"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut watch = HealthClient::new(channel.clone())
         .watch(HealthCheckRequest {
             service: String::new(),
