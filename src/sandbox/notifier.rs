@@ -35,6 +35,9 @@ pub struct NotifyAttempt {
     pub status: Option<u16>,
     /// True when answered `200 success`.
     pub acknowledged: bool,
+    /// The `Sign` it carried, so tests can look for it where it must not be
+    /// (kept in memory only, never logged).
+    pub sign: String,
 }
 
 /// A notification body: the fields and their `Sign`, as Kongtie sends it.
@@ -58,6 +61,10 @@ pub(super) async fn send_until_acknowledged(
 ) {
     let delays = shared.config.resend_delays.clone();
     let sends = delays.len();
+    let sign = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|b| b["Sign"].as_str().map(str::to_owned))
+        .unwrap_or_default();
     for (i, delay) in delays.into_iter().enumerate() {
         tokio::time::sleep(delay).await;
         let answer = shared
@@ -87,6 +94,7 @@ pub(super) async fn send_until_acknowledged(
             attempt: i + 1,
             status,
             acknowledged,
+            sign: sign.clone(),
         });
         if acknowledged {
             return;

@@ -43,7 +43,14 @@ fn grpcurl_lists_every_service_through_reflection() {
 
 #[test]
 fn grpcurl_drives_every_rpc_against_the_sandbox() {
-    let bin = start_binary();
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_owned();
+    let mut bin = Binary::start_with(
+        &["serve", "--sandbox", "--sandbox-addr", "127.0.0.1:0"],
+        &[("RUST_LOG", "trace")],
+        &dir,
+        Some(data),
+    );
     let call = |method: &str, body: &str| {
         let (ok, out, err) = run_grpcurl(&["-d", body, &bin.grpc, method]);
         assert!(ok, "{method}: {err}");
@@ -97,15 +104,19 @@ fn grpcurl_drives_every_rpc_against_the_sandbox() {
     );
     assert_eq!(web["expiresInSeconds"], "7200");
 
-    // The log of all that holds no secret.
-    let log = bin.log.lock().unwrap().join("\n");
+    // The whole log of all that, at trace level, read after the process
+    // ended, holds no secret.
+    let log = bin.stop_and_read_log();
     assert!(log.contains("gRPC listening"), "the log was captured");
+    assert!(log.contains("TRACE"), "the log is at trace level");
     for secret in [
         token["accessToken"].as_str().unwrap(),
         ticket["ticket"].as_str().unwrap(),
         web["accessToken"].as_str().unwrap(),
+        web["refreshToken"].as_str().unwrap(),
         &code,
         "#wugf543sxcv5*$#",
+        crate::helpers::KTAPI_TOKEN,
     ] {
         assert!(!log.contains(secret), "a secret is in the log");
     }

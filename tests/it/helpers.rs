@@ -410,6 +410,33 @@ impl Binary {
         self.sandbox.clone().expect("started with --sandbox")
     }
 
+    /// SIGTERMs it, waits for it to exit 0 and for its last log line
+    /// (`stopped`), and returns the whole log.
+    pub fn stop_and_read_log(&mut self) -> String {
+        let status = Process::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exit = self.child.wait().unwrap();
+        assert!(exit.success(), "{exit:?}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !self
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("stopped"))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the last line never came"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.log.lock().unwrap().join("\n")
+    }
+
     pub fn notify_url(&self) -> String {
         format!("http://{}/kongtie/payment-notify", self.notify)
     }

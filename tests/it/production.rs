@@ -621,20 +621,44 @@ async fn sigterm_ends_subscriptions_unavailable_keeps_every_acknowledged_notific
 #[test]
 fn a_full_run_logs_no_secret() {
     let dir = tempfile::tempdir().unwrap();
-    let bin = Binary::start_with(
-        &["serve", "--sandbox", "--sandbox-addr", "127.0.0.1:0"],
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Kongtie is a sandbox of the test's own, so every Sign it received and
+    // every Sign it sent can be looked for in the log.
+    let sandbox = rt.block_on(async {
+        let mut config = kongtie_gateway::config::sandbox_config(
+            &serve_args(&[
+                "--token",
+                "ktapi-secret-token-xyz",
+                "--pay-token",
+                "pay-secret-token-xyz",
+            ])
+            .kongtie,
+            APP_ID.into(),
+            Duration::from_secs(7200),
+        );
+        config.resend_delays = vec![Duration::from_millis(20); 10];
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        kongtie_gateway::sandbox::SandboxHandle::spawn(config, listener).unwrap()
+    });
+    let (ktapi, pay) = (
+        sandbox.ktapi_url().to_string(),
+        sandbox.pay_url().to_string(),
+    );
+    let mut bin = Binary::start_with(
+        &["serve", "--ktapi-url", &ktapi, "--pay-url", &pay],
         &[
-            ("RUST_LOG", "debug"),
+            ("RUST_LOG", "trace"),
             ("KONGTIE_LOG_FORMAT", "json"),
             ("KONGTIE_API_KEYS", KEY),
             ("KONGTIE_TOKEN", "ktapi-secret-token-xyz"),
             ("KONGTIE_PAY_TOKEN", "pay-secret-token-xyz"),
+            ("KONGTIE_WECHAT_APP_ID", APP_ID),
         ],
         dir.path(),
         None,
     );
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let secrets = rt.block_on(async {
+    sandbox.set_notify_url(bin.notify_url().parse().unwrap());
+    let mut secrets = rt.block_on(async {
         let channel = Channel::from_shared(format!("http://{}", bin.grpc))
             .unwrap()
             .connect()
@@ -653,16 +677,7 @@ fn a_full_run_logs_no_secret() {
             .unwrap()
             .into_inner()
             .ticket;
-        let http = reqwest::Client::new();
-        let code: serde_json::Value = http
-            .post(format!("http://{}/sandbox/oauth/codes", bin.sandbox()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let code = code["code"].as_str().unwrap().to_owned();
+        let code = sandbox.issue_code(None, None);
         let web = auth
             .exchange_o_auth_code(keyed(
                 ExchangeOAuthCodeRequest { code: code.clone() },
@@ -675,10 +690,7 @@ fn a_full_run_logs_no_secret() {
             .create_jsapi_order(keyed(order("LOG1", 20), Some(KEY)))
             .await
             .unwrap();
-        http.post(format!("http://{}/sandbox/orders/LOG1/pay", bin.sandbox()))
-            .send()
-            .await
-            .unwrap();
+        assert!(sandbox.pay("LOG1"));
         // A notification we sign ourselves, to know its Sign.
         let fields = [
             ("TradeStatus", "0000"),
@@ -692,14 +704,22 @@ fn a_full_run_logs_no_secret() {
         ];
         let body = signed_notification(&fields, &SecretString::from("ktapi-secret-token-xyz"));
         let sign: serde_json::Value = serde_json::from_str(&body).unwrap();
-        let resp = http
+        let resp = reqwest::Client::new()
             .post(bin.notify_url())
             .body(body.clone())
             .send()
             .await
             .unwrap();
         assert_eq!(resp.text().await.unwrap(), "success");
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The sandbox's own notification of LOG1 was taken too.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sandbox.notify_attempts().iter().any(|a| a.acknowledged) {
+            assert!(
+                Instant::now() < deadline,
+                "the sandbox's notification was not taken"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         vec![
             token,
             ticket,
@@ -713,12 +733,31 @@ fn a_full_run_logs_no_secret() {
             "wsscr6zfppd8v46b5678f8fxh2xdhv0d22xlx08h8btn6ttxxx4aab3".to_owned(),
         ]
     });
-    let log = bin.log.lock().unwrap().join("\n");
+    // Every Sign Kongtie received (ktapi and ParTrade) and sent.
+    let received: Vec<String> = sandbox.requests().into_iter().map(|r| r.sign).collect();
+    let sent: Vec<String> = sandbox
+        .notify_attempts()
+        .into_iter()
+        .map(|a| a.sign)
+        .collect();
+    assert!(
+        received.len() >= 4 && !sent.is_empty(),
+        "{received:?} {sent:?}"
+    );
+    secrets.extend(received);
+    secrets.extend(sent);
+    assert!(secrets.iter().all(|s| s.len() >= 8), "{secrets:?}");
+
+    // The whole log: after the process has ended and its last line is out.
+    let log = bin.stop_and_read_log();
     assert!(
         log.contains("notification stored"),
         "the log covers the run"
     );
-    assert!(log.lines().count() > 20);
+    assert!(
+        log.contains("\"level\":\"TRACE\""),
+        "the log is at trace level"
+    );
     assert!(
         log.lines()
             .any(|l| l.contains("/kongtie.v1.Auth/GetAccessToken") && l.contains("rpc finished")),
