@@ -595,9 +595,11 @@ async fn sigterm_ends_subscriptions_unavailable_keeps_every_acknowledged_notific
         if let Some(exit) = bin.child.try_wait().unwrap() {
             break exit;
         }
+        // The grace is 5 s; 10 s of slack for a loaded machine (the SIGINT
+        // test shows the grace bounding a call that outlasts it).
         assert!(
-            signalled.elapsed() < Duration::from_secs(6),
-            "still running past the grace period"
+            signalled.elapsed() < Duration::from_secs(15),
+            "still running 10 s past the grace period"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
