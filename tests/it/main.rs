@@ -16,6 +16,7 @@ mod production;
 mod replicas;
 mod retention;
 mod sandbox_command;
+mod settings;
 #[macro_use]
 mod store;
 mod retention_store;
