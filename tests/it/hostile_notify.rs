@@ -516,3 +516,114 @@ async fn out_of_file_descriptors_the_listener_backs_off_and_says_so_once() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Every refusal the README's metric table names is answered with its
+/// status and counted under its reason, once.
+#[tokio::test]
+async fn each_refusal_is_answered_with_its_status_and_counted_by_its_reason() {
+    let reason = |r: &str| format!("kongtie_notifications_rejected_total{{reason=\"{r}\"}}");
+    let client = reqwest::Client::new();
+    let post = |url: String, body: String| {
+        let client = client.clone();
+        async move {
+            let resp = client.post(url).body(body).send().await.unwrap();
+            resp.status().as_u16()
+        }
+    };
+
+    let app = spawn_app().await;
+    let addr = app
+        .notify_url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let before = admin_metrics(&app.admin.to_string()).await;
+    assert_eq!(
+        post(
+            app.notify_url.clone(),
+            payment_notification("R1", "not-the-token")
+        )
+        .await,
+        401
+    );
+    assert_eq!(post(app.notify_url.clone(), "x".repeat(70_000)).await, 413);
+    assert_eq!(
+        client
+            .get(&app.notify_url)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        405
+    );
+    assert_eq!(
+        post(
+            app.notify_url
+                .replace("/kongtie/payment-notify", "/elsewhere"),
+            "{}".into()
+        )
+        .await,
+        404
+    );
+    // A body shorter than its Content-Length, then the end of the
+    // connection: cut off.
+    let mut cut = TcpStream::connect(&addr).await.unwrap();
+    cut.write_all(
+        b"POST /kongtie/payment-notify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"TradeStatus\":",
+    )
+    .await
+    .unwrap();
+    cut.shutdown().await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), cut.read_to_string(&mut answer))
+        .await
+        .expect("an answer to a cut-off body")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let after = admin_metrics(&app.admin.to_string()).await;
+    for r in [
+        "bad_signature",
+        "too_large",
+        "method_not_allowed",
+        "not_found",
+        "body_incomplete",
+    ] {
+        assert_eq!(
+            sample(&after, &reason(r)) - sample(&before, &reason(r)),
+            1.0,
+            "{r}\n{after}"
+        );
+    }
+
+    // Too old, with a maximum age (the helper's TimeStamp is from 2018).
+    let aged = spawn_app_with(&["--notify-max-age-secs", "300"], |_| {}).await;
+    assert_eq!(
+        post(
+            aged.notify_url.clone(),
+            payment_notification("R2", KTAPI_TOKEN)
+        )
+        .await,
+        400
+    );
+    let m = admin_metrics(&aged.admin.to_string()).await;
+    assert_eq!(sample(&m, &reason("stale")), 1.0, "{m}");
+
+    // From outside the allowlist.
+    let fenced = spawn_app_with(&["--notify-allow", "10.0.0.0/8"], |_| {}).await;
+    assert_eq!(
+        post(
+            fenced.notify_url.clone(),
+            payment_notification("R3", KTAPI_TOKEN)
+        )
+        .await,
+        403
+    );
+    let m = admin_metrics(&fenced.admin.to_string()).await;
+    assert_eq!(sample(&m, &reason("source_not_allowed")), 1.0, "{m}");
+    for app in [&app, &aged, &fenced] {
+        assert!(app.stored_notifications().await.is_empty());
+    }
+}

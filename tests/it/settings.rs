@@ -152,3 +152,27 @@ async fn the_notify_listener_takes_its_path_body_limit_and_token_from_the_flags(
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].out_trade_id, "NP1");
 }
+
+/// The README: "The raw body is kept", byte for byte, as Kongtie sent it
+/// (spacing and key order included), beside the parsed fields.
+#[tokio::test]
+async fn the_raw_body_is_kept_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = store_url(dir.path());
+    let app = spawn_app_with(&["--store", &url], |_| {}).await;
+    let compact = payment_notification("RAW1", KTAPI_TOKEN);
+    let value: serde_json::Value = serde_json::from_str(&compact).unwrap();
+    // Pretty-printed, with a trailing newline: not what serde would write.
+    let sent = format!("{}\n", serde_json::to_string_pretty(&value).unwrap());
+    assert_ne!(sent, compact);
+    assert_eq!(app.notify(sent.clone()).await, (200, "success".into()));
+    let conn = rusqlite::Connection::open(dir.path().join("notifications.db")).unwrap();
+    let kept: String = conn
+        .query_row(
+            "SELECT raw_body FROM notifications WHERE out_trade_id = 'RAW1'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(kept, sent);
+}
