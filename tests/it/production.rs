@@ -1074,3 +1074,43 @@ async fn reflection_v1_and_v1alpha_list_the_api_and_health_answers_per_service()
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
 }
+
+/// `KONGTIE_MAX_CONNECTION_AGE_SECS`: a connection is retired by GOAWAY at
+/// its age (a raw HTTP/2 client sees the server close it gracefully), and a
+/// subscription ends UNAVAILABLE within its jitter (±10%).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_connections_get_a_goaway_and_subscriptions_end_within_their_jitter() {
+    const AGE: Duration = Duration::from_secs(2);
+    let app = spawn_app_with(&["--max-connection-age-secs", "2"], |_| {}).await;
+
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let opened = Instant::now();
+    let (_send, connection) = h2::client::handshake(tcp).await.unwrap();
+    let closed = tokio::time::timeout(AGE + Duration::from_secs(10), connection)
+        .await
+        .expect("the server retired the connection");
+    let lived = opened.elapsed();
+    // A GOAWAY with NO_ERROR, then the end: a graceful close, not a reset.
+    assert!(closed.is_ok(), "{closed:?}");
+    assert!(lived >= AGE.mul_f64(0.95), "retired after {lived:?}");
+
+    let started = Instant::now();
+    let mut stream = app
+        .payment()
+        .await
+        .subscribe_notifications(kongtie_gateway::proto::SubscribeNotificationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let end = tokio::time::timeout(AGE + Duration::from_secs(10), stream.message())
+        .await
+        .expect("the subscription ended")
+        .expect_err("it ends with a status");
+    let lasted = started.elapsed();
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+    assert!(end.message().contains("maximum age"), "{}", end.message());
+    assert!(
+        lasted >= AGE.mul_f64(0.9) - Duration::from_millis(50),
+        "ended after {lasted:?}, before its jitter allows"
+    );
+}
