@@ -102,3 +102,34 @@ pub(super) async fn send_until_acknowledged(
     }
     tracing::warn!(out_trade_id, sends, "sandbox gave up notifying");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The schedule the README gives is the one the sandbox keeps.
+    #[test]
+    fn the_default_resend_schedule_is_the_readmes() {
+        let readme = include_str!("../../README.md").replace('\n', " ");
+        let start = readme
+            .find("ten sends at most (the wait before each: ")
+            .expect("the README gives the schedule")
+            + "ten sends at most (the wait before each: ".len();
+        let text = &readme[start..start + readme[start..].find(')').unwrap()];
+        // "0 s, 2 s, 5 s, 10 s, 30 s, 1, 2, 5, 10 and 30 min"
+        let last_s = text.rfind(" s, ").expect("seconds, then minutes");
+        let (seconds, minutes) = (&text[..last_s], &text[last_s + 4..]);
+        let mut schedule: Vec<Duration> = seconds
+            .split(" s, ")
+            .map(|n| Duration::from_secs(n.trim().parse().unwrap()))
+            .collect();
+        schedule.extend(
+            minutes
+                .trim_end_matches(" min")
+                .replace(" and ", ", ")
+                .split(", ")
+                .map(|n| Duration::from_secs(60 * n.trim().parse::<u64>().unwrap())),
+        );
+        assert_eq!(schedule, DEFAULT_RESEND_DELAYS, "README: {text:?}");
+    }
+}
