@@ -5,8 +5,21 @@ use std::{process::Command, time::Duration};
 
 use crate::helpers::{Binary, grpcurl};
 
+/// The binary on its sandbox, on SQLite or (KONGTIE_TEST_STORE=postgres)
+/// PostgreSQL, with more environment.
+fn start_binary_with(env: &[(&str, &str)]) -> Binary {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_owned();
+    let store = crate::helpers::test_store_args(&dir);
+    let args: Vec<&str> = ["serve", "--sandbox", "--sandbox-addr", "127.0.0.1:0"]
+        .into_iter()
+        .chain(store.iter().map(String::as_str))
+        .collect();
+    Binary::start_with(&args, env, &dir, Some(data))
+}
+
 fn start_binary() -> Binary {
-    Binary::start(&["serve", "--sandbox", "--sandbox-addr", "127.0.0.1:0"])
+    start_binary_with(&[])
 }
 
 fn run_grpcurl(args: &[&str]) -> (bool, String, String) {
@@ -43,14 +56,7 @@ fn grpcurl_lists_every_service_through_reflection() {
 
 #[test]
 fn grpcurl_drives_every_rpc_against_the_sandbox() {
-    let data = tempfile::tempdir().unwrap();
-    let dir = data.path().to_owned();
-    let mut bin = Binary::start_with(
-        &["serve", "--sandbox", "--sandbox-addr", "127.0.0.1:0"],
-        &[("RUST_LOG", "trace")],
-        &dir,
-        Some(data),
-    );
+    let mut bin = start_binary_with(&[("RUST_LOG", "trace")]);
     let call = |method: &str, body: &str| {
         let (ok, out, err) = run_grpcurl(&["-d", body, &bin.grpc, method]);
         assert!(ok, "{method}: {err}");

@@ -310,6 +310,35 @@ pub struct Binary {
     _data: Option<tempfile::TempDir>,
 }
 
+/// The store flags for a real binary on the test store: none for SQLite
+/// (its data directory holds it), or `--store URL` of a PostgreSQL database
+/// with `KONGTIE_TEST_STORE=postgres`, the same database for every start on
+/// the same `dir` (a restart finds what it stored). Such databases live as
+/// long as the test process; the next one sweeps them.
+pub fn test_store_args(dir: &std::path::Path) -> Vec<String> {
+    use std::collections::HashMap;
+    static DATABASES: Mutex<Option<HashMap<std::path::PathBuf, PgDatabase>>> = Mutex::new(None);
+    match std::env::var("KONGTIE_TEST_STORE").as_deref() {
+        Ok("postgres") => {}
+        _ => return Vec::new(),
+    }
+    let mut databases = DATABASES.lock().unwrap();
+    let databases = databases.get_or_insert_with(HashMap::new);
+    let db = databases.entry(dir.to_owned()).or_insert_with(|| {
+        // Made on a runtime of its own: callers may be sync or async.
+        std::thread::spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(PgDatabase::create())
+        })
+        .join()
+        .unwrap()
+    });
+    vec!["--store".to_owned(), db.url.clone()]
+}
+
 impl Binary {
     pub fn start(args: &[&str]) -> Binary {
         let data = tempfile::tempdir().unwrap();

@@ -555,7 +555,13 @@ async fn an_order_is_retried_when_the_connection_never_happened() {
 async fn sigterm_ends_subscriptions_unavailable_keeps_every_acknowledged_notification_and_exits_zero()
  {
     let dir = tempfile::tempdir().unwrap();
-    let mut bin = Binary::start_in(&["serve", "--shutdown-grace-secs", "5"], dir.path(), None);
+    // SQLite, or PostgreSQL with KONGTIE_TEST_STORE=postgres.
+    let store = test_store_args(dir.path());
+    let args: Vec<&str> = ["serve", "--shutdown-grace-secs", "5"]
+        .into_iter()
+        .chain(store.iter().map(String::as_str))
+        .collect();
+    let mut bin = Binary::start_in(&args, dir.path(), None);
     let url = bin.notify_url();
     let mut stream = PaymentClient::connect(format!("http://{}", bin.grpc))
         .await
@@ -609,7 +615,7 @@ async fn sigterm_ends_subscriptions_unavailable_keeps_every_acknowledged_notific
     }
     let acknowledged = acknowledged.lock().unwrap().clone();
 
-    let bin = Binary::start_in(&["serve"], dir.path(), None);
+    let bin = Binary::start_in(&args, dir.path(), None);
     let stored: std::collections::HashSet<String> = list_all(&bin.grpc)
         .await
         .into_iter()
