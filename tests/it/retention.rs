@@ -390,8 +390,9 @@ async fn the_sqlite_file_stops_growing_under_intake_and_sweeps() {
         .await
             >= 2399.0
     );
-    // After the first rounds, the file is as large as it gets.
-    let settled = sizes[2];
+    // After the first rounds, the file is as large as it gets (compaction
+    // may shrink it between rounds; it never outgrows them).
+    let settled = sizes[..3].iter().copied().max().unwrap();
     assert!(
         sizes[3..].iter().all(|&s| s <= settled + settled / 5),
         "the file kept growing: {sizes:?}"
