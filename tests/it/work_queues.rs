@@ -285,8 +285,10 @@ async fn a_worker_killed_holding_leases_has_them_delivered_to_another_after_ack_
     for id in ["K1", "K2", "K3", "K4"] {
         post(&app, id).await;
     }
+    // A 5 s lease: long enough that a loaded machine does not see it run
+    // out before the kill.
     payment
-        .create_consumer(queue("billing", 2, 5))
+        .create_consumer(queue("billing", 5, 5))
         .await
         .unwrap();
     let mut worker = tokio::process::Command::new(std::env::current_exe().unwrap())
@@ -322,12 +324,12 @@ async fn a_worker_killed_holding_leases_has_them_delivered_to_another_after_ack_
     // out, delivered a second time.
     let killed_at = tokio::time::Instant::now();
     assert_eq!(sequences(&fetch(&mut payment, "billing", 10, 0).await), [4]);
-    let again = fetch(&mut payment, "billing", 10, 10).await;
+    let again = fetch(&mut payment, "billing", 10, 20).await;
     assert_eq!(sequences(&again), [1, 2, 3]);
     assert!(again.iter().all(|e| e.delivery_count == 2));
     assert!(
-        killed_at.elapsed() < Duration::from_secs(10),
-        "woken when the lease ran out"
+        killed_at.elapsed() < Duration::from_secs(15),
+        "woken when the lease ran out, not at the end of the 20 s wait"
     );
     let c = get(&mut payment, "billing").await;
     assert_eq!((c.pending, c.redelivered), (4, 3));
