@@ -351,6 +351,11 @@ pub struct ServeArgs {
     /// many seconds, so clients rebalance across replicas; 0 turns it off.
     #[arg(long, env = "KONGTIE_MAX_CONNECTION_AGE_SECS", default_value_t = 1800)]
     pub max_connection_age_secs: u64,
+    /// Streams (calls and subscriptions) one gRPC connection may have open
+    /// at once, advertised to clients in HTTP/2's SETTINGS
+    /// (MAX_CONCURRENT_STREAMS); a client opens more on more connections.
+    #[arg(long, env = "KONGTIE_GRPC_MAX_STREAMS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub grpc_max_streams: u32,
     /// Run the sandbox simulator in-process and point the gateway at it.
     #[arg(long, env = "KONGTIE_SANDBOX")]
     pub sandbox: bool,
@@ -447,6 +452,7 @@ pub struct Config {
     pub access: AccessConfig,
     pub shutdown_grace: Duration,
     pub max_connection_age: Option<Duration>,
+    pub grpc_max_streams: u32,
     pub retention: RetentionPolicy,
     /// Run this simulator in-process, on this address, and use it as the
     /// upstream.
@@ -543,6 +549,7 @@ impl ServeArgs {
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
             max_connection_age: (self.max_connection_age_secs > 0)
                 .then(|| Duration::from_secs(self.max_connection_age_secs)),
+            grpc_max_streams: self.grpc_max_streams,
             store_url: self.store.url(),
             retention: {
                 let keep = crate::retention::parse_duration(&self.retention)?;

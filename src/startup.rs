@@ -252,6 +252,16 @@ impl Application {
             // without an answer.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            // Streams per connection, advertised in SETTINGS: tonic passes
+            // none to hyper by default, which leaves a connection unbounded.
+            .max_concurrent_streams(self.config.grpc_max_streams)
+            // hyper's own caps on streams a client has reset before the
+            // server took them (rapid reset) and on streams the server
+            // resets for the client's errors (MadeYouReset): past them, a
+            // GOAWAY. tonic passes none, which turns the second off; these
+            // are hyper's defaults.
+            .http2_max_pending_accept_reset_streams(Some(20))
+            .http2_max_local_error_reset_streams(Some(1024))
             .add_service(health_service)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
