@@ -356,6 +356,14 @@ pub struct ServeArgs {
     /// (MAX_CONCURRENT_STREAMS); a client opens more on more connections.
     #[arg(long, env = "KONGTIE_GRPC_MAX_STREAMS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub grpc_max_streams: u32,
+    /// Subscriptions the server holds at once; the one past it gets
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "KONGTIE_MAX_SUBSCRIPTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_subscriptions: u32,
+    /// Subscriptions one connection may hold at once; the one past it gets
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "KONGTIE_MAX_SUBSCRIPTIONS_PER_CONNECTION", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_subscriptions_per_connection: u32,
     /// Run the sandbox simulator in-process and point the gateway at it.
     #[arg(long, env = "KONGTIE_SANDBOX")]
     pub sandbox: bool,
@@ -453,6 +461,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub max_connection_age: Option<Duration>,
     pub grpc_max_streams: u32,
+    pub max_subscriptions: usize,
+    pub max_subscriptions_per_connection: usize,
     pub retention: RetentionPolicy,
     /// Run this simulator in-process, on this address, and use it as the
     /// upstream.
@@ -550,6 +560,8 @@ impl ServeArgs {
             max_connection_age: (self.max_connection_age_secs > 0)
                 .then(|| Duration::from_secs(self.max_connection_age_secs)),
             grpc_max_streams: self.grpc_max_streams,
+            max_subscriptions: self.max_subscriptions as usize,
+            max_subscriptions_per_connection: self.max_subscriptions_per_connection as usize,
             store_url: self.store.url(),
             retention: {
                 let keep = crate::retention::parse_duration(&self.retention)?;

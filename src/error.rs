@@ -106,6 +106,13 @@ pub enum Error {
     #[error("not configured: {0}")]
     NotConfigured(&'static str),
 
+    /// A subscription past a limit (per connection, or the server's).
+    #[error(
+        "too many subscriptions on this {scope} (at most {limit}); end one, or subscribe on \
+         another connection"
+    )]
+    TooManySubscriptions { scope: &'static str, limit: usize },
+
     #[error(
         "order {} exists with other terms (amount_fen {}, openid {}, expires_at {})",
         .0.out_trade_id, .0.amount_fen, .0.openid, .0.expires_at
@@ -320,6 +327,17 @@ impl From<Error> for Status {
                 ]);
                 details.set_error_info("NOT_DELIVERED", ERROR_DOMAIN, meta);
                 Code::FailedPrecondition
+            }
+            Error::TooManySubscriptions { scope, limit } => {
+                details.set_error_info(
+                    "TOO_MANY_SUBSCRIPTIONS",
+                    ERROR_DOMAIN,
+                    HashMap::from([
+                        ("scope".to_owned(), (*scope).to_owned()),
+                        ("limit".to_owned(), limit.to_string()),
+                    ]),
+                );
+                Code::ResourceExhausted
             }
             Error::NotConfigured(_) => {
                 details.set_error_info("NOT_CONFIGURED", ERROR_DOMAIN, HashMap::new());

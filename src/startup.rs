@@ -18,7 +18,11 @@ use crate::{
     connect::ConnectLayer,
     consumers::WorkQueues,
     gateway::Gateway,
-    grpc::{AuthService, PaymentService, TicketService, observe::ObserveLayer},
+    grpc::{
+        AuthService, PaymentService, TicketService,
+        observe::ObserveLayer,
+        subscription_limits::{SubscriptionLimits, SubscriptionPolicy},
+    },
     metrics::Metrics,
     notify,
     orders::Ledger,
@@ -220,7 +224,13 @@ impl Application {
             queues,
             stopping.clone(),
             Arc::clone(&self.metrics),
-            self.config.max_connection_age,
+            SubscriptionPolicy {
+                max_age: self.config.max_connection_age,
+                limits: SubscriptionLimits::new(
+                    self.config.max_subscriptions,
+                    self.config.max_subscriptions_per_connection,
+                ),
+            },
         );
         let keys = self.api_keys.clone();
 

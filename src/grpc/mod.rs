@@ -6,6 +6,7 @@ pub mod codec;
 mod consumers;
 pub mod observe;
 mod payment;
+pub mod subscription_limits;
 mod ticket;
 
 use std::time::Duration;

@@ -25,6 +25,8 @@ use crate::{
     upstream::wire,
 };
 
+use super::subscription_limits::{SubscriptionLimits, SubscriptionPolicy};
+
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
 
@@ -39,6 +41,7 @@ pub struct PaymentService {
     /// Subscriptions end (UNAVAILABLE) after about this long, so that
     /// long-lived subscribers reconnect and spread over replicas.
     subscription_max_age: Option<Duration>,
+    limits: SubscriptionLimits,
 }
 
 impl PaymentService {
@@ -49,7 +52,7 @@ impl PaymentService {
         queues: Arc<WorkQueues>,
         shutdown: watch::Receiver<bool>,
         metrics: Arc<Metrics>,
-        subscription_max_age: Option<Duration>,
+        subscriptions: SubscriptionPolicy,
     ) -> Self {
         Self {
             gateway,
@@ -58,7 +61,8 @@ impl PaymentService {
             queues,
             shutdown,
             metrics,
-            subscription_max_age,
+            subscription_max_age: subscriptions.max_age,
+            limits: subscriptions.limits,
         }
     }
 }
@@ -349,6 +353,9 @@ impl Payment for PaymentService {
         &self,
         request: Request<proto::SubscribeNotificationsRequest>,
     ) -> Result<Response<Self::SubscribeNotificationsStream>, Status> {
+        // Its place among the server's and its connection's subscriptions,
+        // held until its task ends.
+        let admission = self.limits.admit(request.remote_addr())?;
         let req = request.into_inner();
         let mut v = Validator::default();
         let consumer = v.field("consumer", optional(&req.consumer, parse_consumer));
@@ -431,6 +438,7 @@ impl Payment for PaymentService {
             }
             drop(lost_tx);
             metrics.subscribers.dec();
+            drop(admission);
         });
         // A subscription never ends normally: whatever ended it, the client
         // should resubscribe, so a stream that closed without an error

@@ -36,3 +36,62 @@ async fn the_stream_limit_is_advertised_in_settings() {
     let app = spawn_app_with(&["--grpc-max-streams", "7"], |_| {}).await;
     assert_eq!(advertised_streams(app.addr).await, 7);
 }
+
+/// Subscriptions are capped per connection and in total: the one past a
+/// cap gets RESOURCE_EXHAUSTED naming it, and a place comes back when a
+/// subscriber leaves.
+#[tokio::test]
+async fn a_subscription_past_a_cap_is_resource_exhausted_until_a_place_frees() {
+    use kongtie_gateway::proto::{SubscribeNotificationsRequest, payment_client::PaymentClient};
+    use tonic::Code;
+    let app = spawn_app_with(
+        &[
+            "--max-subscriptions-per-connection",
+            "2",
+            "--max-subscriptions",
+            "3",
+        ],
+        |_| {},
+    )
+    .await;
+    let subscribe = |channel: tonic::transport::Channel| async move {
+        PaymentClient::new(channel)
+            .subscribe_notifications(SubscribeNotificationsRequest::default())
+            .await
+            .map(tonic::Response::into_inner)
+    };
+    let refused = |outcome: Result<_, tonic::Status>, scope: &str, limit: &str| {
+        let status = outcome.expect_err("past the cap");
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        let (reason, meta) = error_info(&status);
+        assert_eq!(reason, "TOO_MANY_SUBSCRIPTIONS");
+        assert_eq!(
+            (meta["scope"].as_str(), meta["limit"].as_str()),
+            (scope, limit)
+        );
+    };
+    let one = app.channel().await;
+    let first = subscribe(one.clone()).await.unwrap();
+    let _second = subscribe(one.clone()).await.unwrap();
+    refused(subscribe(one.clone()).await, "connection", "2");
+    let other = app.channel().await;
+    let _third = subscribe(other.clone()).await.unwrap();
+    refused(subscribe(other.clone()).await, "server", "3");
+
+    // One leaves: its place comes back once the server sees it gone.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let _again = loop {
+        match subscribe(other.clone()).await {
+            Ok(stream) => break stream,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the place did not come back within 10 s"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+}
