@@ -95,3 +95,64 @@ async fn a_subscription_past_a_cap_is_resource_exhausted_until_a_place_frees() {
         }
     };
 }
+
+/// A subscription ended the normal way (its maximum age; shutdown is the
+/// same status) is logged as an RPC that finished UNAVAILABLE at INFO, not
+/// as a failure at WARN: normal endings page nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_normal_end_of_a_subscription_is_not_logged_as_a_failure() {
+    use kongtie_gateway::proto::{SubscribeNotificationsRequest, payment_client::PaymentClient};
+    let mut bin = Binary::start(&[
+        "serve",
+        "--sandbox",
+        "--sandbox-addr",
+        "127.0.0.1:0",
+        "--max-connection-age-secs",
+        "1",
+    ]);
+    let mut stream = PaymentClient::connect(format!("http://{}", bin.grpc))
+        .await
+        .unwrap()
+        .subscribe_notifications(SubscribeNotificationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("the subscription ended at its age")
+        .expect_err("with a status");
+    assert_eq!(end.code(), tonic::Code::Unavailable);
+    // The gateway's line for it is written once the stream's end is.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !bin
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("SubscribeNotifications") && l.contains("rpc finished"))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no line for the subscription's end"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = bin.stop_and_read_log();
+    let ended: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("SubscribeNotifications") && l.contains("rpc finished"))
+        .collect();
+    assert_eq!(ended.len(), 1, "{ended:#?}");
+    assert!(
+        ended[0].contains("INFO") && ended[0].contains("code=Unavailable"),
+        "{}",
+        ended[0]
+    );
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ")).collect();
+    assert!(
+        warnings
+            .iter()
+            .all(|l| l.contains("no API keys configured")),
+        "{warnings:#?}"
+    );
+}
