@@ -601,6 +601,30 @@ pub async fn next_notification(
         .expect("the stream is open")
 }
 
+/// POSTs `body` to `url` (a notify listener): (status, body).
+pub async fn post(url: &str, body: String) -> (u16, String) {
+    let resp = reqwest::Client::new()
+        .post(url)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+/// A subscription to every notification, on a new connection to `grpc`.
+pub async fn subscribe_at(
+    grpc: &str,
+) -> tonic::Streaming<kongtie_gateway::proto::PaymentNotification> {
+    kongtie_gateway::proto::payment_client::PaymentClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap()
+        .subscribe_notifications(kongtie_gateway::proto::SubscribeNotificationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// Floods `bin` with notifications from 16 senders and SIGKILLs it once
 /// `n` have been answered `success`; returns those.
 pub async fn kill_mid_flood(bin: &mut Binary, prefix: &str, n: usize) -> Vec<String> {

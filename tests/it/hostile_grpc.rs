@@ -101,7 +101,6 @@ async fn a_subscription_past_a_cap_is_resource_exhausted_until_a_place_frees() {
 /// as a failure at WARN: normal endings page nobody.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_normal_end_of_a_subscription_is_not_logged_as_a_failure() {
-    use kongtie_gateway::proto::{SubscribeNotificationsRequest, payment_client::PaymentClient};
     let mut bin = Binary::start(&[
         "serve",
         "--sandbox",
@@ -110,13 +109,7 @@ async fn the_normal_end_of_a_subscription_is_not_logged_as_a_failure() {
         "--max-connection-age-secs",
         "1",
     ]);
-    let mut stream = PaymentClient::connect(format!("http://{}", bin.grpc))
-        .await
-        .unwrap()
-        .subscribe_notifications(SubscribeNotificationsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = subscribe_at(&bin.grpc).await;
     let end = tokio::time::timeout(Duration::from_secs(10), stream.message())
         .await
         .expect("the subscription ended at its age")

@@ -563,13 +563,7 @@ async fn sigterm_ends_subscriptions_unavailable_keeps_every_acknowledged_notific
         .collect();
     let mut bin = Binary::start_in(&args, dir.path(), None);
     let url = bin.notify_url();
-    let mut stream = PaymentClient::connect(format!("http://{}", bin.grpc))
-        .await
-        .unwrap()
-        .subscribe_notifications(SubscribeNotificationsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = subscribe_at(&bin.grpc).await;
 
     let (acknowledged, senders) = flood(&url, "T", 8);
     let ready = reqwest::get(format!("http://{}/readyz", bin.admin))

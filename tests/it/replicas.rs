@@ -13,7 +13,7 @@ use tonic::{Streaming, transport::Channel};
 use crate::{
     helpers::{
         Binary, KTAPI_TOKEN, admin_metrics, assert_each_acknowledged_stored_once, kill_mid_flood,
-        list_all, next_notification, payment_notification, sample, spawn_app_with,
+        list_all, next_notification, payment_notification, post, sample, spawn_app_with,
     },
     pg::PgDatabase,
 };
@@ -38,16 +38,6 @@ async fn subscribe(bin: &Binary, after: u64) -> Streaming<PaymentNotification> {
         .await
         .unwrap()
         .into_inner()
-}
-
-async fn post(url: &str, body: String) -> (u16, String) {
-    let resp = reqwest::Client::new()
-        .post(url)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    (resp.status().as_u16(), resp.text().await.unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -116,38 +116,26 @@ async fn the_notify_listener_takes_its_path_body_limit_and_token_from_the_flags(
         "{}",
         app.notify_url
     );
-    let post = |url: String, body: String| async move {
-        let resp = reqwest::Client::new()
-            .post(url)
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        (resp.status().as_u16(), resp.text().await.unwrap())
-    };
     let good = payment_notification("NP1", "a-notify-token");
     assert_eq!(
-        post(app.notify_url.clone(), good.clone()).await,
+        post(&app.notify_url, good.clone()).await,
         (200, "success".into())
     );
     // Signed with the ktapi token, which the notify token replaces: refused.
     assert_eq!(
-        post(
-            app.notify_url.clone(),
-            payment_notification("NP2", KTAPI_TOKEN)
-        )
-        .await
-        .0,
+        post(&app.notify_url, payment_notification("NP2", KTAPI_TOKEN))
+            .await
+            .0,
         401
     );
     // The default path is not served.
     let default = app
         .notify_url
         .replace("/hooks/kongtie", "/kongtie/payment-notify");
-    assert_eq!(post(default, good).await.0, 404);
+    assert_eq!(post(&default, good).await.0, 404);
     // Over 1,024 bytes: 413, before it is read.
     let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(1100));
-    assert_eq!(post(app.notify_url.clone(), big).await.0, 413);
+    assert_eq!(post(&app.notify_url, big).await.0, 413);
     let stored = app.stored_notifications().await;
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].out_trade_id, "NP1");
