@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use crate::retention::RetentionPolicy;
+use crate::{grpc::listener::ConnectionPolicy, retention::RetentionPolicy};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
@@ -351,6 +351,28 @@ pub struct ServeArgs {
     /// many seconds, so clients rebalance across replicas; 0 turns it off.
     #[arg(long, env = "KONGTIE_MAX_CONNECTION_AGE_SECS", default_value_t = 1800)]
     pub max_connection_age_secs: u64,
+    /// After its maximum age, the time a connection's streams have to
+    /// finish before it is closed for good, stuck streams and all.
+    #[arg(long, env = "KONGTIE_MAX_CONNECTION_AGE_GRACE_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub max_connection_age_grace_secs: u64,
+    /// gRPC connections open at once; past it, new ones wait in the
+    /// kernel's queue until one closes.
+    #[arg(long, env = "KONGTIE_GRPC_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub grpc_max_connections: u32,
+    /// Time a new gRPC connection has, in milliseconds, to finish its TLS
+    /// handshake and send the HTTP/2 preface; then it is closed.
+    #[arg(long, env = "KONGTIE_GRPC_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub grpc_handshake_timeout_ms: u64,
+    /// Longest a call may take on the server, in milliseconds, from its
+    /// headers to its answer (or, for a subscription, to its first
+    /// message): past it, DEADLINE_EXCEEDED. It bounds a request body that
+    /// stops arriving. A client's shorter `grpc-timeout` wins.
+    #[arg(long, env = "KONGTIE_GRPC_CALL_TIMEOUT_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub grpc_call_timeout_ms: u64,
+    /// Largest request message, in bytes; a larger one is
+    /// RESOURCE_EXHAUSTED. Every request of these services is far smaller.
+    #[arg(long, env = "KONGTIE_GRPC_MAX_MESSAGE_BYTES", default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(1024..=(64 << 20)))]
+    pub grpc_max_message_bytes: u32,
     /// Streams (calls and subscriptions) one gRPC connection may have open
     /// at once, advertised to clients in HTTP/2's SETTINGS
     /// (MAX_CONCURRENT_STREAMS); a client opens more on more connections.
@@ -461,6 +483,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub max_connection_age: Option<Duration>,
     pub grpc_max_streams: u32,
+    pub grpc_connections: ConnectionPolicy,
+    pub grpc_call_timeout: Duration,
+    pub grpc_max_message_bytes: usize,
     pub max_subscriptions: usize,
     pub max_subscriptions_per_connection: usize,
     pub retention: RetentionPolicy,
@@ -560,6 +585,15 @@ impl ServeArgs {
             max_connection_age: (self.max_connection_age_secs > 0)
                 .then(|| Duration::from_secs(self.max_connection_age_secs)),
             grpc_max_streams: self.grpc_max_streams,
+            grpc_connections: ConnectionPolicy {
+                max_connections: self.grpc_max_connections as usize,
+                handshake_timeout: Duration::from_millis(self.grpc_handshake_timeout_ms),
+                max_age: (self.max_connection_age_secs > 0)
+                    .then(|| Duration::from_secs(self.max_connection_age_secs)),
+                max_age_grace: Duration::from_secs(self.max_connection_age_grace_secs),
+            },
+            grpc_call_timeout: Duration::from_millis(self.grpc_call_timeout_ms),
+            grpc_max_message_bytes: self.grpc_max_message_bytes as usize,
             max_subscriptions: self.max_subscriptions as usize,
             max_subscriptions_per_connection: self.max_subscriptions_per_connection as usize,
             store_url: self.store.url(),

@@ -6,6 +6,7 @@
 //! `store` their durable home, `sandbox` a simulator of Kongtie, `startup`
 //! wires them together.
 
+pub mod accept;
 pub mod admin;
 pub mod api_keys;
 pub mod backup;

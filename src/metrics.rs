@@ -109,6 +109,49 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 15))
 }
 
+/// One listener's connections: open now, waits at its cap, accept errors,
+/// and endings by reason.
+#[derive(Clone, Default)]
+pub struct ListenerMetrics {
+    pub connections: Gauge,
+    pub waits: Counter,
+    pub accept_errors: Counter,
+    closed: Family<ReasonLabels, Counter>,
+}
+
+impl ListenerMetrics {
+    fn register(&self, registry: &mut Registry, listener: &str, reasons: &str) {
+        registry.register(
+            format!("{listener}_connections"),
+            format!("Connections open now on the {listener} listener"),
+            self.connections.clone(),
+        );
+        registry.register(
+            format!("{listener}_connection_waits"),
+            format!(
+                "Times the {listener} listener stopped accepting: all its connections were open"
+            ),
+            self.waits.clone(),
+        );
+        registry.register(
+            format!("{listener}_accept_errors"),
+            format!(
+                "Connections the {listener} listener failed to accept (out of file descriptors...)"
+            ),
+            self.accept_errors.clone(),
+        );
+        registry.register(
+            format!("{listener}_connections_closed"),
+            format!("{listener} listener connections ended, by reason: {reasons}"),
+            self.closed.clone(),
+        );
+    }
+
+    pub fn closed(&self, reason: &'static str) {
+        self.closed.get_or_create(&ReasonLabels { reason }).inc();
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub rpc_started: Family<RpcLabels, Counter>,
@@ -125,16 +168,16 @@ pub struct Metrics {
     pub subscription_catch_ups: Counter,
     pub order_requests: Family<OutcomeLabels, Counter>,
     pub order_checks: Family<ResultLabels, Counter>,
-    pub notify_connections: Gauge,
-    pub notify_connection_waits: Counter,
-    pub notify_accept_errors: Counter,
+    /// The notify listener's connections (`kongtie_notify_connection*`).
+    pub notify_listener: ListenerMetrics,
+    /// The gRPC listener's connections (`kongtie_grpc_connection*`).
+    pub grpc_listener: ListenerMetrics,
     log_lines_dropped: Counter,
     retention_deleted: Family<KindLabels, Counter>,
     pub retention_sweeps: Counter,
     pub store_first_retained: Gauge,
     pub store_size_bytes: Gauge,
     scrape: std::sync::Mutex<()>,
-    pub notify_connections_closed: Family<ReasonLabels, Counter>,
     pub store_commit_seconds: Histogram,
     pub store_checkpoint_failures: Counter,
     pub store_batch_size: Histogram,
@@ -180,16 +223,14 @@ impl Metrics {
             subscription_catch_ups: Counter::default(),
             order_requests: Family::default(),
             order_checks: Family::default(),
-            notify_connections: Gauge::default(),
-            notify_connection_waits: Counter::default(),
-            notify_accept_errors: Counter::default(),
+            notify_listener: ListenerMetrics::default(),
+            grpc_listener: ListenerMetrics::default(),
             log_lines_dropped: Counter::default(),
             retention_deleted: Family::default(),
             retention_sweeps: Counter::default(),
             store_first_retained: Gauge::default(),
             store_size_bytes: Gauge::default(),
             scrape: std::sync::Mutex::new(()),
-            notify_connections_closed: Family::default(),
             store_commit_seconds: latency_histogram(),
             store_checkpoint_failures: Counter::default(),
             store_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
@@ -245,20 +286,18 @@ impl Metrics {
              amount_mismatch, unknown_order",
             m.order_checks.clone(),
         );
-        registry.register(
-            "notify_connections",
-            "Connections open now on the notify listener",
-            m.notify_connections.clone(),
+        m.notify_listener.register(
+            registry,
+            "notify",
+            "closed (by the client or after its answer), read_timeout (no request headers \
+             in time, idle included), shutdown, error",
         );
-        registry.register(
-            "notify_connection_waits",
-            "Times the notify listener stopped accepting: all its connections were open",
-            m.notify_connection_waits.clone(),
-        );
-        registry.register(
-            "notify_accept_errors",
-            "Connections the notify listener failed to accept (out of file descriptors...)",
-            m.notify_accept_errors.clone(),
+        m.grpc_listener.register(
+            registry,
+            "grpc",
+            "closed (by either side), no_preface (nothing within the handshake timeout), \
+             tls_handshake (failed or too slow), past_max_age (closed for good after \
+             max age and its grace)",
         );
         registry.register(
             "retention_deleted",
@@ -291,13 +330,6 @@ impl Metrics {
             "log_lines_dropped",
             "Log lines dropped because stderr did not keep up (the writer's queue was full)",
             m.log_lines_dropped.clone(),
-        );
-        registry.register(
-            "notify_connections_closed",
-            "Notify listener connections ended, by reason: closed (by the client or \
-             after its answer), read_timeout (no request headers in time, idle \
-             included), shutdown, error",
-            m.notify_connections_closed.clone(),
         );
         registry.register(
             "store_checkpoint_failures",
@@ -470,12 +502,6 @@ impl Metrics {
     pub fn order_check(&self, result: &'static str) {
         self.order_checks
             .get_or_create(&ResultLabels { result })
-            .inc();
-    }
-
-    pub fn notify_connection_closed(&self, reason: &'static str) {
-        self.notify_connections_closed
-            .get_or_create(&ReasonLabels { reason })
             .inc();
     }
 

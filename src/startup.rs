@@ -4,14 +4,16 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use futures::FutureExt;
 use secrecy::ExposeSecret;
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tokio_rustls::TlsAcceptor;
+use tonic::{service::interceptor::InterceptedService, transport::Server};
 use tracing::{info, warn};
 use url::Url;
 
 use crate::{
+    accept::Acceptor,
     admin,
     api_keys::ApiKeys,
     config::{AccessConfig, Config},
@@ -20,6 +22,8 @@ use crate::{
     gateway::Gateway,
     grpc::{
         AuthService, PaymentService, TicketService,
+        limits::CallLimitsLayer,
+        listener,
         observe::ObserveLayer,
         subscription_limits::{SubscriptionLimits, SubscriptionPolicy},
     },
@@ -43,7 +47,7 @@ pub struct Application {
     admin_listener: TcpListener,
     admin_addr: SocketAddr,
     api_keys: ApiKeys,
-    tls: Option<ServerTlsConfig>,
+    tls: Option<TlsAcceptor>,
     config: Config,
     metrics: Arc<Metrics>,
     gateway: Arc<Gateway>,
@@ -235,15 +239,14 @@ impl Application {
         let keys = self.api_keys.clone();
 
         let mut server = Server::builder();
-        if let Some(tls) = self.tls {
-            server = server.tls_config(tls)?;
-        }
         if let Some(age) = self.config.max_connection_age {
-            // GOAWAY after `age`, then the connection's streams may finish.
-            // Not `max_connection_age_grace`: in tonic 0.14 setting it skips
-            // the GOAWAY and closes the connection hard at age + grace.
+            // GOAWAY after `age`, then the connection's streams may finish;
+            // it is closed for good at age + grace by `listener`. Not
+            // tonic's `max_connection_age_grace`: in tonic 0.14 setting it
+            // skips the GOAWAY and closes the connection hard at age + grace.
             server = server.max_connection_age(age);
         }
+        let max_message = self.config.grpc_max_message_bytes;
         info!(
             addr = %self.grpc_addr,
             tls = self.config.access.tls.is_some(),
@@ -258,6 +261,12 @@ impl Application {
             .layer(ConnectLayer::new()?)
             // Each RPC's metrics, span and log line (src/grpc/observe.rs).
             .layer(ObserveLayer::new(Arc::clone(&self.metrics)))
+            // The server-side deadline of each call, and RESOURCE_EXHAUSTED
+            // for a message over the limit (src/grpc/limits.rs).
+            .layer(CallLimitsLayer::new(
+                self.config.grpc_call_timeout,
+                max_message,
+            ))
             // Notice dead subscribers: a ping every 30 s, gone after 10 s
             // without an answer.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -272,29 +281,67 @@ impl Application {
             // are hyper's defaults.
             .http2_max_pending_accept_reset_streams(Some(20))
             .http2_max_local_error_reset_streams(Some(1024))
-            .add_service(health_service)
-            .add_service(reflection().build_v1()?)
-            .add_service(reflection().build_v1alpha()?)
-            .add_service(AuthServer::with_interceptor(
-                AuthService::new(Arc::clone(&self.gateway)),
+            // Health and reflection need no API key (probes and grpcurl
+            // use them), and are under the same limits as every call.
+            .add_service(health_service.max_decoding_message_size(max_message))
+            .add_service(
+                reflection()
+                    .build_v1()?
+                    .max_decoding_message_size(max_message),
+            )
+            .add_service(
+                reflection()
+                    .build_v1alpha()?
+                    .max_decoding_message_size(max_message),
+            )
+            .add_service(InterceptedService::new(
+                AuthServer::new(AuthService::new(Arc::clone(&self.gateway)))
+                    .max_decoding_message_size(max_message),
                 keys.clone(),
             ))
-            .add_service(TicketServer::with_interceptor(
-                TicketService::new(Arc::clone(&self.gateway)),
+            .add_service(InterceptedService::new(
+                TicketServer::new(TicketService::new(Arc::clone(&self.gateway)))
+                    .max_decoding_message_size(max_message),
                 keys.clone(),
             ))
-            .add_service(PaymentServer::with_interceptor(payment, keys))
-            .serve_with_incoming_shutdown(
-                // Our own listener, so tonic's `tcp_nodelay` does not apply:
-                // without TCP_NODELAY, a unary answer's last frames wait on
-                // the client's delayed ACK (about 40 ms a call, measured).
-                TcpListenerStream::new(self.grpc_listener).map(|accepted| {
-                    accepted.inspect(|stream| {
-                        let _ = stream.set_nodelay(true);
-                    })
-                }),
-                stopped(stopping.clone()),
-            );
+            .add_service(InterceptedService::new(
+                PaymentServer::new(payment).max_decoding_message_size(max_message),
+                keys,
+            ));
+        // Our own accept loop and TLS (src/grpc/listener.rs): the
+        // connection cap, the handshake timeout, and the close for good
+        // after max age + grace.
+        let policy = self.config.grpc_connections;
+        let acceptor = Acceptor::new(
+            self.grpc_listener,
+            policy.max_connections,
+            self.metrics.grpc_listener.clone(),
+            "gRPC",
+        );
+        let grpc = match self.tls {
+            None => grpc
+                .serve_with_incoming_shutdown(
+                    listener::incoming(
+                        acceptor,
+                        |tcp| async move { Ok(tcp) },
+                        policy,
+                        stopping.clone(),
+                    ),
+                    stopped(stopping.clone()),
+                )
+                .boxed(),
+            Some(tls) => grpc
+                .serve_with_incoming_shutdown(
+                    listener::incoming(
+                        acceptor,
+                        move |tcp| tls.accept(tcp),
+                        policy,
+                        stopping.clone(),
+                    ),
+                    stopped(stopping.clone()),
+                )
+                .boxed(),
+        };
 
         info!(addr = %self.notify_addr, path = %self.config.notify.path, "notify listener listening");
         let notify_app = notify::router(
@@ -389,22 +436,11 @@ pub fn load_api_keys(access: &AccessConfig) -> Result<ApiKeys, BoxError> {
     Ok(ApiKeys::new(keys.iter().map(String::as_str)))
 }
 
-pub async fn load_tls(access: &AccessConfig) -> Result<Option<ServerTlsConfig>, BoxError> {
-    let Some(files) = &access.tls else {
-        return Ok(None);
-    };
-    let read = |path: std::path::PathBuf, what: &'static str| async move {
-        tokio::fs::read(&path)
-            .await
-            .map_err(|e| BoxError::from(format!("reading the TLS {what} {}: {e}", path.display())))
-    };
-    let cert = read(files.cert.clone(), "certificate").await?;
-    let key = read(files.key.clone(), "key").await?;
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-    if let Some(ca) = &files.client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read(ca.clone(), "client CA").await?));
+pub async fn load_tls(access: &AccessConfig) -> Result<Option<TlsAcceptor>, BoxError> {
+    match &access.tls {
+        None => Ok(None),
+        Some(files) => Ok(Some(listener::tls_acceptor(files).await?)),
     }
-    Ok(Some(tls))
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -158,29 +158,42 @@ pub fn trace_headers() -> HeaderMap {
 /// of repeats it stood for.
 pub struct RateLimited {
     interval: Duration,
-    /// When it was last logged, and how many were suppressed since.
-    state: Mutex<(Option<Instant>, u64)>,
+    burst: u32,
+    /// When the current interval began, lines logged in it, and how many
+    /// were suppressed since the last one logged.
+    state: Mutex<(Option<Instant>, u32, u64)>,
 }
 
 impl RateLimited {
+    /// One line per interval.
     pub fn new(interval: Duration) -> Self {
+        Self::with_burst(interval, 1)
+    }
+
+    /// Up to `burst` lines per interval.
+    pub fn with_burst(interval: Duration, burst: u32) -> Self {
         Self {
             interval,
-            state: Mutex::new((None, 0)),
+            burst: burst.max(1),
+            state: Mutex::new((None, 0, 0)),
         }
     }
 
-    /// Calls `log` with the number suppressed since the last time, unless
-    /// it was called less than the interval ago.
+    /// Calls `log` with the number suppressed since the last line logged,
+    /// unless the interval's lines are used up.
     pub fn log(&self, log: impl FnOnce(u64)) {
         let suppressed = {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            let (last, suppressed) = &mut *state;
-            if last.is_some_and(|t| t.elapsed() < self.interval) {
+            let (began, logged, suppressed) = &mut *state;
+            if began.is_none_or(|t| t.elapsed() >= self.interval) {
+                *began = Some(Instant::now());
+                *logged = 0;
+            }
+            if *logged >= self.burst {
                 *suppressed += 1;
                 return;
             }
-            *last = Some(Instant::now());
+            *logged += 1;
             std::mem::take(suppressed)
         };
         log(suppressed);

@@ -4,6 +4,8 @@
 mod auth;
 pub mod codec;
 mod consumers;
+pub mod limits;
+pub mod listener;
 pub mod observe;
 mod payment;
 pub mod subscription_limits;

@@ -16,7 +16,7 @@ use std::{
     pin::Pin,
     sync::{Arc, OnceLock},
     task::{Context, Poll},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use axum::http::{HeaderMap, HeaderName, Request, Response};
@@ -28,7 +28,10 @@ use tracing::{Level, Span};
 
 use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 
-use crate::metrics::{Metrics, RpcLabels};
+use crate::{
+    metrics::{Metrics, RpcLabels},
+    telemetry::RateLimited,
+};
 
 /// How one served path is labelled.
 #[derive(Debug)]
@@ -121,6 +124,10 @@ impl Route {
 /// by binary search.
 struct Table {
     metrics: Arc<Metrics>,
+    /// Calls that failed by our fault are logged at WARN, up to 50 lines a
+    /// second: a client that makes the server fail its streams on purpose
+    /// must not flood the log (every call is still counted).
+    warnings: RateLimited,
     routes: Vec<(&'static str, Route)>,
     unknown: Route,
 }
@@ -202,6 +209,7 @@ impl ObserveLayer {
         Self {
             table: Arc::new(Table {
                 metrics,
+                warnings: RateLimited::with_burst(Duration::from_secs(1), 50),
                 routes,
                 unknown: Route::new(&UNKNOWN),
             }),
@@ -322,7 +330,9 @@ impl Finish {
         };
         let _entered = self.span.enter();
         match level {
-            Level::WARN => tracing::warn!(code = %code, latency_us = micros, "rpc finished"),
+            Level::WARN => self.table.warnings.log(|suppressed| {
+                tracing::warn!(code = %code, latency_us = micros, suppressed, "rpc finished")
+            }),
             Level::DEBUG => tracing::debug!(code = %code, latency_us = micros, "rpc finished"),
             _ => tracing::info!(code = %code, latency_us = micros, "rpc finished"),
         }

@@ -6,13 +6,11 @@
 //!   of opening, or of its previous answer (hyper's header read timeout,
 //!   which also ends idle keep-alive connections); the handler gives the
 //!   body the same time (see `listener`).
-//! - Open connections are capped: past the cap, accepting waits (the kernel
-//!   queues new connections) until one closes.
+//! - Open connections are capped, and accept errors backed off
+//!   (`crate::accept`).
 //! - At shutdown, a connection whose whole request is in hand finishes it;
 //!   every other one (idle, or half-sent) is closed at once, so a stalled
 //!   client cannot make shutdown wait out its grace period.
-//! - An accept error (out of file descriptors) is logged, rate-limited, and
-//!   backed off rather than retried in a spin.
 
 use std::{
     net::SocketAddr,
@@ -31,13 +29,13 @@ use hyper_util::{
 };
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{Semaphore, watch},
+    sync::watch,
     task::JoinSet,
 };
 use tower::ServiceExt;
 use tracing::debug;
 
-use crate::{metrics::Metrics, telemetry::RateLimited};
+use crate::{accept::Acceptor, metrics::Metrics};
 
 /// How the listener treats connections.
 #[derive(Debug, Clone, Copy)]
@@ -84,51 +82,26 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     mut stopping: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut acceptor = Acceptor::new(
+        listener,
+        limits.max_connections,
+        metrics.notify_listener.clone(),
+        "notify",
+    );
     let mut connections = JoinSet::new();
-    let accept_errors = RateLimited::new(Duration::from_secs(10));
-    let mut backoff = Duration::ZERO;
     loop {
         // Reap finished connections as we go.
         while connections.try_join_next().is_some() {}
-        if slots.available_permits() == 0 {
-            metrics.notify_connection_waits.inc();
-        }
-        let slot = tokio::select! {
-            slot = Arc::clone(&slots).acquire_owned() => slot.expect("never closed"),
+        let (stream, peer, mut slot) = tokio::select! {
+            accepted = acceptor.accept() => accepted,
             () = stopped(&mut stopping) => break,
         };
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = stopped(&mut stopping) => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => {
-                backoff = Duration::ZERO;
-                accepted
-            }
-            Err(e) => {
-                // EMFILE and the like: nothing will change at once, so wait
-                // (up to a second) instead of spinning on the error.
-                backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-                accept_errors.log(|suppressed| {
-                    tracing::warn!(error = %e, suppressed, "the notify listener cannot accept")
-                });
-                metrics.notify_accept_errors.inc();
-                tokio::time::sleep(backoff).await;
-                continue;
-            }
-        };
-        let (app, metrics, stopping) = (app.clone(), Arc::clone(&metrics), stopping.clone());
+        let (app, stopping) = (app.clone(), stopping.clone());
         connections.spawn(async move {
-            metrics.notify_connections.inc();
-            let reason = connection(stream, peer, app, limits, stopping).await;
-            metrics.notify_connections.dec();
-            metrics.notify_connection_closed(reason);
-            drop(slot);
+            slot.set_reason(connection(stream, peer, app, limits, stopping).await);
         });
     }
-    drop(listener);
+    drop(acceptor);
     while connections.join_next().await.is_some() {}
 }
 
@@ -140,7 +113,6 @@ async fn connection(
     limits: ConnectionLimits,
     mut stopping: watch::Receiver<bool>,
 ) -> &'static str {
-    let _ = stream.set_nodelay(true);
     let in_flight = InFlight::default();
     let requests = in_flight.clone();
     let service = app.map_request(move |mut request: axum::extract::Request<_>| {
