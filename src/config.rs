@@ -371,7 +371,7 @@ pub struct ServeArgs {
     pub grpc_call_timeout_ms: u64,
     /// Largest request message, in bytes; a larger one is
     /// RESOURCE_EXHAUSTED. Every request of these services is far smaller.
-    #[arg(long, env = "KONGTIE_GRPC_MAX_MESSAGE_BYTES", default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(1024..=(64 << 20)))]
+    #[arg(long, env = "KONGTIE_GRPC_MAX_MESSAGE_BYTES", default_value_t = 64 << 10, value_parser = clap::value_parser!(u32).range(1024..=(64 << 20)))]
     pub grpc_max_message_bytes: u32,
     /// Streams (calls and subscriptions) one gRPC connection may have open
     /// at once, advertised to clients in HTTP/2's SETTINGS

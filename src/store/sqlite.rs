@@ -38,6 +38,9 @@ use super::{
 const MAX_BATCH: usize = 512;
 /// Requests queued for the writer before callers wait.
 const QUEUE: usize = 4096;
+/// Reads at once, each on a blocking thread with a connection of its own;
+/// more wait their turn (a burst of reads must not start a thread and
+/// open a connection each: that starves every other call of the CPU).
 const READERS: usize = 4;
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 /// A failing checkpoint is logged at most this often.
@@ -272,6 +275,7 @@ impl SqliteStore {
             readers: Arc::new(ReadPool {
                 path,
                 idle: Mutex::new(Vec::new()),
+                turns: tokio::sync::Semaphore::new(READERS),
             }),
         })
     }
@@ -284,6 +288,7 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, StoreError> {
+        let _turn = self.readers.turns.acquire().await.expect("never closed");
         let readers = Arc::clone(&self.readers);
         tokio::task::spawn_blocking(move || readers.with(f))
             .await
@@ -771,6 +776,7 @@ fn from_ms(ms: i64) -> DateTime<Utc> {
 struct ReadPool {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    turns: tokio::sync::Semaphore,
 }
 
 impl ReadPool {
@@ -803,7 +809,12 @@ fn backend(e: rusqlite::Error) -> StoreError {
 /// its rows there (the order ledger, the consumers), used from blocking
 /// tasks one call at a time. Durable like the writer's (`synchronous=FULL`),
 /// and waiting for the write lock rather than failing.
-pub struct SideConnection(Arc<Mutex<Connection>>);
+pub struct SideConnection {
+    conn: Arc<Mutex<Connection>>,
+    /// Callers wait their turn here, not each on a blocking thread of its
+    /// own parked on the mutex.
+    turn: tokio::sync::Semaphore,
+}
 
 impl SideConnection {
     /// Opens the store at `path` (already migrated).
@@ -815,7 +826,10 @@ impl SideConnection {
                 Ok(c)
             })
             .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
-        Ok(Self(Arc::new(Mutex::new(conn))))
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            turn: tokio::sync::Semaphore::new(1),
+        })
     }
 
     /// Runs `f` on the connection here (at start-up, before any task uses
@@ -824,7 +838,7 @@ impl SideConnection {
         &self,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<R>,
     ) -> Result<R, StoreError> {
-        f(&mut lock(&self.0)).map_err(|e| StoreError::Backend(e.to_string()))
+        f(&mut lock(&self.conn)).map_err(|e| StoreError::Backend(e.to_string()))
     }
 
     /// Runs `f` on the connection in a blocking task.
@@ -832,7 +846,8 @@ impl SideConnection {
         &self,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, StoreError> {
-        let conn = Arc::clone(&self.0);
+        let _turn = self.turn.acquire().await.expect("never closed");
+        let conn = Arc::clone(&self.conn);
         tokio::task::spawn_blocking(move || f(&mut lock(&conn)))
             .await
             .map_err(|e| StoreError::Backend(e.to_string()))?

@@ -149,3 +149,674 @@ async fn the_normal_end_of_a_subscription_is_not_logged_as_a_failure() {
         "{warnings:#?}"
     );
 }
+
+// ---------------------------------------------------------------------
+// Attacks on the connection itself. Each runs beside a legitimate caller
+// (`Prober`) whose GetAccessToken must be answered within 50 ms
+// throughout, and reads the gateway's own metrics to show which
+// mechanism ended the attack.
+
+/// A legitimate caller beside an attack: a GetAccessToken every 5 ms,
+/// each on a connection of its own (so no connection's age or GOAWAY is in
+/// the way), timed from connect to answer.
+struct Prober {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Vec<Duration>>,
+}
+
+impl Prober {
+    fn start(grpc: &str) -> Prober {
+        use kongtie_gateway::proto::{GetAccessTokenRequest, auth_client::AuthClient};
+        let url = format!("http://{grpc}");
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while !*stopped.borrow() {
+                let started = std::time::Instant::now();
+                let mut auth = AuthClient::connect(url.clone()).await.expect("connect");
+                auth.get_access_token(GetAccessTokenRequest::default())
+                    .await
+                    .expect("a legitimate call is answered during the attack");
+                latencies.push(started.elapsed());
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(5)) => {}
+                    _ = stopped.changed() => {}
+                }
+            }
+            latencies
+        });
+        Prober { stop, task }
+    }
+
+    /// Stops it; asserts it made calls and each was answered within 50 ms.
+    async fn assert_answered_within_50ms(self, attack: &str) {
+        let _ = self.stop.send(true);
+        let latencies = tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("the prober stops")
+            .expect("the prober did not panic");
+        let max = latencies.iter().max().copied().unwrap_or_default();
+        eprintln!(
+            "{attack}: {} legitimate calls, slowest {max:?}",
+            latencies.len()
+        );
+        assert!(
+            latencies.len() >= 5,
+            "{attack}: too few calls ({})",
+            latencies.len()
+        );
+        let mut slowest = latencies.clone();
+        slowest.sort_unstable_by(|a, b| b.cmp(a));
+        slowest.truncate(5);
+        assert!(
+            max <= Duration::from_millis(50),
+            "{attack}: a legitimate call took {max:?}; the slowest: {slowest:?}"
+        );
+    }
+}
+
+/// Resident memory of a process, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib / 1024.0
+}
+
+/// Waits (10 s at most) for a metric sample to reach `at_least`.
+async fn until_metric(admin: &str, series: &str, at_least: f64) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = admin_metrics(admin).await;
+        if sample(&metrics, series) >= at_least {
+            return metrics;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{series} did not reach {at_least} within 10 s: {}",
+            sample(&metrics, series)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The HTTP/2 client preface.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// One HTTP/2 frame.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = len.to_be_bytes()[1..].to_vec();
+    f.extend([kind, flags]);
+    f.extend(stream.to_be_bytes());
+    f.extend(payload);
+    f
+}
+
+/// Reads one frame: (type, flags, stream, payload); None at the end of the
+/// connection.
+async fn read_frame(
+    read: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> Option<(u8, u8, u32, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 9];
+    read.read_exact(&mut head).await.ok()?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    let mut payload = vec![0; len];
+    read.read_exact(&mut payload).await.ok()?;
+    Some((head[3], head[4], stream, payload))
+}
+
+/// A connection that sends nothing, or too little of the preface, is
+/// closed at the handshake timeout; one that sent its preface stays open;
+/// legitimate calls go on all the while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_a_preface_is_closed_at_the_handshake_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app_with(&["--grpc-handshake-timeout-ms", "1000"], |_| {}).await;
+    let prober = Prober::start(&app.addr.to_string());
+    let opened = tokio::time::Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let mut partial = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    partial.write_all(&PREFACE[..10]).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (_send, mut talking) = h2::client::handshake(tcp).await.unwrap();
+
+    for (what, conn) in [("silent", &mut silent), ("partial", &mut partial)] {
+        let mut buf = [0u8; 1024];
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            // Whatever the server wrote first, the connection then ends.
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "the {what} connection was not closed within 10 s"
+        );
+        assert!(
+            opened.elapsed() >= Duration::from_millis(900),
+            "the {what} connection was closed before its timeout: {:?}",
+            opened.elapsed()
+        );
+    }
+    // The one that spoke HTTP/2 is still open well past the timeout.
+    tokio::select! {
+        ended = &mut talking => panic!("the HTTP/2 connection ended: {ended:?}"),
+        () = tokio::time::sleep(Duration::from_millis(1500)) => {}
+    }
+    let admin = app.admin.to_string();
+    until_metric(
+        &admin,
+        r#"kongtie_grpc_connections_closed_total{reason="no_preface"}"#,
+        2.0,
+    )
+    .await;
+    prober.assert_answered_within_50ms("no preface").await;
+}
+
+/// Past its maximum age a connection gets a GOAWAY; a stream that never
+/// finishes (here a request body that stops arriving, with the call
+/// timeout far off) does not keep it open past age + grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_past_max_age_is_closed_for_good_even_with_a_stuck_stream() {
+    let app = spawn_app_with(
+        &[
+            "--max-connection-age-secs",
+            "1",
+            "--max-connection-age-grace-secs",
+            "1",
+        ],
+        |_| {},
+    )
+    .await;
+    let opened = tokio::time::Instant::now();
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (mut send, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let request = tonic::codegen::http::Request::post(format!(
+        "http://{}/grpc.health.v1.Health/Check",
+        app.addr
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (response, mut body) = send.send_request(request, false).unwrap();
+    // A message announced as 100 bytes; 2 of them sent; never the rest.
+    body.send_data(
+        bytes::Bytes::from_static(&[0, 0, 0, 0, 100, 0x0a, 0x01]),
+        false,
+    )
+    .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(15), connection)
+        .await
+        .expect("the connection was closed within 15 s");
+    let elapsed = opened.elapsed();
+    eprintln!("connection ended after {elapsed:?}: {ended:?}");
+    assert!(
+        elapsed >= Duration::from_millis(1800),
+        "closed before age + grace: {elapsed:?}"
+    );
+    // The stuck call did not get an answer: it was cut off with the
+    // connection.
+    let answer = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .unwrap();
+    assert!(answer.is_err(), "{answer:?}");
+    let admin = app.admin.to_string();
+    until_metric(
+        &admin,
+        r#"kongtie_grpc_connections_closed_total{reason="past_max_age"}"#,
+        1.0,
+    )
+    .await;
+}
+
+/// Streams the server resets for the client's errors (here a PRIORITY
+/// frame making a stream depend on itself, a stream error: the
+/// MadeYouReset pattern) are capped: past hyper's limit
+/// the connection gets a GOAWAY (ENHANCE_YOUR_CALM), and legitimate calls
+/// go on all the while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_reset_by_the_server_are_capped_with_a_goaway() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app().await;
+    let prober = Prober::start(&app.addr.to_string());
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (mut read, mut write) = tcp.into_split();
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(0x4, 0, 0, &[]));
+    write.write_all(&hello).await.unwrap();
+    // The server's SETTINGS, acknowledged.
+    loop {
+        let (kind, flags, _, _) =
+            tokio::time::timeout(Duration::from_secs(10), read_frame(&mut read))
+                .await
+                .expect("the server's SETTINGS within 10 s")
+                .expect("the connection is open");
+        if kind == 0x4 && flags & 0x1 == 0 {
+            break;
+        }
+    }
+    write.write_all(&frame(0x4, 0x1, 0, &[])).await.unwrap();
+    let counted = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let seen = std::sync::Arc::clone(&counted);
+    let reader = tokio::spawn(async move {
+        let mut resets = 0u32;
+        loop {
+            match read_frame(&mut read).await {
+                Some((0x3, _, _, _)) => {
+                    resets += 1;
+                    seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                // GOAWAY: last stream id, then the error code.
+                Some((0x7, _, _, p)) => {
+                    return (resets, Some(u32::from_be_bytes([p[4], p[5], p[6], p[7]])));
+                }
+                Some(_) => {}
+                None => return (resets, None),
+            }
+        }
+    });
+    let mut sent = 0u32;
+    for batch in 0..30u32 {
+        let mut frames = Vec::new();
+        for i in 0..100u32 {
+            let stream = 2 * (batch * 100 + i) + 1;
+            let mut priority = stream.to_be_bytes().to_vec();
+            priority.push(15);
+            frames.extend(frame(0x2, 0, stream, &priority));
+        }
+        if write.write_all(&frames).await.is_err() {
+            break;
+        }
+        sent += 100;
+        if reader.is_finished() {
+            break;
+        }
+        // Paced, so the legitimate caller's calls fall during the attack.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (resets, goaway) = tokio::time::timeout(Duration::from_secs(20), reader)
+        .await
+        .expect("the server ended the connection within 20 s")
+        .unwrap();
+    eprintln!("{sent} sent");
+    eprintln!("{sent} streams sent, {resets} reset by the server, GOAWAY {goaway:?}");
+    assert_eq!(goaway, Some(0xb), "GOAWAY with ENHANCE_YOUR_CALM");
+    assert!(
+        (900..=1100).contains(&resets),
+        "about hyper's 1,024 resets before the GOAWAY: {resets}"
+    );
+    prober.assert_answered_within_50ms("server resets").await;
+}
+
+/// A raw HTTP/2 connection to `addr` whose client never reads an answer
+/// (its streams' windows are 0), driven in the background.
+async fn never_reading_client(
+    addr: &str,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake(tcp)
+        .await
+        .unwrap();
+    (send, tokio::spawn(connection))
+}
+
+fn grpc_request(addr: &str, path: &str) -> tonic::codegen::http::Request<()> {
+    tonic::codegen::http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+/// 1,500 ListNotifications calls of a full page on one connection whose
+/// client never reads: the advertised stream limit lets 256 in at once,
+/// the memory their answers hold is bounded, and the connection, stuck
+/// streams and all, is closed for good at max age + grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_read_streams_cost_bounded_memory_and_end_with_their_connection() {
+    let bin = Binary::start(&[
+        "serve",
+        "--sandbox",
+        "--sandbox-addr",
+        "127.0.0.1:0",
+        "--max-connection-age-secs",
+        "8",
+        "--max-connection-age-grace-secs",
+        "2",
+    ]);
+    let pid = bin.child.id();
+    // 100 stored notifications: each answer holds all of them.
+    for i in 0..100 {
+        let body = payment_notification(&format!("never-read-{i:04}"), KTAPI_TOKEN);
+        assert_eq!(post(&bin.notify_url(), body).await, (200, "success".into()));
+    }
+    let before = rss_mib(pid);
+    let prober = Prober::start(&bin.grpc);
+    let opened = tokio::time::Instant::now();
+    let (mut send, connection) = never_reading_client(&bin.grpc).await;
+    // ListNotificationsRequest { page_size: 1000 }.
+    let message = bytes::Bytes::from_static(&[0, 0, 0, 0, 3, 0x18, 0xe8, 0x07]);
+    let mut answers = Vec::new();
+    let _keep = send.clone();
+    for _ in 0..1500 {
+        // h2 waits for a place under the server's advertised limit.
+        send = match tokio::time::timeout(Duration::from_millis(200), send.ready()).await {
+            Ok(ready) => ready.unwrap(),
+            Err(_) => break,
+        };
+        let (answer, mut body) = send
+            .send_request(
+                grpc_request(&bin.grpc, "/kongtie.v1.Payment/ListNotifications"),
+                false,
+            )
+            .unwrap();
+        body.send_data(message.clone(), true).unwrap();
+        answers.push(answer);
+        // Opened over about half a second: the attack is the memory held,
+        // not a burst of reads (which is load any client may bring).
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // The server takes 256 at once (its own count of calls started says
+    // so); h2 holds the rest back, as the advertised limit asks.
+    let started = r#"grpc_server_started_total{grpc_type="unary",grpc_service="kongtie.v1.Payment",grpc_method="ListNotifications"}"#;
+    until_metric(&bin.admin, started, 256.0).await;
+    // Each of the 256 was answered (headers; the body is stuck behind the
+    // window), so the server holds each answer; kept, so none is reset.
+    let mut held = Vec::new();
+    for answer in answers.drain(..256) {
+        let response = tokio::time::timeout(Duration::from_secs(10), answer)
+            .await
+            .expect("answered within 10 s")
+            .expect("answered");
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers().get("grpc-status"), None, "{response:?}");
+        held.push(response);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        sample(&admin_metrics(&bin.admin).await, started),
+        256.0,
+        "no more than the advertised limit at once"
+    );
+    let held = held.len();
+    let during = rss_mib(pid);
+    eprintln!(
+        "never-read streams: {held} answers held; RSS {before:.1} MiB before, {during:.1} MiB during"
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(20), connection)
+        .await
+        .expect("the connection was closed within 20 s");
+    let elapsed = opened.elapsed();
+    eprintln!("never-read streams: connection ended after {elapsed:?}: {ended:?}");
+    assert!(
+        elapsed >= Duration::from_secs(9),
+        "closed before age + grace: {elapsed:?}"
+    );
+    until_metric(
+        &bin.admin,
+        r#"kongtie_grpc_connections_closed_total{reason="past_max_age"}"#,
+        1.0,
+    )
+    .await;
+    prober
+        .assert_answered_within_50ms("never-read streams")
+        .await;
+    let after = rss_mib(pid);
+    eprintln!("never-read streams: RSS {after:.1} MiB after the connection ended");
+    assert!(
+        during - before < 256.0,
+        "256 held answers of 100 notifications cost {:.1} MiB",
+        during - before
+    );
+}
+
+/// Calls whose request message never finishes arriving: one announced at
+/// 4 MiB, over the limit, is refused at once (RESOURCE_EXHAUSTED, nothing
+/// buffered); 200 announced just under the limit, each with most of its
+/// bytes sent, hold bounded memory and end at the server's call deadline
+/// (DEADLINE_EXCEEDED). On health, which needs no API key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_messages_cost_bounded_memory_and_end_at_the_call_deadline() {
+    let bin = Binary::start(&[
+        "serve",
+        "--sandbox",
+        "--sandbox-addr",
+        "127.0.0.1:0",
+        "--grpc-call-timeout-ms",
+        "3000",
+    ]);
+    let pid = bin.child.id();
+    let before = rss_mib(pid);
+    let prober = Prober::start(&bin.grpc);
+    let tcp = tokio::net::TcpStream::connect(&bin.grpc).await.unwrap();
+    let (mut send, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let status_of = |response: tonic::codegen::http::Response<h2::RecvStream>| {
+        response
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+
+    // Announced at 4 MiB.
+    let (answer, mut body) = send
+        .send_request(
+            grpc_request(&bin.grpc, "/grpc.health.v1.Health/Check"),
+            false,
+        )
+        .unwrap();
+    body.send_data(bytes::Bytes::from_static(&[0, 0, 0x40, 0, 0]), false)
+        .unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(5), answer)
+        .await
+        .expect("refused at once")
+        .unwrap();
+    assert_eq!(
+        status_of(refused).as_deref(),
+        Some("8"),
+        "RESOURCE_EXHAUSTED"
+    );
+
+    // 200 announced at 60 KiB (the limit is 64 KiB), 56 KiB of each sent.
+    let started = tokio::time::Instant::now();
+    let announced: u32 = 60 << 10;
+    let mut head = vec![0];
+    head.extend(announced.to_be_bytes());
+    let mut answers = Vec::new();
+    let mut bodies = Vec::new();
+    for _ in 0..200 {
+        tokio::time::timeout(Duration::from_secs(5), send.clone().ready())
+            .await
+            .expect("a place under the stream limit")
+            .unwrap();
+        let (answer, mut body) = send
+            .send_request(
+                grpc_request(&bin.grpc, "/grpc.health.v1.Health/Check"),
+                false,
+            )
+            .unwrap();
+        let mut data = head.clone();
+        data.resize(5 + (56 << 10), 0x0a);
+        body.send_data(data.into(), false).unwrap();
+        answers.push(answer);
+        bodies.push(body);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = rss_mib(pid);
+    for answer in answers {
+        let response = tokio::time::timeout(Duration::from_secs(10), answer)
+            .await
+            .expect("ended within 10 s")
+            .unwrap();
+        assert_eq!(
+            status_of(response).as_deref(),
+            Some("4"),
+            "DEADLINE_EXCEEDED"
+        );
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(2500),
+        "ended before the call deadline: {elapsed:?}"
+    );
+    eprintln!(
+        "unfinished messages: RSS {before:.1} MiB before, {during:.1} MiB with 200 × 56 KiB held; \
+         all ended after {elapsed:?}"
+    );
+    let metrics = admin_metrics(&bin.admin).await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"grpc_server_handled_total{grpc_type="unary",grpc_service="grpc.health.v1.Health",grpc_method="Check",grpc_code="DeadlineExceeded"}"#
+        ),
+        200.0
+    );
+    prober
+        .assert_answered_within_50ms("unfinished messages")
+        .await;
+    assert!(during - before < 64.0, "{:.1} MiB", during - before);
+    drop(bodies);
+}
+
+/// Out of file descriptors, the gRPC listener backs off instead of
+/// spinning, warns once per 10 s, and serves again once connections close
+/// (here the silent ones, at the handshake timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_the_grpc_listener_backs_off_and_serves_again() {
+    let bin = Binary::start(&[
+        "serve",
+        "--sandbox",
+        "--sandbox-addr",
+        "127.0.0.1:0",
+        "--grpc-handshake-timeout-ms",
+        "3000",
+    ]);
+    let pid = bin.child.id();
+    let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let limit = open_fds + 6;
+    let status = std::process::Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid.to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ])
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(status.success());
+
+    // More silent connections than it has descriptors for.
+    let mut held = Vec::new();
+    for _ in 0..30 {
+        held.push(tokio::net::TcpStream::connect(&bin.grpc).await.unwrap());
+    }
+    let errors = "kongtie_grpc_accept_errors_total";
+    let before = sample(&until_metric(&bin.admin, errors, 1.0).await, errors);
+    let cpu_before = cpu_secs(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cpu = cpu_secs(pid) - cpu_before;
+    let failed = sample(&admin_metrics(&bin.admin).await, errors) - before;
+    assert!(failed <= 60.0, "{failed} failed accepts in 2 s: a spin");
+    assert!(cpu < 0.5, "{cpu} CPU seconds in 2 s");
+    let warned = bin
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("WARN") && l.contains("the gRPC listener cannot accept"))
+        .count();
+    assert!((1..=2).contains(&warned), "{warned} warnings");
+
+    // The silent connections are closed at their handshake timeout, which
+    // frees descriptors: a legitimate call gets through again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        use kongtie_gateway::proto::{GetAccessTokenRequest, auth_client::AuthClient};
+        let call = tokio::time::timeout(Duration::from_secs(5), async {
+            AuthClient::connect(format!("http://{}", bin.grpc))
+                .await
+                .ok()?
+                .get_access_token(GetAccessTokenRequest::default())
+                .await
+                .ok()
+        })
+        .await;
+        if let Ok(Some(_)) = call {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not serving again within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = admin_metrics(&bin.admin).await;
+    assert!(
+        sample(
+            &metrics,
+            r#"kongtie_grpc_connections_closed_total{reason="no_preface"}"#
+        ) >= 1.0
+    );
+    drop(held);
+}
+
+/// Open connections are capped: past the cap the next one waits (in the
+/// kernel's queue) and is served once another closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_grpc_connections_are_capped_and_the_next_one_waits_its_turn() {
+    use kongtie_gateway::proto::{GetAccessTokenRequest, auth_client::AuthClient};
+    let app = spawn_app_with(&["--grpc-max-connections", "2"], |_| {}).await;
+    let admin = app.admin.to_string();
+    let mut first = app.auth().await;
+    first
+        .get_access_token(GetAccessTokenRequest::default())
+        .await
+        .unwrap();
+    let second = app.channel().await;
+    until_metric(&admin, "kongtie_grpc_connections", 2.0).await;
+    let addr = format!("http://{}", app.addr);
+    let third = tokio::spawn(async move {
+        AuthClient::connect(addr)
+            .await
+            .unwrap()
+            .get_access_token(GetAccessTokenRequest::default())
+            .await
+            .map(|_| ())
+    });
+    until_metric(&admin, "kongtie_grpc_connection_waits_total", 1.0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !third.is_finished(),
+        "the third connection was served past the cap"
+    );
+    drop(second);
+    tokio::time::timeout(Duration::from_secs(10), third)
+        .await
+        .expect("served once a place freed")
+        .unwrap()
+        .expect("answered");
+    // The first was not closed to make room.
+    first
+        .get_access_token(GetAccessTokenRequest::default())
+        .await
+        .unwrap();
+}

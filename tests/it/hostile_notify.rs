@@ -420,17 +420,6 @@ async fn open_connections_are_capped_and_the_next_one_waits_its_turn() {
     drop(idle);
 }
 
-/// CPU seconds the process has used (user and system).
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command's closing parenthesis; utime and stime are
-    // the 14th and 15th of the line.
-    let after = stat.rsplit_once(')').unwrap().1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks / 100.0
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_file_descriptors_the_listener_backs_off_and_says_so_once() {
     let dir = tempfile::tempdir().unwrap();
