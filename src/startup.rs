@@ -22,6 +22,7 @@ use crate::{
     gateway::Gateway,
     grpc::{
         AuthService, PaymentService, TicketService,
+        keyless::Keyless,
         limits::CallLimitsLayer,
         listener,
         observe::ObserveLayer,
@@ -247,6 +248,10 @@ impl Application {
             server = server.max_connection_age(age);
         }
         let max_message = self.config.grpc_max_message_bytes;
+        let keyless = Arc::new(SubscriptionLimits::new(
+            self.config.max_subscriptions,
+            self.config.max_subscriptions_per_connection,
+        ));
         info!(
             addr = %self.grpc_addr,
             tls = self.config.access.tls.is_some(),
@@ -282,18 +287,24 @@ impl Application {
             .http2_max_pending_accept_reset_streams(Some(20))
             .http2_max_local_error_reset_streams(Some(1024))
             // Health and reflection need no API key (probes and grpcurl
-            // use them), and are under the same limits as every call.
-            .add_service(health_service.max_decoding_message_size(max_message))
-            .add_service(
+            // use them): under the same limits as every call, and caps of
+            // their own on calls open at once (src/grpc/keyless.rs).
+            .add_service(Keyless::new(
+                health_service.max_decoding_message_size(max_message),
+                Arc::clone(&keyless),
+            ))
+            .add_service(Keyless::new(
                 reflection()
                     .build_v1()?
                     .max_decoding_message_size(max_message),
-            )
-            .add_service(
+                Arc::clone(&keyless),
+            ))
+            .add_service(Keyless::new(
                 reflection()
                     .build_v1alpha()?
                     .max_decoding_message_size(max_message),
-            )
+                keyless,
+            ))
             .add_service(InterceptedService::new(
                 AuthServer::new(AuthService::new(Arc::clone(&self.gateway)))
                     .max_decoding_message_size(max_message),

@@ -4,6 +4,7 @@
 mod auth;
 pub mod codec;
 mod consumers;
+pub mod keyless;
 pub mod limits;
 pub mod listener;
 pub mod observe;

@@ -820,3 +820,75 @@ async fn open_grpc_connections_are_capped_and_the_next_one_waits_its_turn() {
         .await
         .unwrap();
 }
+
+/// Health and reflection need no API key, but their calls open at once are
+/// capped like subscriptions, in a pool of their own: a keyless client
+/// past the cap gets RESOURCE_EXHAUSTED, and a subscriber with a key still
+/// finds a place.
+#[tokio::test]
+async fn keyless_health_watches_are_capped_in_a_pool_of_their_own() {
+    use kongtie_gateway::proto::{SubscribeNotificationsRequest, payment_client::PaymentClient};
+    use tonic::Code;
+    use tonic_health::pb::HealthCheckRequest;
+    let app = spawn_app_with(
+        &[
+            "--api-keys",
+            "the-key",
+            "--max-subscriptions-per-connection",
+            "2",
+            "--max-subscriptions",
+            "3",
+        ],
+        |_| {},
+    )
+    .await;
+    let watch = |channel: tonic::transport::Channel| async move {
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .watch(HealthCheckRequest::default())
+            .await
+            .map(tonic::Response::into_inner)
+    };
+    let one = app.channel().await;
+    let mut first = watch(one.clone()).await.expect("no key needed");
+    let status = tokio::time::timeout(Duration::from_secs(10), first.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.status, 1, "SERVING");
+    let _second = watch(one.clone()).await.unwrap();
+    let refused = watch(one.clone())
+        .await
+        .expect_err("past the per-connection cap");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    let (reason, meta) = error_info(&refused);
+    assert_eq!(
+        (reason.as_str(), meta["scope"].as_str()),
+        ("TOO_MANY_SUBSCRIPTIONS", "connection")
+    );
+    let other = app.channel().await;
+    let _third = watch(other.clone()).await.unwrap();
+    let refused = watch(other.clone()).await.expect_err("past the total cap");
+    assert_eq!(error_info(&refused).1["scope"], "server");
+
+    // The keyless pool is full; a subscriber with the key has its own.
+    let mut request = tonic::Request::new(SubscribeNotificationsRequest::default());
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer the-key".parse().unwrap());
+    PaymentClient::new(one)
+        .subscribe_notifications(request)
+        .await
+        .expect("a place for the paying subscriber");
+
+    // A watch that ends gives its place back.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while watch(other.clone()).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place did not come back within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
