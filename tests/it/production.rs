@@ -181,11 +181,19 @@ struct Pki {
 fn pki() -> Pki {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Names of their own: with rcgen's default name on both, OpenSSL (curl)
+    // takes a leaf whose issuer is its own subject for self-signed.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "kongtie test CA");
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
     let leaf = |name: &str, usage: ExtendedKeyUsagePurpose| {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
         params.extended_key_usages = vec![usage];
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
         let cert = params.signed_by(&key, &ca).unwrap();
         (cert.pem(), key.serialize_pem())
     };
@@ -259,6 +267,30 @@ async fn grpc_over_tls_and_mutual_tls() {
         matches!(status.code(), Code::Unknown | Code::Unavailable)
             && status.message() == "transport error",
         "{status:?}"
+    );
+
+    // ALPN offers http/1.1 too: a Connect client that speaks only HTTP/1.1
+    // (curl here, PHP's often) gets through TLS.
+    let port = tls.addr.port();
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--http1.1", "--max-time", "10", "--cacert"])
+        .arg(&ca)
+        .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+        .args(["-H", "content-type: application/json", "-d", "{}"])
+        .args(["-w", "\nHTTP/%{http_version} %{http_code}"])
+        .arg(format!(
+            "https://localhost:{port}/kongtie.v1.Auth/GetAccessToken"
+        ))
+        .output()
+        .await
+        .expect("curl");
+    let (out, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.contains("\"accessToken\"") && out.ends_with("HTTP/1.1 200"),
+        "{out} {err}"
     );
 
     // Mutual TLS: without a client certificate, nothing.
@@ -1112,5 +1144,43 @@ async fn old_connections_get_a_goaway_and_subscriptions_end_within_their_jitter(
     assert!(
         lasted >= AGE.mul_f64(0.9) - Duration::from_millis(50),
         "ended after {lasted:?}, before its jitter allows"
+    );
+}
+
+/// Every variable the binary reads (its `--help` lists them) is in the
+/// README's settings and in the example configuration: the two cannot
+/// drift from the code unnoticed.
+#[test]
+fn every_setting_is_documented_in_the_readme_and_the_example_file() {
+    let read = |path: &str| {
+        std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    };
+    let (readme, example) = (
+        read("README.md"),
+        read("deploy/kongtie-gateway.env.example"),
+    );
+    let mut vars = std::collections::BTreeSet::new();
+    for command in ["serve", "sandbox", "check", "backup"] {
+        let help = std::process::Command::new(env!("CARGO_BIN_EXE_kongtie-gateway"))
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        assert!(help.status.success(), "{command} --help");
+        let text = String::from_utf8(help.stdout).unwrap();
+        vars.extend(
+            text.split("[env: ")
+                .skip(1)
+                .filter_map(|s| s.split(['=', ']']).next())
+                .map(str::to_owned),
+        );
+    }
+    assert!(vars.len() > 40, "{vars:?}");
+    let undocumented: Vec<&String> = vars
+        .iter()
+        .filter(|v| !readme.contains(&format!("`{v}`")) || !example.contains(v.as_str()))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "not in the README's settings or the example file: {undocumented:?}"
     );
 }
