@@ -234,7 +234,7 @@ async fn the_authorize_url_is_percent_encoded_and_ends_with_wechat_redirect() {
 
 #[tokio::test]
 async fn without_an_app_id_the_authorize_url_is_a_failed_precondition() {
-    let app = spawn_app_with(&[], |c| c.gateway.wechat_app_id = None).await;
+    let app = spawn_app_with(&["--wechat-app-id="]).await;
     let status = app
         .auth()
         .await

@@ -253,7 +253,7 @@ async fn connect_errors_carry_the_grpc_code_its_http_status_and_the_same_details
 #[tokio::test]
 async fn api_keys_guard_connect_calls_as_they_guard_grpc() {
     const KEY: &str = "connect-test-key-0123456789";
-    let app = spawn_app_with(&["--api-keys", KEY], |_| {}).await;
+    let app = spawn_app_with(&["--api-keys", KEY]).await;
     let at = url(app.addr, "kongtie.v1.Auth/GetAccessToken");
     let none = curl(&["-H", "content-type: application/json", "-d", "{}", &at]).await;
     assert_eq!(none.status, 401);

@@ -28,7 +28,9 @@ pub const PAY_TOKEN: &str = "pay-test-token-2";
 pub const APP_ID: &str = "wxtestapp0000001";
 
 /// The gateway's arguments as a deployment would give them, on port 0;
-/// a flag in `extra` replaces the default given here.
+/// a flag in `extra` replaces the default given here, and `--flag=` with
+/// nothing after it leaves the flag unset, as a deployment that does not
+/// set it.
 pub fn serve_args(extra: &[&str]) -> ServeArgs {
     let defaults = [
         ("--grpc-addr", "127.0.0.1:0"),
@@ -38,13 +40,14 @@ pub fn serve_args(extra: &[&str]) -> ServeArgs {
         ("--notify-addr", "127.0.0.1:0"),
         ("--admin-addr", "127.0.0.1:0"),
     ];
+    let unset = |flag: &str| extra.iter().any(|e| e.strip_suffix('=') == Some(flag));
     let mut args = vec!["kongtie-gateway", "serve"];
     for (flag, value) in defaults {
-        if !extra.contains(&flag) {
+        if !extra.contains(&flag) && !unset(flag) {
             args.extend([flag, value]);
         }
     }
-    args.extend_from_slice(extra);
+    args.extend(extra.iter().filter(|e| !e.ends_with('=')));
     match Cli::try_parse_from(args)
         .expect("test arguments parse")
         .command
@@ -169,22 +172,14 @@ impl TestApp {
 /// SQLite, or in a fresh PostgreSQL database with
 /// `KONGTIE_TEST_STORE=postgres` (CI runs the suite both ways).
 pub async fn spawn_app() -> TestApp {
-    spawn_app_with(&[], |_| {}).await
+    spawn_app_with(&[]).await
 }
 
-/// Starts a sandbox and a gateway pointed at it; `extra` are more flags,
-/// `tweak` edits the checked configuration.
-pub async fn spawn_app_with(extra: &[&str], tweak: impl FnOnce(&mut Config)) -> TestApp {
+/// Starts a sandbox and a gateway pointed at it, configured by flags as a
+/// user would: `extra` are more flags (see `serve_args`).
+pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
     let sandbox = spawn_sandbox().await;
     let data_dir = tempfile::tempdir().unwrap();
-    let mut config = serve_args(extra).config().expect("a valid configuration");
-    // Kongtie is the test's sandbox, unless the flags name another.
-    if !extra.contains(&"--ktapi-url") {
-        config.upstream.ktapi_url = sandbox.ktapi_url();
-    }
-    if !extra.contains(&"--pay-url") {
-        config.upstream.pay_url = sandbox.pay_url();
-    }
     // A store named by the test's flags is kept.
     let db = match std::env::var("KONGTIE_TEST_STORE").as_deref() {
         _ if extra.contains(&"--store") => None,
@@ -192,13 +187,26 @@ pub async fn spawn_app_with(extra: &[&str], tweak: impl FnOnce(&mut Config)) -> 
         Ok("sqlite") | Err(_) => None,
         Ok(other) => panic!("KONGTIE_TEST_STORE is sqlite or postgres, not {other:?}"),
     };
-    if !extra.contains(&"--store") {
-        config.store_url = match &db {
-            Some(db) => db.url.clone(),
-            None => store_url(data_dir.path()),
-        };
+    let (ktapi, pay) = (
+        sandbox.ktapi_url().to_string(),
+        sandbox.pay_url().to_string(),
+    );
+    let data = data_dir.path().to_str().unwrap().to_owned();
+    let mut args = extra.to_vec();
+    // Kongtie is the test's sandbox, unless the flags name another.
+    if !extra.contains(&"--ktapi-url") {
+        args.extend(["--ktapi-url", &ktapi]);
     }
-    tweak(&mut config);
+    if !extra.contains(&"--pay-url") {
+        args.extend(["--pay-url", &pay]);
+    }
+    if !extra.contains(&"--store") {
+        match &db {
+            Some(db) => args.extend(["--store", &db.url]),
+            None => args.extend(["--data-dir", &data]),
+        }
+    }
+    let config = serve_args(&args).config().expect("a valid configuration");
     let chosen_store = config.store_url.clone();
     let running = run_app(config).await;
     sandbox.set_notify_url(running.notify_url.parse().unwrap());
@@ -693,12 +701,17 @@ pub struct OtherGateway {
 
 pub async fn spawn_gateway_on(sandbox: &SandboxHandle, extra: &[&str]) -> OtherGateway {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = serve_args(extra).config().unwrap();
-    config.upstream.ktapi_url = sandbox.ktapi_url();
-    config.upstream.pay_url = sandbox.pay_url();
+    let (ktapi, pay) = (
+        sandbox.ktapi_url().to_string(),
+        sandbox.pay_url().to_string(),
+    );
+    let data = dir.path().to_str().unwrap().to_owned();
+    let mut args = extra.to_vec();
+    args.extend(["--ktapi-url", &ktapi, "--pay-url", &pay]);
     if !extra.contains(&"--store") {
-        config.store_url = store_url(dir.path());
+        args.extend(["--data-dir", &data]);
     }
+    let config = serve_args(&args).config().unwrap();
     OtherGateway {
         running: run_app(config).await,
         _dir: dir,

@@ -33,7 +33,7 @@ async fn advertised_streams(addr: std::net::SocketAddr) -> usize {
 async fn the_stream_limit_is_advertised_in_settings() {
     let app = spawn_app().await;
     assert_eq!(advertised_streams(app.addr).await, 256, "the default");
-    let app = spawn_app_with(&["--grpc-max-streams", "7"], |_| {}).await;
+    let app = spawn_app_with(&["--grpc-max-streams", "7"]).await;
     assert_eq!(advertised_streams(app.addr).await, 7);
 }
 
@@ -44,15 +44,12 @@ async fn the_stream_limit_is_advertised_in_settings() {
 async fn a_subscription_past_a_cap_is_resource_exhausted_until_a_place_frees() {
     use kongtie_gateway::proto::{SubscribeNotificationsRequest, payment_client::PaymentClient};
     use tonic::Code;
-    let app = spawn_app_with(
-        &[
-            "--max-subscriptions-per-connection",
-            "2",
-            "--max-subscriptions",
-            "3",
-        ],
-        |_| {},
-    )
+    let app = spawn_app_with(&[
+        "--max-subscriptions-per-connection",
+        "2",
+        "--max-subscriptions",
+        "3",
+    ])
     .await;
     let subscribe = |channel: tonic::transport::Channel| async move {
         PaymentClient::new(channel)
@@ -278,7 +275,7 @@ async fn read_frame(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_without_a_preface_is_closed_at_the_handshake_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let app = spawn_app_with(&["--grpc-handshake-timeout-ms", "1000"], |_| {}).await;
+    let app = spawn_app_with(&["--grpc-handshake-timeout-ms", "1000"]).await;
     let prober = Prober::start(&app.addr.to_string());
     let opened = tokio::time::Instant::now();
     let mut silent = tokio::net::TcpStream::connect(app.addr).await.unwrap();
@@ -329,15 +326,12 @@ async fn a_connection_without_a_preface_is_closed_at_the_handshake_timeout() {
 /// timeout far off) does not keep it open past age + grace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_past_max_age_is_closed_for_good_even_with_a_stuck_stream() {
-    let app = spawn_app_with(
-        &[
-            "--max-connection-age-secs",
-            "1",
-            "--max-connection-age-grace-secs",
-            "1",
-        ],
-        |_| {},
-    )
+    let app = spawn_app_with(&[
+        "--max-connection-age-secs",
+        "1",
+        "--max-connection-age-grace-secs",
+        "1",
+    ])
     .await;
     let opened = tokio::time::Instant::now();
     let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
@@ -784,7 +778,7 @@ async fn out_of_file_descriptors_the_grpc_listener_backs_off_and_serves_again() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_grpc_connections_are_capped_and_the_next_one_waits_its_turn() {
     use kongtie_gateway::proto::{GetAccessTokenRequest, auth_client::AuthClient};
-    let app = spawn_app_with(&["--grpc-max-connections", "2"], |_| {}).await;
+    let app = spawn_app_with(&["--grpc-max-connections", "2"]).await;
     let admin = app.admin.to_string();
     let mut first = app.auth().await;
     first
@@ -830,17 +824,14 @@ async fn keyless_health_watches_are_capped_in_a_pool_of_their_own() {
     use kongtie_gateway::proto::{SubscribeNotificationsRequest, payment_client::PaymentClient};
     use tonic::Code;
     use tonic_health::pb::HealthCheckRequest;
-    let app = spawn_app_with(
-        &[
-            "--api-keys",
-            "the-key",
-            "--max-subscriptions-per-connection",
-            "2",
-            "--max-subscriptions",
-            "3",
-        ],
-        |_| {},
-    )
+    let app = spawn_app_with(&[
+        "--api-keys",
+        "the-key",
+        "--max-subscriptions-per-connection",
+        "2",
+        "--max-subscriptions",
+        "3",
+    ])
     .await;
     let watch = |channel: tonic::transport::Channel| async move {
         tonic_health::pb::health_client::HealthClient::new(channel)

@@ -591,7 +591,7 @@ async fn each_refusal_is_answered_with_its_status_and_counted_by_its_reason() {
         (["--notify-max-age-secs", "300"], 400, "stale"),
         (["--notify-allow", "10.0.0.0/8"], 403, "source_not_allowed"),
     ] {
-        let other = spawn_app_with(&flags, |_| {}).await;
+        let other = spawn_app_with(&flags).await;
         let body = payment_notification(&format!("R-{r}"), KTAPI_TOKEN);
         assert_eq!(status(other.notify_url.clone(), body).await, code, "{r}");
         let m = admin_metrics(&other.admin.to_string()).await;

@@ -562,7 +562,7 @@ async fn notifications_and_positions_survive_a_restart_and_sequences_continue() 
     app.stop().await;
 
     let store = app.store_url.clone();
-    let again = spawn_app_with(&["--store", &store], |_| {}).await;
+    let again = spawn_app_with(&["--store", &store]).await;
     assert_eq!(all_stored(&again).await.len(), 2);
     again.notify(good("S3")).await;
     let mut stream = subscribe(

@@ -103,7 +103,7 @@ async fn a_hundred_identical_calls_at_once_make_one_partrade() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_identical_calls_over_two_replicas_make_one_partrade() {
     let db = PgDatabase::create().await;
-    let a = spawn_app_with(&["--store", &db.url], |_| {}).await;
+    let a = spawn_app_with(&["--store", &db.url]).await;
     let b = spawn_gateway_on(&a.sandbox, &["--store", &db.url]).await;
     // The sandbox answers slowly, so the two replicas' calls overlap.
     a.sandbox
@@ -138,7 +138,7 @@ async fn other_terms_are_already_exists_with_the_stored_terms_and_nothing_is_sen
 
 #[tokio::test]
 async fn an_upstream_timeout_leaves_the_order_unknown_and_the_retry_creates_it() {
-    let app = spawn_app_with(&["--upstream-timeout-ms", "300"], |_| {}).await;
+    let app = spawn_app_with(&["--upstream-timeout-ms", "300"]).await;
     let mut payment = app.payment().await;
     app.sandbox
         .set_fault(Some(Fault::Delay(Duration::from_secs(2))));
@@ -167,7 +167,7 @@ async fn an_upstream_timeout_leaves_the_order_unknown_and_the_retry_creates_it()
 
 #[tokio::test]
 async fn pay_params_past_their_lifetime_are_refreshed() {
-    let app = spawn_app_with(&["--prepay-ttl-secs", "1"], |_| {}).await;
+    let app = spawn_app_with(&["--prepay-ttl-secs", "1"]).await;
     let mut payment = app.payment().await;
     payment.create_jsapi_order(order("L5", 100)).await.unwrap();
     payment.create_jsapi_order(order("L5", 100)).await.unwrap();
@@ -206,7 +206,7 @@ async fn an_expired_order_is_expired_and_not_sent_again() {
 
 #[tokio::test]
 async fn an_expiry_further_ahead_than_the_maximum_is_a_field_violation() {
-    let app = spawn_app_with(&["--order-max-expiry-secs", "3600"], |_| {}).await;
+    let app = spawn_app_with(&["--order-max-expiry-secs", "3600"]).await;
     let mut request = order("L7", 100);
     request.expires_at = Some(utc_to_timestamp(
         chrono::Utc::now() + chrono::Duration::hours(2),

@@ -110,7 +110,7 @@ async fn the_sign_kongtie_receives_is_md5_of_the_fields_and_the_pay_token() {
 
 #[tokio::test]
 async fn a_wrong_pay_token_is_a_signature_refusal_for_the_operator() {
-    let app = spawn_app_with(&["--pay-token", "not-the-pay-token"], |_| {}).await;
+    let app = spawn_app_with(&["--pay-token", "not-the-pay-token"]).await;
     let status = app
         .payment()
         .await

@@ -53,7 +53,7 @@ fn notification(id: &str, time_stamp: &str) -> String {
 
 #[tokio::test]
 async fn every_service_wants_a_right_key_and_health_stays_open() {
-    let app = spawn_app_with(&["--api-keys", &format!("other-key,{KEY}")], |_| {}).await;
+    let app = spawn_app_with(&["--api-keys", &format!("other-key,{KEY}")]).await;
     for key in [None, Some("wrong-key")] {
         let status = app
             .auth()
@@ -134,7 +134,7 @@ async fn keys_can_come_from_a_file() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("keys");
     std::fs::write(&file, format!("# the order service\n{KEY}\n\n")).unwrap();
-    let app = spawn_app_with(&["--api-keys-file", file.to_str().unwrap()], |_| {}).await;
+    let app = spawn_app_with(&["--api-keys-file", file.to_str().unwrap()]).await;
     let mut auth = app.auth().await;
     assert_eq!(
         auth.get_access_token(keyed(GetAccessTokenRequest::default(), None))
@@ -151,10 +151,9 @@ async fn keys_can_come_from_a_file() {
 #[tokio::test]
 async fn without_keys_a_public_address_is_refused_unless_explicitly_allowed() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = serve_args(&[]).config().unwrap();
-    config.grpc_addr = "0.0.0.0:0".parse().unwrap();
-    config.store_url = store_url(dir.path());
-    let err = Application::build(config.clone())
+    let data = dir.path().to_str().unwrap();
+    let public = ["--grpc-addr", "0.0.0.0:0", "--data-dir", data];
+    let err = Application::build(serve_args(&public).config().unwrap())
         .await
         .err()
         .expect("refused")
@@ -164,7 +163,9 @@ async fn without_keys_a_public_address_is_refused_unless_explicitly_allowed() {
         "{err}"
     );
     assert!(err.contains("--allow-unauthenticated"));
-    config.access.allow_unauthenticated = true;
+    let config = serve_args(&[&public[..], &["--allow-unauthenticated"]].concat())
+        .config()
+        .unwrap();
     Application::build(config)
         .await
         .expect("allowed when asked");
@@ -242,15 +243,12 @@ async fn grpc_over_tls_and_mutual_tls() {
     );
 
     // TLS: a client that trusts our CA gets through; plaintext does not.
-    let tls = spawn_app_with(
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ],
-        |_| {},
-    )
+    let tls = spawn_app_with(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ])
     .await;
     let channel = tls_channel(tls.addr, &pki, false).await.unwrap();
     AuthClient::new(channel)
@@ -294,17 +292,14 @@ async fn grpc_over_tls_and_mutual_tls() {
     );
 
     // Mutual TLS: without a client certificate, nothing.
-    let mtls = spawn_app_with(
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-            "--tls-client-ca",
-            ca.to_str().unwrap(),
-        ],
-        |_| {},
-    )
+    let mtls = spawn_app_with(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--tls-client-ca",
+        ca.to_str().unwrap(),
+    ])
     .await;
     // The server ends the handshake (TLS 1.3: the client hears it at its
     // first read): a transport error, never an answer.
@@ -356,20 +351,17 @@ async fn grpc_over_tls_and_mutual_tls() {
 
 #[tokio::test]
 async fn the_notify_listener_refuses_sources_outside_the_allowlist() {
-    let app = spawn_app_with(&["--notify-allow", "10.0.0.0/8,192.168.0.0/16"], |_| {}).await;
+    let app = spawn_app_with(&["--notify-allow", "10.0.0.0/8,192.168.0.0/16"]).await;
     let (status, reason) = app.notify(notification("N1", "1522233465")).await;
     assert_eq!((status, reason.as_str()), (403, "source not allowed"));
 
     // Behind a trusted proxy, the forwarded address counts.
-    let proxied = spawn_app_with(
-        &[
-            "--notify-allow",
-            "10.0.0.0/8",
-            "--trusted-proxies",
-            "127.0.0.1/32",
-        ],
-        |_| {},
-    )
+    let proxied = spawn_app_with(&[
+        "--notify-allow",
+        "10.0.0.0/8",
+        "--trusted-proxies",
+        "127.0.0.1/32",
+    ])
     .await;
     let post = |url: String, forwarded: &'static str| async move {
         reqwest::Client::new()
@@ -407,7 +399,7 @@ async fn the_notify_listener_refuses_sources_outside_the_allowlist() {
 
 #[tokio::test]
 async fn a_maximum_age_refuses_old_timestamps() {
-    let app = spawn_app_with(&["--notify-max-age-secs", "300"], |_| {}).await;
+    let app = spawn_app_with(&["--notify-max-age-secs", "300"]).await;
     let (status, reason) = app.notify(notification("A1", "1522233465")).await;
     assert_eq!(status, 400);
     assert!(reason.contains("TimeStamp"));
@@ -565,7 +557,7 @@ async fn token_fetches_are_retried_and_orders_and_codes_are_not() {
 async fn an_order_is_retried_when_the_connection_never_happened() {
     let down = closed_port().await;
     let pay_url = format!("http://{down}/v5/ParTrade.ashx");
-    let app = spawn_app_with(&["--pay-url", &pay_url], |_| {}).await;
+    let app = spawn_app_with(&["--pay-url", &pay_url]).await;
     let status = app
         .payment()
         .await
@@ -1113,7 +1105,7 @@ async fn reflection_v1_and_v1alpha_list_the_api_and_health_answers_per_service()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_connections_get_a_goaway_and_subscriptions_end_within_their_jitter() {
     const AGE: Duration = Duration::from_secs(2);
-    let app = spawn_app_with(&["--max-connection-age-secs", "2"], |_| {}).await;
+    let app = spawn_app_with(&["--max-connection-age-secs", "2"]).await;
 
     let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
     let opened = Instant::now();

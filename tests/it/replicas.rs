@@ -152,8 +152,8 @@ async fn killing_a_replica_mid_flood_loses_no_acknowledged_notification() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_of_another_replica_that_falls_far_behind_catches_up_in_order() {
     let db = PgDatabase::create().await;
-    let a = std::sync::Arc::new(spawn_app_with(&["--store", &db.url], |_| {}).await);
-    let b = spawn_app_with(&["--store", &db.url], |_| {}).await;
+    let a = std::sync::Arc::new(spawn_app_with(&["--store", &db.url]).await);
+    let b = spawn_app_with(&["--store", &db.url]).await;
     crate::notifications::a_stalled_subscriber_catches_up_in_order(a, &b).await;
 }
 
@@ -197,8 +197,8 @@ fn an_unreachable_database_stops_start_up_without_showing_the_password() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_recover_when_the_database_cuts_every_session() {
     let db = PgDatabase::create().await;
-    let a = spawn_app_with(&["--store", &db.url], |_| {}).await;
-    let b = spawn_app_with(&["--store", &db.url], |_| {}).await;
+    let a = spawn_app_with(&["--store", &db.url]).await;
+    let b = spawn_app_with(&["--store", &db.url]).await;
     let mut on_b = b
         .payment()
         .await
@@ -251,7 +251,7 @@ async fn replicas_recover_when_the_database_cuts_every_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_whether_postgresql_takes_writes() {
     let db = PgDatabase::create().await;
-    let app = spawn_app_with(&["--store", &db.url], |_| {}).await;
+    let app = spawn_app_with(&["--store", &db.url]).await;
     let ready = || async {
         reqwest::get(format!("http://{}/readyz", app.admin))
             .await

@@ -72,7 +72,7 @@ async fn ack(app: &TestApp, consumer: &str, sequence: u64) {
 
 #[tokio::test]
 async fn acknowledged_events_go_an_unacknowledged_one_stays_until_acknowledged_or_the_hard_limit() {
-    let app = spawn_app_with(FAST, |_| {}).await;
+    let app = spawn_app_with(FAST).await;
     for id in ["RT1", "RT2", "RT3"] {
         assert_eq!(
             app.notify(payment_notification(id, KTAPI_TOKEN)).await,
@@ -202,11 +202,7 @@ fn assert_before_retained(status: &tonic::Status, field: &str, first: u64) {
 
 #[tokio::test]
 async fn with_retention_0_nothing_is_deleted() {
-    let app = spawn_app_with(
-        &["--retention", "0", "--retention-sweep-every", "100ms"],
-        |_| {},
-    )
-    .await;
+    let app = spawn_app_with(&["--retention", "0", "--retention-sweep-every", "100ms"]).await;
     for id in ["RZ1", "RZ2"] {
         app.notify(payment_notification(id, KTAPI_TOKEN)).await;
     }
@@ -226,7 +222,7 @@ async fn with_retention_0_nothing_is_deleted() {
 async fn a_backup_taken_during_a_flood_holds_every_acknowledged_event_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let live = crate::helpers::store_url(dir.path());
-    let app = spawn_app_with(&["--store", &live], |_| {}).await;
+    let app = spawn_app_with(&["--store", &live]).await;
     let flooding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let flood = {
@@ -319,7 +315,7 @@ async fn a_backup_taken_during_a_flood_holds_every_acknowledged_event_and_resume
 
     // Restore: a gateway on the copy carries on from its newest sequence.
     let copy_url = format!("sqlite://{}", copy.display());
-    let restored = spawn_app_with(&["--store", &copy_url], |_| {}).await;
+    let restored = spawn_app_with(&["--store", &copy_url]).await;
     assert_eq!(
         restored
             .notify(payment_notification("AFTER-RESTORE", KTAPI_TOKEN))
@@ -350,17 +346,14 @@ async fn a_backup_taken_during_a_flood_holds_every_acknowledged_event_and_resume
 async fn the_sqlite_file_stops_growing_under_intake_and_sweeps() {
     let dir = tempfile::tempdir().unwrap();
     let url = crate::helpers::store_url(dir.path());
-    let app = spawn_app_with(
-        &[
-            "--store",
-            &url,
-            "--retention",
-            "1s",
-            "--retention-sweep-every",
-            "100ms",
-        ],
-        |_| {},
-    )
+    let app = spawn_app_with(&[
+        "--store",
+        &url,
+        "--retention",
+        "1s",
+        "--retention-sweep-every",
+        "100ms",
+    ])
     .await;
     let file = dir.path().join("notifications.db");
     let client = reqwest::Client::new();
@@ -424,17 +417,14 @@ async fn a_work_queue_past_the_hard_limit_is_told_and_made_again_starts_at_the_h
     use kongtie_gateway::proto::{
         CreateConsumerRequest, DeleteConsumerRequest, DeliverPolicy, FetchNotificationsRequest,
     };
-    let app = spawn_app_with(
-        &[
-            "--retention",
-            "1s",
-            "--retention-max",
-            "2s",
-            "--retention-sweep-every",
-            "100ms",
-        ],
-        |_| {},
-    )
+    let app = spawn_app_with(&[
+        "--retention",
+        "1s",
+        "--retention-max",
+        "2s",
+        "--retention-sweep-every",
+        "100ms",
+    ])
     .await;
     let mut payment = app.payment().await;
     let queue = || CreateConsumerRequest {

@@ -13,7 +13,7 @@ use crate::helpers::*;
 /// it, the next call fetches again.
 #[tokio::test]
 async fn the_cache_ttl_decides_when_a_token_is_fetched_again() {
-    let app = spawn_app_with(&["--cache-ttl-secs", "1"], |_| {}).await;
+    let app = spawn_app_with(&["--cache-ttl-secs", "1"]).await;
     let first = app.access_token().await.unwrap().into_inner().access_token;
     let again = app.access_token().await.unwrap().into_inner().access_token;
     assert_eq!(first, again);
@@ -32,7 +32,7 @@ async fn the_cache_ttl_decides_when_a_token_is_fetched_again() {
 /// and Kongtie is told it.
 #[tokio::test]
 async fn an_order_without_an_expiry_gets_the_configured_one() {
-    let app = spawn_app_with(&["--order-ttl-secs", "120"], |_| {}).await;
+    let app = spawn_app_with(&["--order-ttl-secs", "120"]).await;
     let before = Utc::now();
     app.payment()
         .await
@@ -70,7 +70,7 @@ async fn an_order_without_an_expiry_gets_the_configured_one() {
 /// INVALID_ARGUMENT on `amount_fen`, saying the limit.
 #[tokio::test]
 async fn a_lower_maximum_amount_refuses_one_fen_more() {
-    let app = spawn_app_with(&["--max-amount-fen", "500"], |_| {}).await;
+    let app = spawn_app_with(&["--max-amount-fen", "500"]).await;
     let mut payment = app.payment().await;
     payment
         .create_jsapi_order(order("MAX1", 500))
@@ -99,17 +99,14 @@ async fn a_lower_maximum_amount_refuses_one_fen_more() {
 /// The notify listener's path, body limit and token, all non-default.
 #[tokio::test]
 async fn the_notify_listener_takes_its_path_body_limit_and_token_from_the_flags() {
-    let app = spawn_app_with(
-        &[
-            "--notify-path",
-            "/hooks/kongtie",
-            "--notify-max-body-bytes",
-            "1024",
-            "--notify-token",
-            "a-notify-token",
-        ],
-        |_| {},
-    )
+    let app = spawn_app_with(&[
+        "--notify-path",
+        "/hooks/kongtie",
+        "--notify-max-body-bytes",
+        "1024",
+        "--notify-token",
+        "a-notify-token",
+    ])
     .await;
     assert!(
         app.notify_url.ends_with("/hooks/kongtie"),
@@ -147,7 +144,7 @@ async fn the_notify_listener_takes_its_path_body_limit_and_token_from_the_flags(
 async fn the_raw_body_is_kept_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
     let url = store_url(dir.path());
-    let app = spawn_app_with(&["--store", &url], |_| {}).await;
+    let app = spawn_app_with(&["--store", &url]).await;
     let compact = payment_notification("RAW1", KTAPI_TOKEN);
     let value: serde_json::Value = serde_json::from_str(&compact).unwrap();
     // Pretty-printed, with a trailing newline: not what serde would write.

@@ -59,16 +59,13 @@ const DOCUMENT_NOTIFY_EXAMPLE: &str = r#"{
 
 #[tokio::test]
 async fn the_documents_notify_example_verifies_with_the_ktapi_token_beside_a_separate_pay_token() {
-    let app = spawn_app_with(
-        &[
-            "--token",
-            DOCUMENT_TOKEN,
-            "--allow-document-token",
-            "--pay-token",
-            "a-separate-pay-token",
-        ],
-        |_| {},
-    )
+    let app = spawn_app_with(&[
+        "--token",
+        DOCUMENT_TOKEN,
+        "--allow-document-token",
+        "--pay-token",
+        "a-separate-pay-token",
+    ])
     .await;
     assert_eq!(
         app.notify(DOCUMENT_NOTIFY_EXAMPLE).await,
@@ -95,7 +92,7 @@ async fn notifications_are_verified_with_kongtie_token_not_the_pay_token() {
         (401, "bad signature".into())
     );
     // KONGTIE_NOTIFY_TOKEN still overrides it.
-    let app = spawn_app_with(&["--notify-token", "a-notify-token"], |_| {}).await;
+    let app = spawn_app_with(&["--notify-token", "a-notify-token"]).await;
     assert_eq!(
         app.notify(payment_notification("K3", "a-notify-token"))
             .await

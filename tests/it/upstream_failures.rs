@@ -18,7 +18,7 @@ async fn an_unreachable_upstream_is_unavailable_and_the_service_stays_healthy() 
         format!("http://{down}/awkmanage/v3/ktapi"),
         format!("http://{down}/v5/ParTrade.ashx"),
     );
-    let app = spawn_app_with(&["--ktapi-url", &ktapi_url, "--pay-url", &pay_url], |_| {}).await;
+    let app = spawn_app_with(&["--ktapi-url", &ktapi_url, "--pay-url", &pay_url]).await;
     let status = app.access_token().await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!(error_info(&status).0, "UPSTREAM_UNAVAILABLE");
@@ -38,7 +38,7 @@ async fn an_unreachable_upstream_is_unavailable_and_the_service_stays_healthy() 
 
 #[tokio::test]
 async fn a_slow_upstream_is_a_deadline_exceeded_within_the_configured_timeout() {
-    let app = spawn_app_with(&["--upstream-timeout-ms", "300"], |_| {}).await;
+    let app = spawn_app_with(&["--upstream-timeout-ms", "300"]).await;
     app.sandbox
         .set_fault(Some(Fault::Delay(Duration::from_secs(5))));
     let started = Instant::now();

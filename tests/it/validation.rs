@@ -404,7 +404,7 @@ async fn a_message_over_the_limit_is_resource_exhausted() {
     let over = raw_call(&app, "/grpc.health.v1.Health/Check", message(64 * 1024 + 1)).await;
     assert_eq!(over.code(), Code::ResourceExhausted, "{over:?}");
 
-    let app = spawn_app_with(&["--grpc-max-message-bytes", "2048"], |_| {}).await;
+    let app = spawn_app_with(&["--grpc-max-message-bytes", "2048"]).await;
     let over = raw_call(&app, "/kongtie.v1.Auth/GetAccessToken", message(2049)).await;
     assert_eq!(over.code(), Code::ResourceExhausted, "{over:?}");
     assert!(
