@@ -254,6 +254,111 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// HPACK for a gRPC request's headers to `path`: the static table and
+/// literals, without Huffman coding.
+fn grpc_headers(path: &str) -> Vec<u8> {
+    let literal = |bytes: &mut Vec<u8>, s: &str| {
+        bytes.push(s.len() as u8);
+        bytes.extend(s.as_bytes());
+    };
+    // :method POST, :scheme http.
+    let mut h = vec![0x83, 0x86];
+    // :path (index 4) and :authority (index 1), literal values.
+    h.push(0x04);
+    literal(&mut h, path);
+    h.push(0x01);
+    literal(&mut h, "localhost");
+    // content-type (index 31).
+    h.extend([0x0f, 0x10]);
+    literal(&mut h, "application/grpc");
+    // te: trailers, a literal name.
+    h.push(0x00);
+    literal(&mut h, "te");
+    literal(&mut h, "trailers");
+    h
+}
+
+/// A raw HTTP/2 connection to `addr` past the handshake (the server's
+/// SETTINGS acknowledged), split for reading and writing.
+async fn raw_http2(
+    addr: &str,
+) -> (
+    tokio::net::tcp::OwnedReadHalf,
+    tokio::net::tcp::OwnedWriteHalf,
+) {
+    use tokio::io::AsyncWriteExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut read, mut write) = tcp.into_split();
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(0x4, 0, 0, &[]));
+    write.write_all(&hello).await.unwrap();
+    loop {
+        let (kind, flags, _, _) =
+            tokio::time::timeout(Duration::from_secs(10), read_frame(&mut read))
+                .await
+                .expect("the server's SETTINGS within 10 s")
+                .expect("the connection is open");
+        if kind == 0x4 && flags & 0x1 == 0 {
+            break;
+        }
+    }
+    write.write_all(&frame(0x4, 0x1, 0, &[])).await.unwrap();
+    (read, write)
+}
+
+/// Reads frames until a GOAWAY (its error code) or the end, counting the
+/// RST_STREAMs the server sent.
+async fn until_goaway(read: &mut tokio::net::tcp::OwnedReadHalf) -> (u32, Option<u32>) {
+    let mut resets = 0u32;
+    loop {
+        match read_frame(read).await {
+            Some((0x3, _, _, _)) => resets += 1,
+            // GOAWAY: last stream id, then the error code.
+            Some((0x7, _, _, p)) => {
+                return (resets, Some(u32::from_be_bytes([p[4], p[5], p[6], p[7]])));
+            }
+            Some(_) => {}
+            None => return (resets, None),
+        }
+    }
+}
+
+/// Rapid reset (CVE-2023-44487): requests cancelled as soon as they are
+/// sent. Past hyper's 20 pending client resets, a GOAWAY
+/// (ENHANCE_YOUR_CALM), within a few hundred streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_gets_a_goaway_within_a_few_hundred_streams() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app().await;
+    let prober = Prober::start(&app.addr.to_string());
+    let (mut read, mut write) = raw_http2(&app.addr.to_string()).await;
+    let reader = tokio::spawn(async move { until_goaway(&mut read).await });
+    let headers = grpc_headers("/grpc.health.v1.Health/Check");
+    let mut sent = 0u32;
+    for batch in 0..50u32 {
+        let mut frames = Vec::new();
+        for i in 0..10u32 {
+            let stream = 2 * (batch * 10 + i) + 1;
+            frames.extend(frame(0x1, 0x4, stream, &headers));
+            // RST_STREAM, CANCEL.
+            frames.extend(frame(0x3, 0, stream, &8u32.to_be_bytes()));
+        }
+        if write.write_all(&frames).await.is_err() || reader.is_finished() {
+            break;
+        }
+        sent += 10;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (_, goaway) = tokio::time::timeout(Duration::from_secs(20), reader)
+        .await
+        .expect("the server ended the connection within 20 s")
+        .unwrap();
+    eprintln!("rapid reset: {sent} streams sent before the GOAWAY {goaway:?}");
+    assert_eq!(goaway, Some(0xb), "GOAWAY with ENHANCE_YOUR_CALM");
+    assert!(sent <= 300, "{sent} streams before the GOAWAY");
+    prober.assert_answered_within_50ms("rapid reset").await;
+}
+
 /// Reads one frame: (type, flags, stream, payload); None at the end of the
 /// connection.
 async fn read_frame(
@@ -386,42 +491,8 @@ async fn streams_reset_by_the_server_are_capped_with_a_goaway() {
     use tokio::io::AsyncWriteExt;
     let app = spawn_app().await;
     let prober = Prober::start(&app.addr.to_string());
-    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-    let (mut read, mut write) = tcp.into_split();
-    let mut hello = PREFACE.to_vec();
-    hello.extend(frame(0x4, 0, 0, &[]));
-    write.write_all(&hello).await.unwrap();
-    // The server's SETTINGS, acknowledged.
-    loop {
-        let (kind, flags, _, _) =
-            tokio::time::timeout(Duration::from_secs(10), read_frame(&mut read))
-                .await
-                .expect("the server's SETTINGS within 10 s")
-                .expect("the connection is open");
-        if kind == 0x4 && flags & 0x1 == 0 {
-            break;
-        }
-    }
-    write.write_all(&frame(0x4, 0x1, 0, &[])).await.unwrap();
-    let counted = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let seen = std::sync::Arc::clone(&counted);
-    let reader = tokio::spawn(async move {
-        let mut resets = 0u32;
-        loop {
-            match read_frame(&mut read).await {
-                Some((0x3, _, _, _)) => {
-                    resets += 1;
-                    seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                // GOAWAY: last stream id, then the error code.
-                Some((0x7, _, _, p)) => {
-                    return (resets, Some(u32::from_be_bytes([p[4], p[5], p[6], p[7]])));
-                }
-                Some(_) => {}
-                None => return (resets, None),
-            }
-        }
-    });
+    let (mut read, mut write) = raw_http2(&app.addr.to_string()).await;
+    let reader = tokio::spawn(async move { until_goaway(&mut read).await });
     let mut sent = 0u32;
     for batch in 0..30u32 {
         let mut frames = Vec::new();
@@ -445,7 +516,6 @@ async fn streams_reset_by_the_server_are_capped_with_a_goaway() {
         .await
         .expect("the server ended the connection within 20 s")
         .unwrap();
-    eprintln!("{sent} sent");
     eprintln!("{sent} streams sent, {resets} reset by the server, GOAWAY {goaway:?}");
     assert_eq!(goaway, Some(0xb), "GOAWAY with ENHANCE_YOUR_CALM");
     assert!(
@@ -882,4 +952,85 @@ async fn keyless_health_watches_are_capped_in_a_pool_of_their_own() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A client that makes the server fail call after call (here, calls to a
+/// method nobody serves: UNIMPLEMENTED, which is logged at WARN) cannot
+/// flood the log: at most 50 WARN lines a second, the next line saying
+/// how many were left out, while the metrics count every call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_calls_are_logged_at_a_rate_limited_level() {
+    let mut bin = Binary::start(&["serve", "--sandbox", "--sandbox-addr", "127.0.0.1:0"]);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", bin.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let calls = 1000;
+    let tasks: Vec<_> = (0..calls)
+        .map(|_| {
+            let mut grpc = tonic::client::Grpc::new(channel.clone());
+            tokio::spawn(async move {
+                grpc.ready().await.unwrap();
+                grpc.unary::<_, (), _>(
+                    tonic::Request::new(()),
+                    tonic::codegen::http::uri::PathAndQuery::from_static(
+                        "/kongtie.v1.Auth/NoSuchMethod",
+                    ),
+                    tonic_prost::ProstCodec::default(),
+                )
+                .await
+                .expect_err("nobody serves it")
+                .code()
+            })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), tonic::Code::Unimplemented);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let counted = sample(
+        &admin_metrics(&bin.admin).await,
+        r#"grpc_server_handled_total{grpc_type="unknown",grpc_service="unknown",grpc_method="unknown",grpc_code="Unimplemented"}"#,
+    );
+    assert_eq!(counted, calls as f64, "every call counted");
+    // One more, a second later: it is logged, with the count left out.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.unwrap();
+    let _ = grpc
+        .unary::<_, (), _>(
+            tonic::Request::new(()),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/kongtie.v1.Auth/NoSuchMethod"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await;
+    let log = bin.stop_and_read_log();
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") && l.contains("rpc finished"))
+        .collect();
+    let allowed = 50.0 * (elapsed.ceil() + 2.0);
+    assert!(
+        !warned.is_empty() && (warned.len() as f64) <= allowed,
+        "{} WARN lines for {calls} calls in {elapsed:.2} s",
+        warned.len()
+    );
+    let suppressed: u64 = warned
+        .iter()
+        .filter_map(|l| {
+            l.split("suppressed=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert_eq!(
+        warned.len() as u64 + suppressed,
+        calls + 1,
+        "each call is a line or counted in the next one's `suppressed`"
+    );
 }
