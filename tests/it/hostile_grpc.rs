@@ -774,19 +774,7 @@ async fn out_of_file_descriptors_the_grpc_listener_backs_off_and_serves_again() 
         "3000",
     ]);
     let pid = bin.child.id();
-    let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count();
-    let limit = open_fds + 6;
-    let status = std::process::Command::new("prlimit")
-        .args([
-            "--pid",
-            &pid.to_string(),
-            &format!("--nofile={limit}:{limit}"),
-        ])
-        .status()
-        .expect("prlimit (util-linux)");
-    assert!(status.success());
+    leave_few_file_descriptors(pid);
 
     // More silent connections than it has descriptors for.
     let mut held = Vec::new();

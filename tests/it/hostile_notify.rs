@@ -429,20 +429,7 @@ async fn out_of_file_descriptors_the_listener_backs_off_and_says_so_once() {
         None,
     );
     let pid = bin.child.id();
-    // A file limit just above what the process holds now.
-    let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count();
-    let limit = open_fds + 6;
-    let status = std::process::Command::new("prlimit")
-        .args([
-            "--pid",
-            &pid.to_string(),
-            &format!("--nofile={limit}:{limit}"),
-        ])
-        .status()
-        .expect("prlimit (util-linux)");
-    assert!(status.success());
+    leave_few_file_descriptors(pid);
 
     // More connections than it can take: the kernel completes them, the
     // gateway cannot accept them all.
