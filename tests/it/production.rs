@@ -291,6 +291,46 @@ async fn grpc_over_tls_and_mutual_tls() {
         "{out} {err}"
     );
 
+    // A connection that never starts its TLS handshake is closed at the
+    // handshake timeout, and counted.
+    let slow = spawn_app_with(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--grpc-handshake-timeout-ms",
+        "1000",
+    ])
+    .await;
+    let opened = std::time::Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(slow.addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read(&mut silent, &mut buf),
+    )
+    .await
+    .expect("closed within 10 s");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(
+        opened.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        opened.elapsed()
+    );
+    let admin = slow.admin.to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sample(
+        &admin_metrics(&admin).await,
+        r#"kongtie_grpc_connections_closed_total{reason="tls_handshake"}"#,
+    ) < 1.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not counted within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
     // Mutual TLS: without a client certificate, nothing.
     let mtls = spawn_app_with(&[
         "--tls-cert",
