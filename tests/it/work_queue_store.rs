@@ -21,6 +21,7 @@ store_suite!(
     a_stale_nak_leaves_the_next_holders_lease_alone,
     kinds_do_not_mix_and_one_stream_reads_a_cursor,
     racing_fetchers_on_two_replicas_never_share_an_event,
+    a_call_dropped_at_any_point_leaves_no_transaction_behind,
 );
 
 fn settings(ack_wait_ms: u64, max_deliver: u32, max_ack_pending: u32) -> QueueSettings {
@@ -401,5 +402,116 @@ async fn racing_fetchers_on_two_replicas_never_share_an_event(backend: Backend) 
             .unwrap()
             .acked_sequence,
         300
+    );
+}
+
+/// Polls `call` until it is done or `after` has passed (letting the
+/// runtime's IO driver run between polls), then drops it wherever it got
+/// to.
+async fn dropped_after<F: std::future::Future>(after: Duration, call: F) -> bool {
+    let mut call = std::pin::pin!(call);
+    let started = std::time::Instant::now();
+    while started.elapsed() < after {
+        if futures::poll!(call.as_mut()).is_ready() {
+            return false;
+        }
+        tokio::task::yield_now().await;
+    }
+    true
+}
+
+/// Sessions of this database (other than the asking one) inside a
+/// transaction that nobody is running a statement of.
+async fn idle_in_transaction(server: &mut sqlx::PgConnection) -> i64 {
+    sqlx::query_scalar(
+        "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%'",
+    )
+    .fetch_one(server)
+    .await
+    .unwrap()
+}
+
+/// A caller may give up on a call at any await (its client went away, a
+/// deadline passed): wherever the call was dropped, no transaction of it
+/// is left open on the store's connections for the next call to run in.
+///
+/// sqlx 0.9.0 left a PostgreSQL connection inside a transaction when a
+/// `begin` was dropped during its BEGIN round trip (vendor/README.md). The
+/// next call on that connection then ran inside it, with its clock:
+/// `now()` was the old BEGIN's, so a lease taken then could have run out
+/// already, and the event went to the next caller at once (the
+/// killed-worker test saw it, about one PostgreSQL run in three).
+async fn a_call_dropped_at_any_point_leaves_no_transaction_behind(backend: Backend) {
+    use sqlx::Connection;
+    let place = Place::new(backend).await;
+    let a = place.open().await;
+    record(&a, ids(40, "d")).await;
+    let q = a.consumers();
+    q.create("q", &settings(2_000, 5, 1000)).await.unwrap();
+    let mut server = match backend {
+        Backend::Postgres => Some(sqlx::PgConnection::connect(&place.url).await.unwrap()),
+        Backend::Sqlite => None,
+    };
+    // Naks of an event nobody holds: a transaction each that changes
+    // nothing (on SQLite a dropped one still runs, later, on the writer).
+    const NOT_LEASED: u64 = 1_000_000;
+    // How long such a nak takes here, at
+    // best of three (the first opens a connection).
+    let mut whole = Duration::MAX;
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        q.nak("q", &[NOT_LEASED], None, Duration::ZERO)
+            .await
+            .unwrap();
+        whole = whole.min(started.elapsed());
+    }
+    // Naks dropped at 500 points spread over three times that, each point
+    // twice: some in the middle of their BEGIN.
+    let (mut dropped, mut finished) = (0, 0);
+    for step in 0..1000u32 {
+        let after = whole * 3 * (step % 500) / 500;
+        if dropped_after(after, q.nak("q", &[NOT_LEASED], None, Duration::ZERO)).await {
+            dropped += 1;
+        } else {
+            finished += 1;
+        }
+        let Some(server) = server.as_mut() else {
+            continue;
+        };
+        // A dropped call's rollback is sent when its connection goes back
+        // to the pool (in a task of its own): soon, but not at once.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let open = idle_in_transaction(server).await;
+            if open == 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{open} connection(s) still inside a transaction 5 s after a nak was \
+                 dropped {after:?} into it (a whole one takes {whole:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    eprintln!("{dropped} naks dropped part way, {finished} finished (a whole one: {whole:?})");
+    assert!(
+        dropped > 0 && finished > 0,
+        "dropped at every point of a call"
+    );
+    // What a transaction left open would do: a lease taken in it runs out
+    // early. Twenty fetches, one event each, on whichever connection comes,
+    // then one more: nothing is due again yet.
+    let mut leased_now = Vec::new();
+    for _ in 0..20 {
+        leased_now.extend(fetch(&q, "q", 1).await);
+    }
+    assert_eq!(leased_now, (1..=20).map(|s| (s, 1)).collect::<Vec<_>>());
+    let next = q.fetch("q", 100, true).await.unwrap();
+    assert_eq!(next.redelivered, 0, "{:?}", leased(&next.events));
+    assert_eq!(
+        leased(&next.events),
+        (21..=40).map(|s| (s, 1)).collect::<Vec<_>>()
     );
 }
