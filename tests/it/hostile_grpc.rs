@@ -978,13 +978,13 @@ async fn failing_calls_are_logged_at_a_rate_limited_level() {
         .await
         .expect_err("nobody serves it")
     };
-    let unimplemented = |status: tonic::Status| {
+    let assert_unimplemented = |status: tonic::Status| {
         assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
     };
     // One call first, so the client has the server's SETTINGS (its stream
     // limit) before the burst: streams opened past the limit before they
     // arrive are refused (REFUSED_STREAM, which tonic reports UNAVAILABLE).
-    unimplemented(unknown(channel.clone()).await);
+    assert_unimplemented(unknown(channel.clone()).await);
     // And 200 in flight at a time, under the limit of 256: a client that
     // holds its connection at the limit has a stream refused now and then,
     // opened the moment it saw another end but before the server freed
@@ -1002,7 +1002,7 @@ async fn failing_calls_are_logged_at_a_rate_limited_level() {
         })
         .collect();
     for task in tasks {
-        unimplemented(task.await.unwrap());
+        assert_unimplemented(task.await.unwrap());
     }
     let elapsed = started.elapsed().as_secs_f64();
     let counted = sample(
@@ -1012,7 +1012,7 @@ async fn failing_calls_are_logged_at_a_rate_limited_level() {
     assert_eq!(counted, (calls + 1) as f64, "every call counted");
     // One more, a second later: it is logged, with the count left out.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    unimplemented(unknown(channel.clone()).await);
+    assert_unimplemented(unknown(channel.clone()).await);
     let log = bin.stop_and_read_log();
     let warned: Vec<&str> = log
         .lines()

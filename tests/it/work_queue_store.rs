@@ -456,8 +456,8 @@ async fn a_call_dropped_at_any_point_leaves_no_transaction_behind(backend: Backe
     // Naks of an event nobody holds: a transaction each that changes
     // nothing (on SQLite a dropped one still runs, later, on the writer).
     const NOT_LEASED: u64 = 1_000_000;
-    // How long such a nak takes here, at
-    // best of three (the first opens a connection).
+    // How long such a nak takes here, at best of three (the first opens a
+    // connection).
     let mut whole = Duration::MAX;
     for _ in 0..3 {
         let started = std::time::Instant::now();
@@ -498,7 +498,7 @@ async fn a_call_dropped_at_any_point_leaves_no_transaction_behind(backend: Backe
     eprintln!("{dropped} naks dropped part way, {finished} finished (a whole one: {whole:?})");
     assert!(
         dropped > 0 && finished > 0,
-        "dropped at every point of a call"
+        "some naks dropped part way and some finished"
     );
     // What a transaction left open would do: a lease taken in it runs out
     // early. Twenty fetches, one event each, on whichever connection comes,
