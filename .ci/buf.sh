@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# buf lint and buf format on proto/, with buf from the npm package
-# @bufbuild/buf (which carries the binary).
+# buf lint, buf format and buf breaking on proto/, with buf from the npm
+# package @bufbuild/buf (which carries the binary).
+#
+# buf breaking compares proto/ with an earlier proto/ of this repository:
+# $KONGTIE_BUF_AGAINST when set (any git ref), else the newest tag v*
+# (the released contract), else the parent commit, HEAD~1 (the proto as
+# last merged before this commit; a fresh clone has the whole history).
+# Until a release is tagged, a change that lands as several commits is
+# compared at its last step only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 buf=.tools/node_modules/.bin/buf
@@ -12,4 +19,14 @@ echo "buf $("../$buf" --version): lint"
 "../$buf" lint
 echo "buf format --diff --exit-code"
 "../$buf" format --diff --exit-code
+against=${KONGTIE_BUF_AGAINST:-$(git describe --tags --abbrev=0 --match 'v*' 2>/dev/null || echo HEAD~1)}
+if git rev-parse --verify --quiet "$against^{commit}" >/dev/null && git cat-file -e "$against:proto" 2>/dev/null; then
+  base=$(mktemp -d)
+  trap 'rm -rf "$base"' EXIT
+  git -C .. archive "$against" proto | tar -x -C "$base"
+  echo "buf breaking --against $against ($(git rev-parse --short "$against"))"
+  "../$buf" breaking --against "$base/proto"
+else
+  echo "buf breaking: skipped, $against has no proto/"
+fi
 echo "buf: OK"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runs the Python, Node and grpcurl examples (gRPC) and the Connect
-# protocol's Node and PHP examples against a live gateway (`serve
+# Runs the Python, Node, Java, Go and grpcurl examples (gRPC) and the
+# Connect protocol's Node and PHP examples against a live gateway (`serve
 # --sandbox` on free ports), and the two-replica walk-through on a fresh
-# PostgreSQL database, failing on any wrong answer.
+# PostgreSQL database, failing on any wrong answer. The Python, Java and Go
+# examples use the code proto/buf.gen.yaml generates into gen/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -11,7 +12,7 @@ echo "== build"
 cargo build --quiet
 bash .ci/install-grpcurl.sh >/dev/null
 
-echo "== example dependencies (PyPI, npm, Debian's php-cli and php-curl)"
+echo "== example dependencies (PyPI, npm, Debian's php-cli and php-curl, Java, Go, protoc plugins)"
 if ! command -v php >/dev/null || ! php -m | grep -qx curl; then
   apt-get install -y -qq php-cli php-curl >/dev/null \
     || { apt-get update -qq && apt-get install -y -qq php-cli php-curl >/dev/null; }
@@ -19,7 +20,9 @@ fi
 php --version | head -1
 [ -x .tools/venv/bin/python ] || python3 -m venv .tools/venv
 .tools/venv/bin/pip install --quiet --disable-pip-version-check -r examples/python/requirements.txt
-PATH="$root/.tools/venv/bin:$PATH" bash examples/python/generate.sh
+bash .ci/install-java-go.sh
+echo "== generated code (proto/buf.gen.yaml into gen/; gen/go as committed)"
+bash .ci/generate.sh
 (cd examples/node && npm ci --silent --no-audit --no-fund)
 (cd examples/connect-node && npm ci --silent --no-audit --no-fund && npm run --silent generate)
 
@@ -51,6 +54,10 @@ echo "== Python example"
 .tools/venv/bin/python examples/python/client.py --grpc "$GRPC" --sandbox "$SANDBOX" || status=1
 echo "== Node example"
 node examples/node/client.js --grpc "$GRPC" --sandbox "$SANDBOX" || status=1
+echo "== Java example (grpc-java from Debian's packages)"
+bash examples/java/run.sh --grpc "$GRPC" --sandbox "$SANDBOX" || status=1
+echo "== Go example (grpc-go from Debian's packages)"
+bash examples/go/run.sh --grpc "$GRPC" --sandbox "$SANDBOX" || status=1
 echo "== Connect protocol: Node (@connectrpc/connect-node, HTTP/1.1)"
 (cd examples/connect-node && node client.js --gateway "$GRPC" --sandbox "$SANDBOX") || status=1
 echo "== Connect protocol: PHP (php-cli, curl extension)"
