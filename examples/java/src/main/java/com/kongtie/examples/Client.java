@@ -36,7 +36,8 @@ import com.kongtie.v1.SignJsSdkConfigRequest;
 import com.kongtie.v1.SignJsSdkConfigResponse;
 import com.kongtie.v1.SubscribeNotificationsRequest;
 import com.kongtie.v1.TicketGrpc;
-import io.grpc.CallCredentials;
+import io.grpc.Channel;
+import io.grpc.ClientInterceptors;
 import io.grpc.Context;
 import io.grpc.ManagedChannel;
 import io.grpc.ManagedChannelBuilder;
@@ -44,6 +45,7 @@ import io.grpc.Metadata;
 import io.grpc.Status;
 import io.grpc.StatusRuntimeException;
 import io.grpc.protobuf.StatusProto;
+import io.grpc.stub.MetadataUtils;
 import io.grpc.stub.StreamObserver;
 import java.net.URI;
 import java.net.http.HttpClient;
@@ -55,7 +57,6 @@ import java.util.ArrayList;
 import java.util.HexFormat;
 import java.util.List;
 import java.util.concurrent.CompletableFuture;
-import java.util.concurrent.Executor;
 import java.util.concurrent.TimeUnit;
 
 public final class Client {
@@ -77,27 +78,6 @@ public final class Client {
     return fallback;
   }
 
-  /** Sends `authorization: Bearer KEY` on every call. */
-  private static final class ApiKey extends CallCredentials {
-    private static final Metadata.Key<String> AUTHORIZATION =
-        Metadata.Key.of("authorization", Metadata.ASCII_STRING_MARSHALLER);
-    private final String key;
-
-    ApiKey(String key) {
-      this.key = key;
-    }
-
-    @Override
-    public void applyRequestMetadata(RequestInfo info, Executor executor, MetadataApplier applier) {
-      Metadata headers = new Metadata();
-      headers.put(AUTHORIZATION, "Bearer " + key);
-      applier.apply(headers);
-    }
-
-    @Override
-    public void thisUsesUnstableApi() {}
-  }
-
   public static void main(String[] args) throws Exception {
     String grpcAddr = arg(args, "grpc", "127.0.0.1:50051");
     String sandbox = arg(args, "sandbox", "127.0.0.1:8090");
@@ -105,21 +85,28 @@ public final class Client {
 
     // Plaintext to a gateway on this machine; in production, TLS
     // (ManagedChannelBuilder.forTarget(...) without usePlaintext()).
-    ManagedChannel channel = ManagedChannelBuilder.forTarget(grpcAddr).usePlaintext().build();
-    CallCredentials key = apiKey == null || apiKey.isEmpty() ? null : new ApiKey(apiKey);
+    ManagedChannel managed = ManagedChannelBuilder.forTarget(grpcAddr).usePlaintext().build();
+    // Every call carries the API key, when there is one.
+    Metadata headers = new Metadata();
+    if (apiKey != null && !apiKey.isEmpty()) {
+      headers.put(Metadata.Key.of("authorization", Metadata.ASCII_STRING_MARSHALLER), "Bearer " + apiKey);
+    }
+    Channel channel =
+        ClientInterceptors.intercept(managed, MetadataUtils.newAttachHeadersInterceptor(headers));
     // Each call gets a deadline of its own: a stub's deadline is fixed when
     // the stub is made, so a fresh one per call.
-    var auth = AuthGrpc.newBlockingStub(channel).withCallCredentials(key);
-    var ticket = TicketGrpc.newBlockingStub(channel).withCallCredentials(key);
-    var payment = PaymentGrpc.newBlockingStub(channel).withCallCredentials(key);
+    var auth = AuthGrpc.newBlockingStub(channel);
+    var ticket = TicketGrpc.newBlockingStub(channel);
+    var payment = PaymentGrpc.newBlockingStub(channel);
 
     GetAccessTokenResponse token =
         auth.withDeadlineAfter(10, TimeUnit.SECONDS)
             .getAccessToken(GetAccessTokenRequest.getDefaultInstance());
     check(!token.getAccessToken().isEmpty(), "an access token");
     System.out.printf(
-        "access token: %d characters, fetched at %d%n",
-        token.getAccessToken().length(), token.getFetchedAt().getSeconds());
+        "access token: %d characters, fetched %s%n",
+        token.getAccessToken().length(),
+        java.time.Instant.ofEpochSecond(token.getFetchedAt().getSeconds()));
 
     String page = "https://shop.example.com/pay?order=1";
     SignJsSdkConfigResponse config =
@@ -171,7 +158,7 @@ public final class Client {
     subscription.run(
         () ->
             PaymentGrpc.newStub(channel)
-                .withCallCredentials(key)
+                
                 .withDeadlineAfter(15, TimeUnit.SECONDS)
                 .subscribeNotifications(
                     SubscribeNotificationsRequest.newBuilder().setConsumer("java-example").build(),
@@ -315,7 +302,7 @@ public final class Client {
     }
     check(fields.equals(List.of("amount_fen")), "the violation names amount_fen, not " + fields);
 
-    channel.shutdown().awaitTermination(5, TimeUnit.SECONDS);
+    managed.shutdown().awaitTermination(5, TimeUnit.SECONDS);
     System.out.println("java example: OK");
   }
 }
