@@ -14,3 +14,9 @@ if [ -n "$(git status --porcelain -- gen/go)" ]; then
   exit 1
 fi
 echo "gen/go: up to date"
+# No example runs gen/php (its runtime, google/protobuf, is not among
+# Debian's packages): each file must at least parse.
+if command -v php >/dev/null; then
+  find gen/php -name '*.php' -print0 | xargs -0 -n1 php -l >/dev/null
+  echo "gen/php: $(find gen/php -name '*.php' | wc -l) files parse (php -l)"
+fi

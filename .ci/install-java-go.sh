@@ -4,7 +4,7 @@
 # guava, javax.annotation), protobuf-java and google.rpc's protos; Go 1.19
 # with grpc-go 1.33, protobuf-go, genproto and the protobuf 1.5 shim (the
 # older golang-github-golang-protobuf package does not build with them);
-# protoc with the Go, Java, Python and PHP gRPC plugins. About 30 s on a
+# protoc with the Go, Java and PHP gRPC plugins. About 30 s on a
 # machine without them; nothing when they are there.
 set -euo pipefail
 packages=(
