@@ -10,7 +10,7 @@ PATH="$PWD/.tools/venv/bin:$PATH" bash proto/generate.sh
 if [ -n "$(git status --porcelain -- gen/go)" ]; then
   git status --short -- gen/go
   git diff --stat -- gen/go
-  echo "gen/go is not what proto/ generates: run bash .ci/install-java-go.sh && bash .ci/generate.sh, then commit gen/go" >&2
+  echo "gen/go is not what proto/ generates: run bash .ci/install-java-go.sh && bash proto/generate.sh go, then commit gen/go" >&2
   exit 1
 fi
 echo "gen/go: up to date"
