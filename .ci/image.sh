@@ -19,10 +19,14 @@
 # Costs about 60 s on a fresh machine (debootstrap about 50 s), 15 s after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+echo "== the container image with podman (.ci/image.sh)"
 root=$PWD
 export CONTAINERS_CONF="$root/.ci/containers.conf"
 fail() { echo "image: FAILED: $*" >&2; exit 1; }
 step() { echo "-- $*"; }
+# grep -q in a pipeline may stop reading early and fail it (SIGPIPE, pipefail).
+has() { grep -e "$1" >/dev/null; }
+trap 'echo "image: FAILED: line $LINENO: $BASH_COMMAND" >&2' ERR
 
 step "tools: podman, runc, debootstrap (Debian), grpcurl"
 need=()
@@ -113,7 +117,7 @@ wait_for() {
 }
 ready() { [ "$(curl -s -o /dev/null -w '%{http_code}' 127.0.0.1:9090/readyz)" = 200 ]; }
 grpc() { "$grpcurl" -plaintext -max-time 10 -H "authorization: Bearer $key" "$@"; }
-stored() { grpc -d '{"out_trade_id": "IMG1"}' 127.0.0.1:50051 kongtie.v1.Payment/ListNotifications | grep -q '"outTradeId": "IMG1"'; }
+stored() { grpc -d '{"out_trade_id": "IMG1"}' 127.0.0.1:50051 kongtie.v1.Payment/ListNotifications | has '"outTradeId": "IMG1"'; }
 
 # Stops the container with SIGTERM and checks it ended cleanly, in time.
 graceful_stop() {
@@ -123,17 +127,19 @@ graceful_stop() {
   code=$(podman inspect -f '{{.State.ExitCode}}' kongtie)
   [ "$code" = 0 ] || { podman logs kongtie 2>&1 | tail; fail "exit code $code after SIGTERM (137: killed)"; }
   [ "$took" -le "$grace" ] || fail "SIGTERM took ${took}s, more than the ${grace}s grace"
-  podman logs kongtie 2>&1 | grep -q '"shutdown signal received"' || fail "no 'shutdown signal received' line"
-  podman logs kongtie 2>&1 | tail -n1 | grep -q '"message":"stopped"' || fail "the last log line is not 'stopped'"
+  local logs
+  logs=$(podman logs kongtie 2>&1)
+  grep -q '"shutdown signal received"' <<<"$logs" || fail "no 'shutdown signal received' line"
+  tail -n1 <<<"$logs" | has '"message":"stopped"' || fail "the last log line is not 'stopped'"
   echo "stopped by SIGTERM in ${took}s, exit code 0, last line 'stopped'"
 }
 
 step "the README's sandbox command: $try_cmd"
 (cd "$work" && eval "$try_cmd") >/dev/null || fail "docker run (sandbox)"
 wait_for 30 "/readyz 200" ready
-"$grpcurl" -plaintext 127.0.0.1:50051 grpc.health.v1.Health/Check | grep -q '"status": "SERVING"' \
+"$grpcurl" -plaintext 127.0.0.1:50051 grpc.health.v1.Health/Check | has '"status": "SERVING"' \
   || fail "gRPC health is not SERVING"
-grpc 127.0.0.1:50051 kongtie.v1.Auth/GetAccessToken | grep -q '"accessToken"' || fail "GetAccessToken"
+grpc 127.0.0.1:50051 kongtie.v1.Auth/GetAccessToken | has '"accessToken"' || fail "GetAccessToken"
 echo "ready; health SERVING; GetAccessToken answered through the published port"
 
 pid=$(podman inspect -f '{{.State.Pid}}' kongtie)
@@ -142,7 +148,7 @@ uid=$(awk '/^Uid:/ {print $2 "," $3}' "/proc/$pid/status")
 echo "the gateway process (host pid $pid) runs as uid 65532"
 
 grpc -d '{"out_trade_id": "IMG1", "amount_fen": 20, "openid": "oeQDZtzvDoD-OmTmyJH6rGAX8odc"}' \
-  127.0.0.1:50051 kongtie.v1.Payment/CreateJsapiOrder | grep -q '"payParams"' || fail "CreateJsapiOrder"
+  127.0.0.1:50051 kongtie.v1.Payment/CreateJsapiOrder | has '"payParams"' || fail "CreateJsapiOrder"
 curl -sf -X POST 127.0.0.1:8090/sandbox/orders/IMG1/pay >/dev/null || fail "the sandbox did not pay IMG1"
 wait_for 15 "the notification of IMG1 stored" stored
 echo "order IMG1 paid by the sandbox; its notification is stored"
@@ -154,7 +160,7 @@ step "a new container on the same volume keeps the notification"
 (cd "$work" && eval "$try_cmd") >/dev/null || fail "docker run (sandbox, again)"
 wait_for 30 "/readyz 200 after the restart" ready
 stored || fail "the notification of IMG1 is gone after the restart"
-grpc -d '{"out_trade_id": "IMG1"}' 127.0.0.1:50051 kongtie.v1.Payment/GetOrder | grep -q ORDER_STATE_PAID \
+grpc -d '{"out_trade_id": "IMG1"}' 127.0.0.1:50051 kongtie.v1.Payment/GetOrder | has ORDER_STATE_PAID \
   || fail "order IMG1 is not PAID after the restart"
 echo "IMG1's notification and PAID order are still there"
 graceful_stop
@@ -166,9 +172,10 @@ cp deploy/kongtie-gateway.env.example "$work/kongtie-gateway.env"
 (cd "$work" && eval "$prod_cmd") >/dev/null || fail "docker run (production)"
 code=$(podman wait kongtie)
 [ "$code" = 1 ] || fail "with the placeholders it exited $code, not 1"
-podman logs kongtie 2>&1 | grep -q "still holds the example file's placeholder" \
-  || { podman logs kongtie; fail "the refusal does not name the placeholder"; }
-podman logs kongtie 2>&1 | grep -m1 placeholder | cut -c1-160
+refusal=$(podman logs kongtie 2>&1)
+grep -q "still holds the example file's placeholder" <<<"$refusal" \
+  || { echo "$refusal"; fail "the refusal does not name the placeholder"; }
+grep -m1 placeholder <<<"$refusal" | cut -c1-160
 podman rm kongtie >/dev/null
 
 step "the same command once every change-me value is replaced"
@@ -179,9 +186,111 @@ sed -i -E 's/=change-me[^,]*(,change-me[^,]*)*$/=ci-'"$RANDOM"'-filled/;
 ! grep -q change-me "$work/kongtie-gateway.env" || fail "change-me values left in the test's env file"
 (cd "$work" && eval "$prod_cmd") >/dev/null || fail "docker run (production, filled in)"
 wait_for 30 "/readyz 200 with the filled-in env file" ready
-"$grpcurl" -plaintext 127.0.0.1:50051 grpc.health.v1.Health/Check | grep -q '"status": "SERVING"' \
+"$grpcurl" -plaintext 127.0.0.1:50051 grpc.health.v1.Health/Check | has '"status": "SERVING"' \
   || fail "gRPC health is not SERVING (production)"
 echo "starts and is ready with the example env file once its placeholders are replaced"
 graceful_stop
+
+podman rm kongtie >/dev/null
+
+step "the Kubernetes Deployment's pod (deploy/kubernetes/), twice (replicas: 2), on one PostgreSQL database"
+# Its image, arguments, ConfigMap and Secret (placeholders replaced, the
+# database the local one), user, read-only root, dropped capabilities,
+# emptyDir mounts and memory limit, as podman flags; host networking, each
+# replica on loopback ports of its own. Then the probes' paths on the admin
+# port, and a consumer created on one replica seen by the other.
+venv=.tools/deploy-venv
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install --quiet --disable-pip-version-check pyyaml
+db=kongtie_image_pods
+export PGOPTIONS=--client-min-messages=warning
+psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null \
+  || fail "PostgreSQL on 127.0.0.1:5432 (run .ci/postgres.sh)"
+"$venv/bin/python" - "$work" "postgres://postgres@127.0.0.1:5432/$db" <<'PY'
+import sys, yaml
+work, store = sys.argv[1], sys.argv[2]
+docs = {}
+for f in ("configmap", "secret.example", "deployment"):
+    d = yaml.safe_load(open(f"deploy/kubernetes/{f}.yaml"))
+    docs[d["kind"]] = d
+pod = docs["Deployment"]["spec"]["template"]["spec"]
+(c,) = pod["containers"]
+env = dict(docs["ConfigMap"]["data"])
+env.update(docs["Secret"]["stringData"])
+for k, v in env.items():
+    if "change-me" in v:
+        env[k] = ",".join(f"ci-{k.lower()}-{i}" for i, _ in enumerate(v.split(",")))
+env["KONGTIE_STORE"] = store
+# Kongtie's URLs to a closed loopback port: nothing leaves the machine.
+env["KONGTIE_KTAPI_URL"] = "http://127.0.0.1:9/ktapi"
+env["KONGTIE_PAY_URL"] = "http://127.0.0.1:9/ParTrade.ashx"
+with open(f"{work}/pod.env", "w") as out:
+    out.writelines(f"{k}={v}\n" for k, v in env.items())
+open(f"{work}/pod.key", "w").write(env["KONGTIE_API_KEYS"].split(",")[0])
+psc, sc = pod["securityContext"], c["securityContext"]
+flags = [f"--user={psc['runAsUser']}:{psc['runAsGroup']}"]
+if sc.get("readOnlyRootFilesystem"):
+    flags.append("--read-only")
+flags += [f"--cap-drop={cap}" for cap in sc["capabilities"]["drop"]]
+if sc.get("allowPrivilegeEscalation") is False:
+    flags.append("--security-opt=no-new-privileges")
+vols = {v["name"]: v for v in pod["volumes"]}
+for m in c["volumeMounts"]:
+    assert "emptyDir" in vols[m["name"]], m
+    flags.append(f"--tmpfs={m['mountPath']}:rw,mode=1777")
+flags.append(f"--memory={c['resources']['limits']['memory'].replace('Mi', 'm')}")
+open(f"{work}/pod.flags", "w").write("\n".join(flags) + "\n")
+open(f"{work}/pod.image", "w").write(c["image"] + "\n")
+open(f"{work}/pod.args", "w").write("\n".join(c.get("args", [])) + "\n")
+ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+with open(f"{work}/pod.probes", "w") as out:
+    for probe in ("readinessProbe", "livenessProbe"):
+        get = c[probe]["httpGet"]
+        assert ports[get["port"]] == 9090, get
+        out.write(get["path"] + "\n")
+PY
+[ -s "$work/pod.flags" ] || fail "could not read deploy/kubernetes/"
+pod_image=$(cat "$work/pod.image")
+podman tag kongtie-gateway "$pod_image"
+mapfile -t pod_flags <"$work/pod.flags"
+mapfile -t pod_args <"$work/pod.args"
+pod_key=$(cat "$work/pod.key")
+echo "podman run ${pod_flags[*]} $pod_image ${pod_args[*]}"
+replica() {  # name, port offset
+  podman run -d --name "$1" --network host --env-file "$work/pod.env" \
+    -e KONGTIE_GRPC_ADDR="127.0.0.1:$((50151 + $2))" -e KONGTIE_NOTIFY_ADDR="127.0.0.1:$((8180 + $2))" \
+    -e KONGTIE_ADMIN_ADDR="127.0.0.1:$((9190 + $2))" \
+    "${pod_flags[@]}" "$pod_image" "${pod_args[@]}" >/dev/null
+}
+trap 'podman rm -f -t 0 kongtie-pod-a kongtie-pod-b >/dev/null 2>&1; remove; rm -rf "$work"' EXIT
+replica kongtie-pod-a 0 || fail "podman run (pod a)"
+replica kongtie-pod-b 1 || fail "podman run (pod b)"
+probe_ok() { [ "$(curl -s -o /dev/null -w '%{http_code}' "127.0.0.1:$1$2")" = 200 ]; }
+for port in 9190 9191; do
+  while read -r path; do
+    deadline=$((SECONDS + 60))
+    until probe_ok "$port" "$path"; do
+      if [ "$SECONDS" -ge "$deadline" ]; then
+        podman logs kongtie-pod-a 2>&1 | tail; podman logs kongtie-pod-b 2>&1 | tail
+        fail "probe $path on admin port $port not 200 within 60s"
+      fi
+      sleep 0.3
+    done
+  done <"$work/pod.probes"
+done
+echo "both replicas answer their probes ($(tr '\n' ' ' <"$work/pod.probes")) as uid 65532 on a read-only root"
+pod_grpc() { "$grpcurl" -plaintext -max-time 10 -H "authorization: Bearer $pod_key" "$@"; }
+pod_grpc -d '{"name": "k8s-shared", "ack_wait": "30s"}' 127.0.0.1:50151 kongtie.v1.Payment/CreateConsumer >/dev/null \
+  || fail "CreateConsumer on replica a"
+pod_grpc -d '{"name": "k8s-shared"}' 127.0.0.1:50152 kongtie.v1.Payment/GetConsumer | has '"name": "k8s-shared"' \
+  || fail "replica b does not see the consumer created on replica a"
+echo "a consumer created on replica a is seen by replica b: one PostgreSQL database"
+for name in kongtie-pod-a kongtie-pod-b; do
+  podman stop -t 30 "$name" >/dev/null
+  code=$(podman inspect -f '{{.State.ExitCode}}' "$name")
+  [ "$code" = 0 ] || { podman logs "$name" 2>&1 | tail; fail "$name exited $code after SIGTERM"; }
+done
+podman rm kongtie-pod-a kongtie-pod-b >/dev/null
+psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db" >/dev/null || true
 
 echo "image: all OK"
