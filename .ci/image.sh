@@ -5,18 +5,21 @@
 #   - `serve --sandbox` with its data on a volume: /readyz, gRPC health and
 #     an authenticated call from the host through the published ports;
 #   - an order paid by the sandbox, its notification stored, and still there
-#     in a new container on the same volume;
+#     after the container is started again, and in a new container on the
+#     same volume;
 #   - the process runs as uid 65532, not root;
 #   - `podman stop` (SIGTERM) ends it within KONGTIE_SHUTDOWN_GRACE_SECS:
 #     exit code 0 and the "stopped" log line;
 #   - the production command with the example env file as it is exits 1
-#     naming the placeholder to replace, and starts once they are replaced.
+#     naming the placeholder to replace, and starts once they are replaced;
+#   - the Kubernetes Deployment's pod (deploy/kubernetes/) as podman runs
+#     it: its env, user, read-only root and mounts, twice on one PostgreSQL.
 # Registry images cannot be pulled here, so the runtime stage's base is a
 # Debian 12 root file system made by debootstrap from the machine's Debian
 # mirror, and the build stage is replaced by the release binary built on
 # this host (both are documented build inputs of the Dockerfile); the
 # runtime stage, the image users run, is the same.
-# Costs about 60 s on a fresh machine (debootstrap about 50 s), 15 s after.
+# Costs about 90 s on a fresh machine (debootstrap about 55 s), 30 s after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "== the container image with podman (.ci/image.sh)"
@@ -28,9 +31,9 @@ step() { echo "-- $*"; }
 has() { grep -e "$1" >/dev/null; }
 trap 'echo "image: FAILED: line $LINENO: $BASH_COMMAND" >&2' ERR
 
-step "tools: podman, runc, debootstrap (Debian), grpcurl"
+step "tools: podman, runc, debootstrap, psql (Debian), grpcurl"
 need=()
-for pair in podman:podman runc:runc debootstrap:debootstrap; do
+for pair in podman:podman runc:runc debootstrap:debootstrap psql:postgresql-client; do
   command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
 done
 if [ "${#need[@]}" -gt 0 ]; then
@@ -100,9 +103,19 @@ prod_cmd=$(readme_run '--env-file') || fail "README: the production docker run c
 key=$(sed -nE 's/.*KONGTIE_API_KEYS=([^ ]+).*/\1/p' <<<"$try_cmd")
 [ -n "$key" ] || fail "the README's sandbox command sets no KONGTIE_API_KEYS"
 
-for port in 50051 8080 8090 9090; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    fail "port $port is taken on this machine; the README's commands publish it (stop what serves it)"
+# The host ports the README's commands publish: -p [127.0.0.1:]HOST:CONTAINER.
+host_port() {  # command, container port
+  sed -nE "s/.*-p (127\.0\.0\.1:)?([0-9]+):$2( .*|$)/\2/p" <<<"$1" | head -n1
+}
+GRPC=127.0.0.1:$(host_port "$try_cmd" 50051)
+ADMIN=127.0.0.1:$(host_port "$try_cmd" 9090)
+SANDBOX=127.0.0.1:$(host_port "$try_cmd" 8090)
+[ "$GRPC:$ADMIN" = "127.0.0.1:$(host_port "$prod_cmd" 50051):127.0.0.1:$(host_port "$prod_cmd" 9090)" ] \
+  || fail "the README's two docker run commands publish gRPC and admin on different host ports"
+for addr in "$GRPC" "$ADMIN" "$SANDBOX" "127.0.0.1:$(host_port "$prod_cmd" 8080)"; do
+  [ "${addr#127.0.0.1:}" ] || fail "a port the README's commands should publish is missing"
+  if (exec 3<>"/dev/tcp/${addr%:*}/${addr#*:}") 2>/dev/null; then
+    fail "$addr is taken on this machine; the README's commands publish it (stop what serves it)"
   fi
 done
 
@@ -115,9 +128,9 @@ wait_for() {
     sleep 0.2
   done
 }
-ready() { [ "$(curl -s -o /dev/null -w '%{http_code}' 127.0.0.1:9090/readyz)" = 200 ]; }
+ready() { [ "$(curl -s -o /dev/null -w '%{http_code}' $ADMIN/readyz)" = 200 ]; }
 grpc() { "$grpcurl" -plaintext -max-time 10 -H "authorization: Bearer $key" "$@"; }
-stored() { grpc -d '{"out_trade_id": "IMG1"}' 127.0.0.1:50051 kongtie.v1.Payment/ListNotifications | has '"outTradeId": "IMG1"'; }
+stored() { grpc -d '{"out_trade_id": "IMG1"}' "$GRPC" kongtie.v1.Payment/ListNotifications | has '"outTradeId": "IMG1"'; }
 
 # Stops the container with SIGTERM and checks it ended cleanly, in time.
 graceful_stop() {
@@ -137,9 +150,9 @@ graceful_stop() {
 step "the README's sandbox command: $try_cmd"
 (cd "$work" && eval "$try_cmd") >/dev/null || fail "docker run (sandbox)"
 wait_for 30 "/readyz 200" ready
-"$grpcurl" -plaintext 127.0.0.1:50051 grpc.health.v1.Health/Check | has '"status": "SERVING"' \
+"$grpcurl" -plaintext "$GRPC" grpc.health.v1.Health/Check | has '"status": "SERVING"' \
   || fail "gRPC health is not SERVING"
-grpc 127.0.0.1:50051 kongtie.v1.Auth/GetAccessToken | has '"accessToken"' || fail "GetAccessToken"
+grpc "$GRPC" kongtie.v1.Auth/GetAccessToken | has '"accessToken"' || fail "GetAccessToken"
 echo "ready; health SERVING; GetAccessToken answered through the published port"
 
 pid=$(podman inspect -f '{{.State.Pid}}' kongtie)
@@ -148,19 +161,26 @@ uid=$(awk '/^Uid:/ {print $2 "," $3}' "/proc/$pid/status")
 echo "the gateway process (host pid $pid) runs as uid 65532"
 
 grpc -d '{"out_trade_id": "IMG1", "amount_fen": 20, "openid": "oeQDZtzvDoD-OmTmyJH6rGAX8odc"}' \
-  127.0.0.1:50051 kongtie.v1.Payment/CreateJsapiOrder | has '"payParams"' || fail "CreateJsapiOrder"
-curl -sf -X POST 127.0.0.1:8090/sandbox/orders/IMG1/pay >/dev/null || fail "the sandbox did not pay IMG1"
+  "$GRPC" kongtie.v1.Payment/CreateJsapiOrder | has '"payParams"' || fail "CreateJsapiOrder"
+curl -sf -X POST $SANDBOX/sandbox/orders/IMG1/pay >/dev/null || fail "the sandbox did not pay IMG1"
 wait_for 15 "the notification of IMG1 stored" stored
 echo "order IMG1 paid by the sandbox; its notification is stored"
 
 graceful_stop
+
+step "the same container started again keeps the notification"
+podman start kongtie >/dev/null || fail "podman start"
+wait_for 30 "/readyz 200 after podman start" ready
+stored || fail "the notification of IMG1 is gone after podman start"
+echo "IMG1's notification is still there"
+graceful_stop
 podman rm kongtie >/dev/null
 
-step "a new container on the same volume keeps the notification"
+step "a new container on the same volume keeps it too"
 (cd "$work" && eval "$try_cmd") >/dev/null || fail "docker run (sandbox, again)"
 wait_for 30 "/readyz 200 after the restart" ready
 stored || fail "the notification of IMG1 is gone after the restart"
-grpc -d '{"out_trade_id": "IMG1"}' 127.0.0.1:50051 kongtie.v1.Payment/GetOrder | has ORDER_STATE_PAID \
+grpc -d '{"out_trade_id": "IMG1"}' "$GRPC" kongtie.v1.Payment/GetOrder | has ORDER_STATE_PAID \
   || fail "order IMG1 is not PAID after the restart"
 echo "IMG1's notification and PAID order are still there"
 graceful_stop
@@ -186,7 +206,7 @@ sed -i -E 's/=change-me[^,]*(,change-me[^,]*)*$/=ci-'"$RANDOM"'-filled/;
 ! grep -q change-me "$work/kongtie-gateway.env" || fail "change-me values left in the test's env file"
 (cd "$work" && eval "$prod_cmd") >/dev/null || fail "docker run (production, filled in)"
 wait_for 30 "/readyz 200 with the filled-in env file" ready
-"$grpcurl" -plaintext 127.0.0.1:50051 grpc.health.v1.Health/Check | has '"status": "SERVING"' \
+"$grpcurl" -plaintext "$GRPC" grpc.health.v1.Health/Check | has '"status": "SERVING"' \
   || fail "gRPC health is not SERVING (production)"
 echo "starts and is ready with the example env file once its placeholders are replaced"
 graceful_stop
@@ -256,17 +276,25 @@ mapfile -t pod_flags <"$work/pod.flags"
 mapfile -t pod_args <"$work/pod.args"
 pod_key=$(cat "$work/pod.key")
 echo "podman run ${pod_flags[*]} $pod_image ${pod_args[*]}"
-replica() {  # name, port offset
+# Free loopback ports: gRPC, notify and admin of each replica.
+read -r -a ports <<<"$("$venv/bin/python" -c '
+import socket
+socks = [socket.socket() for _ in range(6)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))')"
+replica() {  # name, index
+  local base=$(($2 * 3))
   podman run -d --name "$1" --network host --env-file "$work/pod.env" \
-    -e KONGTIE_GRPC_ADDR="127.0.0.1:$((50151 + $2))" -e KONGTIE_NOTIFY_ADDR="127.0.0.1:$((8180 + $2))" \
-    -e KONGTIE_ADMIN_ADDR="127.0.0.1:$((9190 + $2))" \
+    -e KONGTIE_GRPC_ADDR="127.0.0.1:${ports[base]}" -e KONGTIE_NOTIFY_ADDR="127.0.0.1:${ports[base + 1]}" \
+    -e KONGTIE_ADMIN_ADDR="127.0.0.1:${ports[base + 2]}" \
     "${pod_flags[@]}" "$pod_image" "${pod_args[@]}" >/dev/null
 }
 trap 'podman rm -f -t 0 kongtie-pod-a kongtie-pod-b >/dev/null 2>&1; remove; rm -rf "$work"' EXIT
 replica kongtie-pod-a 0 || fail "podman run (pod a)"
 replica kongtie-pod-b 1 || fail "podman run (pod b)"
 probe_ok() { [ "$(curl -s -o /dev/null -w '%{http_code}' "127.0.0.1:$1$2")" = 200 ]; }
-for port in 9190 9191; do
+for port in "${ports[2]}" "${ports[5]}"; do
   while read -r path; do
     deadline=$((SECONDS + 60))
     until probe_ok "$port" "$path"; do
@@ -280,9 +308,9 @@ for port in 9190 9191; do
 done
 echo "both replicas answer their probes ($(tr '\n' ' ' <"$work/pod.probes")) as uid 65532 on a read-only root"
 pod_grpc() { "$grpcurl" -plaintext -max-time 10 -H "authorization: Bearer $pod_key" "$@"; }
-pod_grpc -d '{"name": "k8s-shared", "ack_wait": "30s"}' 127.0.0.1:50151 kongtie.v1.Payment/CreateConsumer >/dev/null \
+pod_grpc -d '{"name": "k8s-shared", "ack_wait": "30s"}' "127.0.0.1:${ports[0]}" kongtie.v1.Payment/CreateConsumer >/dev/null \
   || fail "CreateConsumer on replica a"
-pod_grpc -d '{"name": "k8s-shared"}' 127.0.0.1:50152 kongtie.v1.Payment/GetConsumer | has '"name": "k8s-shared"' \
+pod_grpc -d '{"name": "k8s-shared"}' "127.0.0.1:${ports[3]}" kongtie.v1.Payment/GetConsumer | has '"name": "k8s-shared"' \
   || fail "replica b does not see the consumer created on replica a"
 echo "a consumer created on replica a is seen by replica b: one PostgreSQL database"
 for name in kongtie-pod-a kongtie-pod-b; do
