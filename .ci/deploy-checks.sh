@@ -14,7 +14,7 @@
 #     fires KongtieConsumerStuck (with short windows) on a consumer that
 #     does not take its events, and resolves it once the consumer catches up.
 # Costs about 35 s (the live alert about 25 s of it) once the tools are installed.
-set -euo pipefail
+set -Eeuo pipefail
 cd "$(dirname "$0")/.."
 echo "== deployment files: systemd, Kubernetes, Prometheus alerts and dashboard (.ci/deploy-checks.sh)"
 root=$PWD

@@ -13,14 +13,16 @@
 #   - the production command with the example env file as it is exits 1
 #     naming the placeholder to replace, and starts once they are replaced;
 #   - the Kubernetes Deployment's pod (deploy/kubernetes/) as podman runs
-#     it: its env, user, read-only root and mounts, twice on one PostgreSQL.
+#     it: its env, user, read-only root and mounts, twice on one PostgreSQL;
+#   - the systemd unit started by systemd (PID 1 of a container): dynamic
+#     user, sandboxing in force, Restart= after a SIGKILL, a clean stop.
 # Registry images cannot be pulled here, so the runtime stage's base is a
 # Debian 12 root file system made by debootstrap from the machine's Debian
 # mirror, and the build stage is replaced by the release binary built on
 # this host (both are documented build inputs of the Dockerfile); the
 # runtime stage, the image users run, is the same.
-# Costs about 90 s on a fresh machine (debootstrap about 55 s), 30 s after.
-set -euo pipefail
+# Costs about 2 min on a fresh machine (debootstrap about 70 s), 40 s after.
+set -Eeuo pipefail
 cd "$(dirname "$0")/.."
 echo "== the container image with podman (.ci/image.sh)"
 root=$PWD
@@ -54,22 +56,26 @@ else
   bin=$root/target/release/kongtie-gateway
 fi
 
-base=localhost/kongtie-ci-base:bookworm
+# Debian 12 minbase, plus systemd: the same base also boots systemd as PID 1
+# for the unit's test below (one debootstrap instead of two; the gateway's
+# runtime stage uses nothing of it but the C library).
+base=localhost/kongtie-ci-base:bookworm-systemd
 if ! podman image exists "$base"; then
   mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n1)
   [ -n "$mirror" ] || mirror=$(awk '/^deb / {print $2; exit}' /etc/apt/sources.list 2>/dev/null)
   [ -n "$mirror" ] || fail "no Debian mirror found in /etc/apt/sources.list.d/debian.sources or sources.list"
   step "a Debian 12 base image by debootstrap from $mirror"
   rootfs=$(mktemp -d /var/tmp/kongtie-rootfs.XXXXXX)
-  debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >/dev/null \
+  debootstrap --variant=minbase --include=systemd,systemd-sysv bookworm "$rootfs" "$mirror" >/dev/null \
     || fail "debootstrap failed"
-  tar -C "$rootfs" -c . | podman import - "$base" >/dev/null
+  tar -C "$rootfs" -c . | podman import --quiet - "$base" >/dev/null
   rm -rf "$rootfs"
 fi
 
 # The README's names: a container `kongtie`, a volume `kongtie-data`.
+# And the test's own: the Kubernetes pod's two replicas, the systemd host.
 remove() {
-  podman rm -f -t 0 kongtie >/dev/null 2>&1 || true
+  podman rm --force --ignore -t 0 kongtie kongtie-pod-a kongtie-pod-b kongtie-systemd >/dev/null 2>&1 || true
   podman volume rm -f kongtie-data >/dev/null 2>&1 || true
 }
 remove
@@ -284,13 +290,12 @@ for s in socks:
     s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in socks))')"
 replica() {  # name, index
-  local base=$(($2 * 3))
+  local first=$(($2 * 3))
   podman run -d --name "$1" --network host --env-file "$work/pod.env" \
-    -e KONGTIE_GRPC_ADDR="127.0.0.1:${ports[base]}" -e KONGTIE_NOTIFY_ADDR="127.0.0.1:${ports[base + 1]}" \
-    -e KONGTIE_ADMIN_ADDR="127.0.0.1:${ports[base + 2]}" \
+    -e KONGTIE_GRPC_ADDR="127.0.0.1:${ports[first]}" -e KONGTIE_NOTIFY_ADDR="127.0.0.1:${ports[first + 1]}" \
+    -e KONGTIE_ADMIN_ADDR="127.0.0.1:${ports[first + 2]}" \
     "${pod_flags[@]}" "$pod_image" "${pod_args[@]}" >/dev/null
 }
-trap 'podman rm -f -t 0 kongtie-pod-a kongtie-pod-b >/dev/null 2>&1; remove; rm -rf "$work"' EXIT
 replica kongtie-pod-a 0 || fail "podman run (pod a)"
 replica kongtie-pod-b 1 || fail "podman run (pod b)"
 probe_ok() { [ "$(curl -s -o /dev/null -w '%{http_code}' "127.0.0.1:$1$2")" = 200 ]; }
@@ -320,5 +325,58 @@ for name in kongtie-pod-a kongtie-pod-b; do
 done
 podman rm kongtie-pod-a kongtie-pod-b >/dev/null
 psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db" >/dev/null || true
+
+step "the systemd unit (deploy/systemd/), started by systemd: PID 1 of a privileged container on the base image"
+# This machine's own PID 1 is not systemd; a container's can be. Privileged,
+# as a host's systemd is: the unit's sandboxing needs mount namespaces.
+sd_admin=127.0.0.1:$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+podman run -d --name kongtie-systemd --privileged --systemd=always -p "$sd_admin:9090" "$base" /lib/systemd/systemd >/dev/null \
+  || fail "podman run systemd"
+sd() { podman exec kongtie-systemd "$@"; }
+booted() { case "$(sd systemctl is-system-running 2>/dev/null)" in running|degraded) return 0;; *) return 1;; esac; }
+wait_for 60 "systemd booted in the container" booted
+sd mkdir -p /etc/kongtie
+podman cp "$bin" kongtie-systemd:/usr/local/bin/kongtie-gateway
+# The production env file with its placeholders replaced (above); its
+# KONGTIE_DATA_DIR=/data is overridden by the unit's state directory.
+podman cp "$work/kongtie-gateway.env" kongtie-systemd:/etc/kongtie/kongtie-gateway.env
+podman cp deploy/systemd/kongtie-gateway.service kongtie-systemd:/etc/systemd/system/kongtie-gateway.service
+sd systemctl daemon-reload
+sd systemctl start kongtie-gateway || { sd journalctl -u kongtie-gateway --no-pager | tail; fail "systemctl start"; }
+sd_ready() { [ "$(curl -s -o /dev/null -w '%{http_code}' "$sd_admin/readyz")" = 200 ]; }
+wait_for 30 "/readyz 200 under systemd" sd_ready
+main_pid() { sd systemctl show -p MainPID --value kongtie-gateway; }
+pid=$(main_pid)
+status=$(sd cat "/proc/$pid/status")
+sd_uid=$(sd systemctl show -p UID --value kongtie-gateway)
+[ -n "$sd_uid" ] && [ "$sd_uid" != 0 ] && [ "$sd_uid" != "[not set]" ] || fail "the service's dynamic user is '$sd_uid'"
+grep -Eq "^Uid:\s+$sd_uid\s" <<<"$status" || fail "the gateway does not run as the dynamic user $sd_uid"
+grep -Eq '^NoNewPrivs:\s+1$' <<<"$status" || fail "NoNewPrivileges is not in force"
+grep -Eq '^CapEff:\s+0+$' <<<"$status" || fail "the gateway holds capabilities"
+grep -Eq '^Seccomp:\s+2$' <<<"$status" || fail "no system-call filter"
+# In the service's mount namespace: its state directory is writable (the
+# control), /usr and /etc are not.
+sd nsenter -t "$pid" -m touch /var/lib/kongtie-gateway/written || fail "nsenter into the service's mounts"
+sd rm /var/lib/private/kongtie-gateway/written
+for dir in /usr/local/bin /etc/kongtie; do
+  if sd nsenter -t "$pid" -m touch "$dir/written" 2>/dev/null; then
+    fail "ProtectSystem=strict: the service's view of $dir is writable"
+  fi
+done
+sd test -s /var/lib/private/kongtie-gateway/notifications.db || fail "the store is not in the state directory"
+[ "$(sd stat -c %u /var/lib/private/kongtie-gateway)" = "$sd_uid" ] || fail "the state directory is not the dynamic user's"
+echo "running as dynamic user $sd_uid, no capabilities, no new privileges, seccomp, read-only /usr and /etc, store in /var/lib/kongtie-gateway"
+sd sh -c "kill -KILL $pid"
+restarted() { [ "$(sd systemctl show -p NRestarts --value kongtie-gateway)" = 1 ] && sd_ready; }
+wait_for 30 "Restart=on-failure after a SIGKILL" restarted
+echo "SIGKILLed, restarted by systemd and ready again"
+sd systemctl stop kongtie-gateway
+[ "$(sd systemctl show -p Result --value kongtie-gateway)" = success ] \
+  && [ "$(sd systemctl show -p ExecMainStatus --value kongtie-gateway)" = 0 ] \
+  || { sd journalctl -u kongtie-gateway --no-pager | tail; fail "systemctl stop did not end it cleanly"; }
+sd journalctl -u kongtie-gateway --no-pager -o cat | grep -F '"message":"stopped"' >/dev/null \
+  || fail "no 'stopped' line in the journal"
+echo "systemctl stop: exit status 0, result success, 'stopped' in the journal"
+podman rm -f -t 0 kongtie-systemd >/dev/null
 
 echo "image: all OK"
