@@ -89,9 +89,11 @@ fi
 step "Kubernetes: kubectl kustomize deploy/kubernetes, kubernetes-validate --strict"
 kubectl kustomize deploy/kubernetes >"$work/rendered.yaml" 2>"$work/kustomize.err" \
   || { cat "$work/kustomize.err"; fail "kubectl kustomize"; }
-objects=$(ls deploy/kubernetes/*.yaml | grep -v /kustomization.yaml)
-# shellcheck disable=SC2086
-"$venv/bin/kubernetes-validate" --strict --quiet $objects "$work/rendered.yaml" \
+objects=()
+for f in deploy/kubernetes/*.yaml; do
+  [ "$f" = deploy/kubernetes/kustomization.yaml ] || objects+=("$f")
+done
+"$venv/bin/kubernetes-validate" --strict --quiet "${objects[@]}" "$work/rendered.yaml" \
   || fail "kubernetes-validate"
 "$py" - "$work/rendered.yaml" <<'EOF' || fail "the Kubernetes manifests' promises"
 import sys, yaml

@@ -134,7 +134,7 @@ wait_for() {
     sleep 0.2
   done
 }
-ready() { [ "$(curl -s -o /dev/null -w '%{http_code}' $ADMIN/readyz)" = 200 ]; }
+ready() { [ "$(curl -s -o /dev/null -w '%{http_code}' "$ADMIN/readyz")" = 200 ]; }
 grpc() { "$grpcurl" -plaintext -max-time 10 -H "authorization: Bearer $key" "$@"; }
 stored() { grpc -d '{"out_trade_id": "IMG1"}' "$GRPC" kongtie.v1.Payment/ListNotifications | has '"outTradeId": "IMG1"'; }
 
@@ -168,7 +168,7 @@ echo "the gateway process (host pid $pid) runs as uid 65532"
 
 grpc -d '{"out_trade_id": "IMG1", "amount_fen": 20, "openid": "oeQDZtzvDoD-OmTmyJH6rGAX8odc"}' \
   "$GRPC" kongtie.v1.Payment/CreateJsapiOrder | has '"payParams"' || fail "CreateJsapiOrder"
-curl -sf -X POST $SANDBOX/sandbox/orders/IMG1/pay >/dev/null || fail "the sandbox did not pay IMG1"
+curl -sf -X POST "$SANDBOX/sandbox/orders/IMG1/pay" >/dev/null || fail "the sandbox did not pay IMG1"
 wait_for 15 "the notification of IMG1 stored" stored
 echo "order IMG1 paid by the sandbox; its notification is stored"
 
