@@ -31,8 +31,9 @@ command -v promtool >/dev/null && command -v prometheus >/dev/null || need+=(pro
 command -v kubectl >/dev/null || need+=(kubernetes-client)
 command -v psql >/dev/null || need+=(postgresql-client)
 if [ "${#need[@]}" -gt 0 ]; then
-  apt-get install -y -qq "${need[@]}" >/dev/null \
-    || { apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; } \
+  # Without recommends: no node exporter, no service started beside ours.
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null \
+    || { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; } \
     || fail "could not install ${need[*]}"
 fi
 venv=.tools/deploy-venv
