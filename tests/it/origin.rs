@@ -281,6 +281,48 @@ async fn an_allowed_origin_gets_its_preflight_answered_and_its_calls_served_with
     .await;
     assert_eq!(other.status, 403, "{}", other.body);
     assert_eq!(counted(&app, REFUSED_ORIGIN).await, 1.0);
+
+    // With API keys, the preflight (which browsers send without them) is
+    // answered before any key is asked for; a call without a key is
+    // UNAUTHENTICATED, in an answer the page may read.
+    let keyed = spawn_app_with(&["--api-keys", "key-one", "--allowed-origin", page]).await;
+    let call = url(keyed.addr, "/kongtie.v1.Auth/GetAccessToken");
+    let preflight = curl(
+        &[
+            "--http1.1",
+            "-X",
+            "OPTIONS",
+            "-H",
+            &format!("origin: {page}"),
+            "-H",
+            "access-control-request-method: POST",
+            "-H",
+            "access-control-request-headers: authorization,content-type",
+            &call,
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(preflight.status, 204, "{}", preflight.body);
+    for (key, status) in [(None, 401), (Some("authorization: Bearer key-one"), 200)] {
+        let mut args = vec![
+            "--http1.1",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            "{}",
+            "-H",
+        ];
+        let origin = format!("origin: {page}");
+        args.push(&origin);
+        if let Some(key) = key {
+            args.extend(["-H", key]);
+        }
+        args.push(&call);
+        let answer = curl(&args, None).await;
+        assert_eq!(answer.status, status, "{}", answer.body);
+        assert_eq!(answer.header("access-control-allow-origin"), Some(page));
+    }
 }
 
 /// DNS rebinding: a page on `attacker.example`, which its owner points at
