@@ -36,12 +36,12 @@ use std::{
 use axum::http::{
     HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header, uri::Authority,
 };
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use futures::{
     TryFutureExt,
     future::{Either, MapOk, Ready, ready},
 };
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use prometheus_client::metrics::counter::Counter;
 use tower::{Layer, Service};
 use tracing::info;
@@ -362,6 +362,27 @@ fn shown(bytes: &[u8]) -> String {
     }
 }
 
+/// A refused request's body is read (and dropped) up to this much, for
+/// this long, before the answer: answered before its body ends, an HTTP/2
+/// stream is reset, and some clients (curl) then lose the answer.
+const DRAIN_BYTES: u64 = 64 << 10;
+const DRAIN_TIME: Duration = Duration::from_millis(500);
+
+async fn drain<B: http_body::Body + Unpin>(mut body: B) {
+    if body.size_hint().lower() > DRAIN_BYTES {
+        return;
+    }
+    let mut read = 0u64;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Some(data) = frame.data_ref() {
+            read += data.remaining() as u64;
+            if read > DRAIN_BYTES {
+                return;
+            }
+        }
+    }
+}
+
 /// The CORS headers of an allowed origin's served request.
 fn with_cors<B>(mut response: Response<B>, origin: HeaderValue) -> Response<B> {
     let headers = response.headers_mut();
@@ -429,6 +450,7 @@ impl<S, ReqBody, B> Service<Request<ReqBody>> for OriginGuard<S>
 where
     S: Service<Request<ReqBody>, Response = Response<B>, Error = Infallible>,
     S::Future: Send + 'static,
+    ReqBody: http_body::Body + Unpin + Send + 'static,
     B: 'static,
 {
     type Response = Response<GuardedBody<B>>;
@@ -473,7 +495,11 @@ where
             }
             Verdict::Refuse(refusal) => {
                 let answer = self.guard.refuse(&refusal, request.headers());
-                Either::Right(Either::Left(ready(Ok(answer.map(GuardedBody::Right)))))
+                let body = request.into_body();
+                Either::Right(Either::Right(Box::pin(async move {
+                    let _ = tokio::time::timeout(DRAIN_TIME, drain(body)).await;
+                    Ok(answer.map(GuardedBody::Right))
+                })))
             }
         }
     }
