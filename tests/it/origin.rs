@@ -352,8 +352,12 @@ async fn a_keyless_gateway_refuses_a_foreign_host_name_and_serves_loopback_and_i
         }
     };
     // Host over HTTP/1.1, :authority over HTTP/2 (curl sends the one as
-    // the other).
-    for http in ["--http1.1", "--http2-prior-knowledge"] {
+    // the other). Over HTTP/2, twenty times: curl loses an answer that
+    // comes before its request body has gone (a reset stream), which
+    // happened about one time in ten before refused bodies were read.
+    let mut tries = vec!["--http1.1"];
+    tries.extend(["--http2-prior-knowledge"; 20]);
+    for http in tries {
         let refused = ask(http, format!("attacker.example:{port}")).await;
         assert_eq!(refused.status, 421, "{http}: {}", refused.body);
         assert!(
@@ -385,7 +389,7 @@ async fn a_keyless_gateway_refuses_a_foreign_host_name_and_serves_loopback_and_i
         0,
         "nothing ran"
     );
-    assert_eq!(counted(&app, REFUSED_HOST).await, 3.0);
+    assert_eq!(counted(&app, REFUSED_HOST).await, 22.0);
     assert_eq!(counted(&app, TOKEN_STARTED).await, 0.0);
 
     for host in [
