@@ -12,6 +12,7 @@ use url::Url;
 
 use crate::{
     gateway::GatewaySettings,
+    grpc::origin::{self, AllowedHost, AllowedOrigin, OriginPolicy},
     notify::NotifySettings,
     orders::LedgerSettings,
     sandbox::{DEFAULT_RESEND_DELAYS, SandboxConfig},
@@ -330,6 +331,18 @@ pub struct ServeArgs {
     /// Serve gRPC without API keys on a non-loopback address.
     #[arg(long, env = "KONGTIE_ALLOW_UNAUTHENTICATED")]
     pub allow_unauthenticated: bool,
+    /// Origins whose web pages may call the gRPC port (the Connect
+    /// protocol from a browser), comma-separated, as browsers write them:
+    /// https://shop.example, http://127.0.0.1:8000. A request with any
+    /// other Origin is refused (403) before anything runs. Default: none.
+    #[arg(long = "allowed-origin", env = "KONGTIE_ALLOWED_ORIGINS", value_delimiter = ',', value_parser = origin::parse_origin)]
+    pub allowed_origins: Vec<AllowedOrigin>,
+    /// Without API keys, the host names the gRPC port answers besides
+    /// loopback names and IP addresses, comma-separated (no port); a
+    /// request for any other Host is refused (421: DNS rebinding). With API
+    /// keys, every name is answered.
+    #[arg(long = "allowed-host", env = "KONGTIE_ALLOWED_HOSTS", value_delimiter = ',', value_parser = origin::parse_host)]
+    pub allowed_hosts: Vec<AllowedHost>,
     /// PEM certificate chain for gRPC over TLS (with --tls-key).
     #[arg(long, env = "KONGTIE_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -480,6 +493,9 @@ pub struct Config {
     pub store_url: String,
     pub admin_addr: SocketAddr,
     pub access: AccessConfig,
+    /// Which web pages may call the gRPC port, and which host names it
+    /// answers without keys.
+    pub origins: OriginPolicy,
     pub shutdown_grace: Duration,
     pub max_connection_age: Option<Duration>,
     pub grpc_max_streams: u32,
@@ -580,6 +596,10 @@ impl ServeArgs {
                         key,
                         client_ca: self.tls_client_ca.clone(),
                     }),
+            },
+            origins: OriginPolicy {
+                origins: self.allowed_origins.clone(),
+                hosts: self.allowed_hosts.clone(),
             },
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
             max_connection_age: (self.max_connection_age_secs > 0)

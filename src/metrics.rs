@@ -189,6 +189,11 @@ pub struct Metrics {
     pub consumer_parked: Family<ConsumerLabels, Gauge>,
     pub consumer_redeliveries: Family<ConsumerLabels, Counter>,
     pub consumer_parks: Family<ConsumerLabels, Counter>,
+    /// Requests the gRPC port refused before any service ran, by reason
+    /// (src/grpc/origin.rs).
+    pub grpc_requests_refused: Family<ReasonLabels, Counter>,
+    /// CORS preflights answered for allowed origins.
+    pub grpc_cors_preflights: Counter,
 }
 
 impl Metrics {
@@ -242,6 +247,8 @@ impl Metrics {
             consumer_parked: Family::default(),
             consumer_redeliveries: Family::default(),
             consumer_parks: Family::default(),
+            grpc_requests_refused: Family::default(),
+            grpc_cors_preflights: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -390,6 +397,17 @@ impl Metrics {
             "consumer_parks",
             "Events parked after max_deliver deliveries, as fetches found them",
             m.consumer_parks.clone(),
+        );
+        registry.register(
+            "grpc_requests_refused",
+            "Requests the gRPC port refused before any service ran, by reason: \
+             origin_not_allowed, cross_site_without_origin, host_not_allowed",
+            m.grpc_requests_refused.clone(),
+        );
+        registry.register(
+            "grpc_cors_preflights",
+            "CORS preflights the gRPC port answered for allowed origins",
+            m.grpc_cors_preflights.clone(),
         );
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info

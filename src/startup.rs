@@ -26,6 +26,7 @@ use crate::{
         limits::CallLimitsLayer,
         listener,
         observe::ObserveLayer,
+        origin::OriginLayer,
         subscription_limits::{SubscriptionLimits, SubscriptionPolicy},
     },
     metrics::Metrics,
@@ -261,6 +262,13 @@ impl Application {
         let grpc = server
             // HTTP/1.1 beside HTTP/2, for the Connect protocol's callers.
             .accept_http1(true)
+            // Outermost: foreign web pages and, without keys, foreign host
+            // names are refused before anything runs (src/grpc/origin.rs).
+            .layer(OriginLayer::new(
+                &self.config.origins,
+                keys.is_empty(),
+                &self.metrics,
+            ))
             // Connect requests become the gRPC calls they mean, before
             // anything else sees them (src/connect).
             .layer(ConnectLayer::new()?)

@@ -8,6 +8,7 @@ pub mod keyless;
 pub mod limits;
 pub mod listener;
 pub mod observe;
+pub mod origin;
 mod payment;
 pub mod subscription_limits;
 mod ticket;

@@ -11,6 +11,7 @@ mod hostile_notify;
 mod notifications;
 mod observe;
 mod orders;
+mod origin;
 mod payment;
 mod pg;
 mod production;
