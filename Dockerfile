@@ -55,6 +55,9 @@ ENV KONGTIE_GRPC_ADDR=0.0.0.0:50051 \
     KONGTIE_LOG_FORMAT=json
 VOLUME ["/data"]
 EXPOSE 50051 8080 9090
+# No HEALTHCHECK: the distroless base has no shell or curl to run one. Probe
+# the admin port instead: GET /healthz (alive) and GET /readyz (ready: the
+# store writable), as deploy/kubernetes/deployment.yaml does.
 USER 65532:65532
 # SIGTERM is the graceful stop (README "Shutdown"); give `docker stop -t`
 # more than KONGTIE_SHUTDOWN_GRACE_SECS (10).

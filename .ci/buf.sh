@@ -20,6 +20,13 @@ echo "buf $("../$buf" --version): lint"
 echo "buf format --diff --exit-code"
 "../$buf" format --diff --exit-code
 against=${KONGTIE_BUF_AGAINST:-$(git describe --tags --abbrev=0 --match 'v*' 2>/dev/null || echo HEAD~1)}
+# A shallow clone (CI's usual depth 1) has neither tags nor parent: that is
+# no reason to skip the check silently.
+if ! git rev-parse --verify --quiet "$against^{commit}" >/dev/null \
+  && [ "$(git rev-parse --is-shallow-repository)" = true ]; then
+  echo "buf breaking: $against is not in this shallow clone: fetch the history (git fetch --unshallow --tags) or set KONGTIE_BUF_AGAINST" >&2
+  exit 1
+fi
 if git rev-parse --verify --quiet "$against^{commit}" >/dev/null && git cat-file -e "$against:proto" 2>/dev/null; then
   base=$(mktemp -d)
   trap 'rm -rf "$base"' EXIT

@@ -48,6 +48,14 @@ bash .ci/install-grpcurl.sh >/dev/null
 grpcurl=$root/.tools/bin/grpcurl
 docker() { podman "$@"; }
 
+# The test uses the README's names, a container `kongtie` and a volume
+# `kongtie-data`, which are also what a user of the README has made for
+# their own gateway: on a machine that holds them, stop rather than delete.
+if [ -z "${KONGTIE_CI_REPLACE:-}" ] \
+  && { podman container exists kongtie || podman volume exists kongtie-data; }; then
+  fail "a container 'kongtie' or a volume 'kongtie-data' exists (yours?): remove them, or set KONGTIE_CI_REPLACE=1 to let this test do it"
+fi
+
 if [ -n "${BIN:-}" ]; then
   bin=$BIN
 else

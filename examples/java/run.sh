@@ -9,7 +9,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 [ -d "$root/gen/java/com/kongtie/v1" ] \
-  || { echo "no gen/java: run bash proto/generate.sh first" >&2; exit 1; }
+  || { echo "no gen/java: run bash proto/generate.sh java first" >&2; exit 1; }
 
 jars=/usr/share/java
 classpath=""
