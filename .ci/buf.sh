@@ -24,6 +24,12 @@ against=${KONGTIE_BUF_AGAINST:-$(git describe --tags --abbrev=0 --match 'v*' 2>/
 # no reason to skip the check silently.
 if ! git rev-parse --verify --quiet "$against^{commit}" >/dev/null \
   && [ "$(git rev-parse --is-shallow-repository)" = true ]; then
+  echo "buf breaking: a shallow clone; fetching the history to compare with"
+  git fetch --quiet --unshallow --tags 2>/dev/null || git fetch --quiet --deepen=1 2>/dev/null || true
+  [ -z "${KONGTIE_BUF_AGAINST:-}" ] && against=$(git describe --tags --abbrev=0 --match 'v*' 2>/dev/null || echo HEAD~1)
+fi
+if ! git rev-parse --verify --quiet "$against^{commit}" >/dev/null \
+  && [ "$(git rev-parse --is-shallow-repository)" = true ]; then
   echo "buf breaking: $against is not in this shallow clone: fetch the history (git fetch --unshallow --tags) or set KONGTIE_BUF_AGAINST" >&2
   exit 1
 fi
