@@ -390,3 +390,26 @@ async fn check_creates_no_data_directory_and_names_the_one_it_opens() {
         "{out}"
     );
 }
+
+#[tokio::test]
+async fn on_postgresql_check_opens_the_store_as_serve_does_and_says_the_data_directory_is_unused() {
+    let sandbox = spawn_sandbox().await;
+    let db = crate::pg::PgDatabase::create().await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data");
+    let args = ["--store", &db.url, "--data-dir", dir.to_str().unwrap()];
+    let out = check_against(&sandbox, &args, &env_with_pay_token(PAY_TOKEN)).await;
+    assert!(out.success, "{out}");
+    assert!(
+        out.line("store").starts_with(
+            "store: ok (PostgreSQL (KONGTIE_STORE) opened as serve opens it, last sequence 0; \
+             KONGTIE_DATA_DIR is not used)"
+        ),
+        "{out}"
+    );
+    assert!(!dir.exists(), "check created {}", dir.display());
+    assert!(
+        !out.to_string().contains(&db.url),
+        "the URL holds a password"
+    );
+}
