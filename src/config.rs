@@ -874,7 +874,7 @@ mod tests {
                 "--tls-key",
             ),
         ] {
-            let err = Cli::try_parse_from(args)
+            let err = Cli::try_parse_naming_sources(args)
                 .err()
                 .unwrap_or_else(|| panic!("{args:?} accepted"))
                 .to_string();
