@@ -41,13 +41,156 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Run only the sandbox simulator of the Kongtie upstream.
     Sandbox(Box<SandboxArgs>),
-    /// Check a configuration as `serve` would, open the store and make one
-    /// signed GetAccessToken call; one line per check, non-zero exit on a
-    /// failure.
-    Check(Box<ServeArgs>),
+    /// Check a configuration as `serve` would, and every credential and
+    /// setting that can be tried without side effects; one line per item
+    /// (ok, FAILED or not verified, and how), non-zero exit on a failure.
+    Check(Box<CheckArgs>),
     /// Copy the SQLite store, consistent, while the gateway runs: the copy
     /// holds every notification stored before it began.
     Backup(BackupArgs),
+}
+
+/// `check`: the settings of `serve`, and what more may be tried.
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Also create one real order of 0.01 yuan for this openid, expiring a
+    /// minute later, to prove the pay token: only a real ParTrade can. It
+    /// is never paid unless that user pays it within the minute.
+    #[arg(long, value_name = "OPENID", value_parser = openid)]
+    pub order: Option<String>,
+}
+
+fn openid(s: &str) -> Result<String, String> {
+    crate::domain::OpenId::parse(s).map(|_| s.to_owned())
+}
+
+impl Cli {
+    /// The command line and environment, parsed; on a bad value, prints
+    /// where it came from and exits (as clap's own `parse` does).
+    pub fn parse_naming_sources() -> Self {
+        Self::try_parse_naming_sources(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    /// Parses as [`Parser::try_parse_from`] does, but a bad value read from
+    /// an environment variable is named by the variable, not by the flag
+    /// the user never typed, and a missing one names its variable too.
+    pub fn try_parse_naming_sources<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::{CommandFactory, FromArgMatches};
+        let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+        let mut command = Self::command();
+        let parsed = command
+            .try_get_matches_from_mut(&args)
+            .and_then(|matches| Self::from_arg_matches(&matches));
+        parsed.map_err(|e| name_the_source(e, &args).format(&mut command))
+    }
+}
+
+/// Rewrites a clap error about one setting so that it names the
+/// environment variable when that is where the value came from. clap names
+/// the flag whatever the source; which one it was is found by parsing
+/// again with the variable of that argument ignored: the same error again
+/// means the command line gave the value (it wins over the environment),
+/// another outcome means the variable did.
+fn name_the_source(mut error: clap::Error, args: &[std::ffi::OsString]) -> clap::Error {
+    use clap::{
+        CommandFactory,
+        error::{ContextKind, ContextValue, ErrorKind},
+    };
+    // An argument shows as clap shows it only once its command is built.
+    let mut built = Cli::command();
+    built.build();
+    let shown = |arg: &clap::Arg| arg.to_string();
+    let find = |display: &str| {
+        built
+            .get_subcommands()
+            .flat_map(|sub| sub.get_arguments())
+            .find(|arg| shown(arg) == display)
+            .cloned()
+    };
+    match error.kind() {
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue => {
+            let Some(ContextValue::String(display)) = error.get(ContextKind::InvalidArg) else {
+                return error;
+            };
+            let Some(arg) = find(display) else {
+                return error;
+            };
+            let Some(var) = arg.get_env().map(|v| v.to_string_lossy().into_owned()) else {
+                return error;
+            };
+            if std::env::var_os(&var).is_none() || same_error_without_env(&error, &arg, args) {
+                return error;
+            }
+            let flag = display.split(' ').next().unwrap_or(display).to_owned();
+            error.insert(ContextKind::InvalidArg, ContextValue::String(var.clone()));
+            if arg.is_hide_env_values_set() {
+                error.insert(
+                    ContextKind::InvalidValue,
+                    ContextValue::String("<hidden>".into()),
+                );
+            }
+            error.insert(
+                ContextKind::Suggested,
+                ContextValue::StyledStrs(vec![
+                    format!("{var} is read from the environment; its flag is {flag}").into(),
+                ]),
+            );
+            error
+        }
+        ErrorKind::MissingRequiredArgument => {
+            let Some(ContextValue::Strings(missing)) = error.get(ContextKind::InvalidArg) else {
+                return error;
+            };
+            let named = missing
+                .iter()
+                .map(
+                    |display| match find(display).as_ref().and_then(clap::Arg::get_env) {
+                        Some(var) => format!("{display} (or {})", var.to_string_lossy()),
+                        None => display.clone(),
+                    },
+                )
+                .collect();
+            error.insert(ContextKind::InvalidArg, ContextValue::Strings(named));
+            error
+        }
+        _ => error,
+    }
+}
+
+/// Whether parsing `args` with `arg`'s environment variable ignored fails
+/// the same way: then the value at fault was on the command line.
+fn same_error_without_env(
+    error: &clap::Error,
+    arg: &clap::Arg,
+    args: &[std::ffi::OsString],
+) -> bool {
+    use clap::{CommandFactory, error::ContextKind};
+    let id = arg.get_id().clone();
+    // A command not yet built: one built once may not be changed.
+    let mut without = Cli::command();
+    let names: Vec<String> = without
+        .get_subcommands()
+        .filter(|sub| sub.get_arguments().any(|a| *a.get_id() == id))
+        .map(|sub| sub.get_name().to_owned())
+        .collect();
+    for name in names {
+        without = without.mut_subcommand(name, |sub| sub.mut_arg(id.clone(), |a| a.env(None)));
+    }
+    match without.try_get_matches_from(args) {
+        Ok(_) => false,
+        Err(again) => {
+            again.kind() == error.kind()
+                && [ContextKind::InvalidArg, ContextKind::InvalidValue]
+                    .into_iter()
+                    .all(|kind| again.get(kind) == error.get(kind))
+        }
+    }
 }
 
 /// Where the store is: shared by `serve`, `check` and `backup`.
@@ -162,47 +305,49 @@ impl KongtieArgs {
         self.notify_token.clone().unwrap_or_else(|| self.token())
     }
 
-    /// Outside the sandbox: a token must be set, must not be the one the
-    /// public document prints (unless `allow_document_token`), and no
-    /// secret may still hold the example file's placeholder.
-    fn check_secrets(&self, allow_document_token: bool) -> Result<(), String> {
+    /// Outside the sandbox: a token must be set, and must not be the one
+    /// the public document prints (unless `allow_document_token`). Every
+    /// problem found, not only the first.
+    fn secret_problems(&self, allow_document_token: bool) -> Vec<String> {
         if self.token.is_none() {
-            return Err(
+            return vec![
                 "KONGTIE_TOKEN is not set: give the signing token Kongtie issued you \
                  (--token), or run with --sandbox"
                     .into(),
-            );
+            ];
         }
-        for (var, value) in [
+        if allow_document_token {
+            return Vec::new();
+        }
+        [
             ("KONGTIE_TOKEN", self.token.as_ref()),
             ("KONGTIE_PAY_TOKEN", self.pay_token.as_ref()),
             ("KONGTIE_NOTIFY_TOKEN", self.notify_token.as_ref()),
-        ] {
-            if value.is_some_and(|v| v.expose_secret() == DOCUMENT_TOKEN) && !allow_document_token {
-                return Err(format!(
-                    "{var} is the token printed in Kongtie's public document: anyone who has \
-                     read it could sign a notification; set the token Kongtie issued you, or \
-                     KONGTIE_ALLOW_DOCUMENT_TOKEN=true (--allow-document-token) if Kongtie \
-                     really issued you this one"
-                ));
-            }
-        }
-        Ok(())
+        ]
+        .into_iter()
+        .filter(|(_, value)| value.is_some_and(|v| v.expose_secret() == DOCUMENT_TOKEN))
+        .map(|(var, _)| {
+            format!(
+                "{var} is the token printed in Kongtie's public document: anyone who has \
+                 read it could sign a notification; set the token Kongtie issued you, or \
+                 KONGTIE_ALLOW_DOCUMENT_TOKEN=true (--allow-document-token) if Kongtie \
+                 really issued you this one"
+            )
+        })
+        .collect()
     }
 
-    fn check_placeholders(&self) -> Result<(), String> {
-        let secrets = [
+    /// Every secret still holding the example file's placeholder.
+    fn placeholder_problems(&self) -> Vec<String> {
+        [
             ("KONGTIE_TOKEN", self.token.as_ref()),
             ("KONGTIE_PAY_TOKEN", self.pay_token.as_ref()),
             ("KONGTIE_NOTIFY_TOKEN", self.notify_token.as_ref()),
             ("KONGTIE_PLATFORM_TOKEN", Some(&self.platform_token)),
-        ];
-        for (var, value) in secrets {
-            if let Some(v) = value {
-                refuse_placeholder(var, v.expose_secret())?;
-            }
-        }
-        Ok(())
+        ]
+        .into_iter()
+        .filter_map(|(var, value)| refuse_placeholder(var, value?.expose_secret()).err())
+        .collect()
     }
 
     pub fn pay_fixed(&self) -> PayFixed {
@@ -513,16 +658,26 @@ pub struct Config {
 impl ServeArgs {
     /// The checked configuration, or what is wrong with it (naming the
     /// variable). `serve` and `check` both start here.
+    ///
+    /// Every secret and placeholder problem is named at once, one per line,
+    /// so that the example file's placeholders take one run, not one each.
     pub fn config(&self) -> Result<Config, String> {
+        let mut problems = Vec::new();
         if !self.sandbox {
-            self.kongtie.check_secrets(self.allow_document_token)?;
+            problems.extend(self.kongtie.secret_problems(self.allow_document_token));
         }
-        self.kongtie.check_placeholders()?;
-        for key in &self.api_keys {
-            refuse_placeholder("KONGTIE_API_KEYS", key)?;
-        }
+        problems.extend(self.kongtie.placeholder_problems());
+        // One line for the variable, however many of its keys are left.
+        problems.extend(
+            self.api_keys
+                .iter()
+                .find_map(|key| refuse_placeholder("KONGTIE_API_KEYS", key).err()),
+        );
         if let Some(app_id) = &self.wechat_app_id {
-            refuse_placeholder("KONGTIE_WECHAT_APP_ID", app_id)?;
+            problems.extend(refuse_placeholder("KONGTIE_WECHAT_APP_ID", app_id).err());
+        }
+        if !problems.is_empty() {
+            return Err(problems.join("\n"));
         }
         let sandbox = self.sandbox.then(|| {
             let app_id = self
@@ -739,7 +894,7 @@ mod tests {
                 "--tls-key",
             ),
         ] {
-            let err = Cli::try_parse_from(args)
+            let err = Cli::try_parse_naming_sources(args)
                 .err()
                 .unwrap_or_else(|| panic!("{args:?} accepted"))
                 .to_string();

@@ -1,6 +1,5 @@
 use std::process::ExitCode;
 
-use clap::Parser;
 use kongtie_gateway::{
     check,
     config::{Cli, Command},
@@ -11,7 +10,7 @@ use kongtie_gateway::{
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_naming_sources();
     // Kept to the end of main: the last lines, the error below among them,
     // are written out when it drops.
     let _telemetry;
@@ -60,7 +59,10 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("kongtie-gateway: {e}");
+            // A refused configuration names each of its problems on a line.
+            for line in e.to_string().lines() {
+                eprintln!("kongtie-gateway: {line}");
+            }
             ExitCode::FAILURE
         }
     }

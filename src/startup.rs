@@ -66,17 +66,8 @@ impl Application {
             version = %env!("CARGO_PKG_VERSION"),
             "kongtie-gateway starting"
         );
-        let api_keys = load_api_keys(&config.access)?;
-        let grpc_ip = config.grpc_addr.ip();
+        let api_keys = who_may_call(&config)?;
         if api_keys.is_empty() {
-            if !grpc_ip.is_loopback() && !config.access.allow_unauthenticated {
-                return Err(format!(
-                    "refusing to serve gRPC on {} without API keys: set KONGTIE_API_KEYS or \
-                     KONGTIE_API_KEYS_FILE, or pass --allow-unauthenticated",
-                    config.grpc_addr
-                )
-                .into());
-            }
             warn!(addr = %config.grpc_addr, "no API keys configured: every gRPC caller is let in");
         }
         let tls = load_tls(&config.access).await?;
@@ -419,6 +410,25 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, BoxError> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| format!("binding {what} on {addr}: {e}").into())
+}
+
+/// The API keys `config` gives, and whether serving without any is allowed:
+/// only on a loopback address, or with --allow-unauthenticated. `serve` and
+/// `check` both decide here.
+pub fn who_may_call(config: &Config) -> Result<ApiKeys, BoxError> {
+    let api_keys = load_api_keys(&config.access)?;
+    if api_keys.is_empty()
+        && !config.grpc_addr.ip().is_loopback()
+        && !config.access.allow_unauthenticated
+    {
+        return Err(format!(
+            "refusing to serve gRPC on {} without API keys: set KONGTIE_API_KEYS or \
+             KONGTIE_API_KEYS_FILE, or pass --allow-unauthenticated",
+            config.grpc_addr
+        )
+        .into());
+    }
+    Ok(api_keys)
 }
 
 /// The configured keys and the keys file's lines (blank lines and `#`

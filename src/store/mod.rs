@@ -258,11 +258,11 @@ pub async fn open(
     url: &str,
     metrics: Option<Arc<Metrics>>,
 ) -> Result<Arc<dyn NotificationStore>, StoreError> {
+    if let Some(path) = sqlite_path(url) {
+        let store = SqliteStore::open(path, metrics).await?;
+        return Ok(Arc::new(store));
+    }
     match url.split_once("://") {
-        Some(("sqlite", path)) if !path.is_empty() => {
-            let store = SqliteStore::open(Path::new(path), metrics).await?;
-            Ok(Arc::new(store))
-        }
         Some(("postgres" | "postgresql", _)) => {
             let store = PostgresStore::open(url, metrics).await?;
             Ok(Arc::new(store))
@@ -280,6 +280,13 @@ pub async fn open(
             "the store URL is not sqlite://PATH or postgres://...".into(),
         )),
     }
+}
+
+/// The file a `sqlite://PATH` URL names.
+pub fn sqlite_path(url: &str) -> Option<&Path> {
+    url.strip_prefix("sqlite://")
+        .filter(|path| !path.is_empty())
+        .map(Path::new)
 }
 
 /// Sequences are u64 in the API and signed 64-bit in both databases; they

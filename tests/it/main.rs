@@ -2,6 +2,7 @@
 //! port 0, and real gRPC clients over real sockets.
 
 mod auth;
+mod check;
 mod connect;
 mod crash;
 mod grpcurl;

@@ -10,7 +10,7 @@ use crate::helpers::*;
 
 /// Runs the binary to its end (within 60 s) with `env` added and every
 /// `KONGTIE_*` variable of the test's own environment removed.
-async fn run_binary(args: &[&str], env: &[(&str, &str)]) -> Output {
+pub(crate) async fn run_binary(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kongtie-gateway"));
     for (k, _) in std::env::vars() {
         if k.starts_with("KONGTIE_") {
@@ -38,7 +38,7 @@ async fn run_binary(args: &[&str], env: &[(&str, &str)]) -> Output {
     }
 }
 
-fn text(bytes: &[u8]) -> String {
+pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
@@ -213,30 +213,50 @@ async fn the_sandbox_needs_no_configuration() {
 async fn check_passes_on_the_sandbox_and_prints_a_line_per_check() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
-    let out = run_binary(&["check", "--sandbox", "--data-dir", data], &[]).await;
+    let mut args = vec!["check", "--sandbox", "--data-dir", data];
+    for flag in [
+        "--grpc-addr",
+        "--notify-addr",
+        "--admin-addr",
+        "--sandbox-addr",
+    ] {
+        args.extend([flag, "127.0.0.1:0"]);
+    }
+    let out = run_binary(&args, &[]).await;
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
-    let lines: Vec<&str> = stdout.lines().collect();
-    let names: Vec<&str> = lines
-        .iter()
+    let items: Vec<(&str, &str)> = stdout
+        .lines()
         .map(|l| {
-            assert!(l.starts_with("ok    "), "{l}");
-            l[6..].split(':').next().unwrap()
+            let (item, rest) = l.split_once(": ").unwrap_or_else(|| panic!("{l}"));
+            let verdict = ["ok (", "not verified ("]
+                .into_iter()
+                .find(|v| rest.starts_with(v))
+                .unwrap_or_else(|| panic!("{l}"));
+            (item, verdict.trim_end_matches(" ("))
         })
         .collect();
     assert_eq!(
-        names,
+        items,
         [
-            "configuration",
-            "API keys",
-            "TLS",
-            "store",
-            "Kongtie GetAccessToken"
+            ("configuration", "ok"),
+            ("API keys", "ok"),
+            ("TLS", "ok"),
+            ("gRPC listener", "ok"),
+            ("notify listener", "ok"),
+            ("admin listener", "ok"),
+            ("sandbox listener", "ok"),
+            ("store", "not verified"),
+            ("ktapi URL", "ok"),
+            ("ktapi token", "ok"),
+            ("jsapi ticket", "ok"),
+            ("OAuth code exchange", "not verified"),
+            ("notify token", "not verified"),
+            ("pay URL", "ok"),
+            ("pay token", "not verified"),
+            ("WeChat app id", "not verified"),
+            ("result", "ok"),
         ]
-    );
-    assert!(
-        stdout.contains("SQLite opened, last sequence 0"),
-        "{stdout}"
     );
 }
 
@@ -244,37 +264,49 @@ async fn check_passes_on_the_sandbox_and_prints_a_line_per_check() {
 async fn check_names_the_variable_when_kongtie_refuses_the_signature() {
     let sandbox = spawn_sandbox().await; // expects KTAPI_TOKEN
     let dir = tempfile::tempdir().unwrap();
-    let ktapi = sandbox.ktapi_url().to_string();
-    let args = [
+    let (ktapi, pay) = (
+        sandbox.ktapi_url().to_string(),
+        sandbox.pay_url().to_string(),
+    );
+    let mut args = vec![
         "check",
         "--ktapi-url",
         &ktapi,
+        "--pay-url",
+        &pay,
         "--data-dir",
         dir.path().to_str().unwrap(),
+        "--wechat-app-id",
+        APP_ID,
     ];
+    for flag in ["--grpc-addr", "--notify-addr", "--admin-addr"] {
+        args.extend([flag, "127.0.0.1:0"]);
+    }
     let out = run_binary(&args, &[("KONGTIE_TOKEN", "a-wrong-token")]).await;
     assert!(!out.status.success());
     let stdout = text(&out.stdout);
     let line = stdout
         .lines()
-        .find(|l| l.contains("Kongtie GetAccessToken"))
+        .find(|l| l.starts_with("ktapi token: "))
         .unwrap_or_else(|| panic!("{stdout}"));
     assert_eq!(
         line,
-        "FAIL  Kongtie GetAccessToken: Kongtie GetAccessToken refused the gateway's signature: \
-         0001 sign error; check KONGTIE_TOKEN and KONGTIE_SOURCE_FROM"
+        "ktapi token: FAILED (GetAccessToken answered 0001 sign error: Kongtie refused the \
+         signature; check KONGTIE_TOKEN and KONGTIE_SOURCE_FROM)"
     );
     assert!(!stdout.contains("a-wrong-token") && !text(&out.stderr).contains("a-wrong-token"));
 
-    // With the right token, every check passes.
+    // With the right token, nothing fails.
     let out = run_binary(&args, &[("KONGTIE_TOKEN", KTAPI_TOKEN)]).await;
-    assert!(out.status.success(), "{}", text(&out.stdout));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("\nktapi token: ok ("), "{stdout}");
 
     // A configuration `serve` would refuse, `check` refuses the same way.
     let out = run_binary(&args, &[]).await;
     assert!(!out.status.success());
     assert!(
-        text(&out.stdout).starts_with("FAIL  configuration: KONGTIE_TOKEN is not set"),
+        text(&out.stdout).starts_with("configuration: FAILED (KONGTIE_TOKEN is not set"),
         "{}",
         text(&out.stdout)
     );
