@@ -290,7 +290,7 @@ impl Metrics {
         registry.register(
             "notification_order_checks",
             "New notifications checked against their order, by result: matched, \
-             amount_mismatch, unknown_order",
+             amount_mismatch, unknown_order, already_paid (a second payment of a paid order)",
             m.order_checks.clone(),
         );
         m.notify_listener.register(

@@ -531,6 +531,7 @@ fn order_check_to_proto(check: Option<OrderCheck>) -> proto::OrderCheck {
         Some(OrderCheck::Matched) => proto::OrderCheck::Matched,
         Some(OrderCheck::AmountMismatch) => proto::OrderCheck::AmountMismatch,
         Some(OrderCheck::UnknownOrder) => proto::OrderCheck::UnknownOrder,
+        Some(OrderCheck::AlreadyPaid) => proto::OrderCheck::AlreadyPaid,
     }
 }
 

@@ -42,7 +42,6 @@ use super::server::{ConnectionLimits, InFlight};
 use crate::{
     domain::AmountFen,
     metrics::Metrics,
-    orders::OrderCheck,
     store::{IncomingNotification, NotificationStore, Recorded},
     upstream::{
         sign,
@@ -210,6 +209,11 @@ async fn receive(State(state): State<Arc<ListenerState>>, request: Request) -> R
     // like any other.
     let store = Arc::clone(&state.store);
     let metrics = Arc::clone(&state.metrics);
+    // Named in a warning: which payment, and how much (no secret).
+    let (trade_bill_no, trade_amount) = (
+        notification.trade_bill_no.clone(),
+        notification.trade_amount.clone(),
+    );
     let write = tokio::spawn(
         async move {
             let recorded = store.record(notification).await;
@@ -222,16 +226,17 @@ async fn receive(State(state): State<Arc<ListenerState>>, request: Request) -> R
                 }) => {
                     metrics.notification("stored");
                     metrics.order_check(order_check.label());
-                    if *order_check == OrderCheck::Matched {
-                        info!(sequence, "notification stored");
-                    } else {
+                    match order_check.warning() {
+                        None => info!(sequence, "notification stored"),
                         // Signed, so stored and answered; but no goods
                         // should ship on it.
-                        warn!(
+                        Some(warning) => warn!(
                             sequence,
                             order_check = order_check.as_str(),
-                            "notification stored, but it is not for an order the gateway created with this amount: ship nothing on it"
-                        );
+                            trade_bill_no = ?trade_bill_no,
+                            trade_amount = ?trade_amount,
+                            "{warning}"
+                        ),
                     }
                 }
                 Ok(Recorded::Repeat {

@@ -1,5 +1,13 @@
 //! `CreateJsapiOrder` through the ledger: decide, send at most once per
 //! attempt, record the outcome.
+//!
+//! Concurrent callers share a run only when they ask for the same order on
+//! the same terms; a caller with other terms runs on its own, and the
+//! store's `begin` (serialised per order, on every replica) refuses
+//! whichever comes second. A run is the ledger's, not its callers': it runs
+//! in a task of its own, bounded by the upstream timeout alone, so the
+//! ledger records how it really ended even when every caller's deadline
+//! has passed.
 
 use std::{sync::Arc, time::Duration};
 
@@ -11,7 +19,7 @@ use crate::{
     domain::NewOrder,
     error::{Error, Result},
     metrics::Metrics,
-    upstream::{CreatedOrder, KongtieClient, wire},
+    upstream::{CreatedOrder, Endpoint, KongtieClient, wire},
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -31,7 +39,31 @@ pub struct Ledger {
     metrics: Arc<Metrics>,
     /// Names this process in its claims.
     claimant: String,
-    flights: SingleFlight<String, CreatedOrder>,
+    flights: SingleFlight<FlightKey, CreatedOrder>,
+}
+
+/// Which calls share a run: those with the same order id, amount, openid
+/// and, when they name one, expiry. A call naming no expiry takes whatever
+/// expiry is stored, so it shares a run with any other such call (their
+/// default windows differ only by when they arrived), but not with one
+/// naming an expiry: that one may be refused where it would be answered.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct FlightKey {
+    out_trade_id: String,
+    amount_fen: i64,
+    openid: String,
+    expires_at: Option<chrono::DateTime<Utc>>,
+}
+
+impl FlightKey {
+    fn of(terms: &OrderTerms) -> Self {
+        Self {
+            out_trade_id: terms.out_trade_id.clone(),
+            amount_fen: terms.amount_fen,
+            openid: terms.openid.clone(),
+            expires_at: terms.explicit_expiry.then_some(terms.expires_at),
+        }
+    }
 }
 
 /// How often a caller waiting on another's attempt looks again.
@@ -63,7 +95,8 @@ impl Ledger {
     }
 
     /// Creates `order`, or answers for it as the ledger says. Concurrent
-    /// callers with one order id share one run.
+    /// callers with one order's same terms share one run; `deadline`
+    /// bounds this caller's wait only, never the run.
     pub async fn create(
         self: &Arc<Self>,
         order: &NewOrder,
@@ -77,28 +110,30 @@ impl Ledger {
             expires_at: order.expires_at,
             explicit_expiry,
         };
+        let key = FlightKey::of(&terms);
         let ledger = Arc::clone(self);
         let new_order = order.clone();
-        let run = move || async move { ledger.run(terms, new_order, deadline).await };
-        let flight = self
-            .flights
-            .run(order.out_trade_id.as_str().to_owned(), run);
+        let run = move || async move { ledger.run(terms, new_order).await };
+        let flight = self.flights.run(key, run);
         match deadline {
             None => flight.await.0,
-            Some(d) => tokio::time::timeout(d, flight)
-                .await
-                .map_or(Err(Error::DeadlineExceeded(d)), |(r, _)| r),
+            // The caller leaves; its order is still with Kongtie (or with
+            // another caller's attempt there), and the run records the
+            // answer for whoever asks next.
+            Some(d) => tokio::time::timeout(d, flight).await.map_or(
+                Err(Error::UpstreamTimeout {
+                    endpoint: Endpoint::ParTrade,
+                    after: d,
+                }),
+                |(r, _)| r,
+            ),
         }
     }
 
-    async fn run(
-        &self,
-        terms: OrderTerms,
-        order: NewOrder,
-        deadline: Option<Duration>,
-    ) -> Result<CreatedOrder> {
+    async fn run(&self, terms: OrderTerms, order: NewOrder) -> Result<CreatedOrder> {
         let started = tokio::time::Instant::now();
-        let give_up = started + deadline.unwrap_or(self.settings.claim_lease);
+        // Another's attempt ends within its lease, or its claim lapses.
+        let give_up = started + self.settings.claim_lease;
         let mut waited = None;
         loop {
             let now = Utc::now();
@@ -133,8 +168,7 @@ impl Ledger {
                 }
                 Begin::Send { attempt } => {
                     self.metrics.order_request("sent");
-                    let left = deadline.map(|d| d.saturating_sub(started.elapsed()));
-                    return self.send(&terms, &order, attempt, left).await;
+                    return self.send(&terms, &order, attempt).await;
                 }
             }
         }
@@ -146,9 +180,9 @@ impl Ledger {
         terms: &OrderTerms,
         order: &NewOrder,
         attempt: u32,
-        deadline: Option<Duration>,
     ) -> Result<CreatedOrder> {
-        let answer = self.client.create_order(order, deadline).await;
+        // Bounded by the upstream timeout alone: see the module's doc.
+        let answer = self.client.create_order(order, None).await;
         let outcome = match &answer {
             Ok(created) => Outcome::Created {
                 response_text: created.response_text.clone(),
@@ -190,7 +224,7 @@ fn refused(terms: &OrderTerms, refusal: Refusal) -> Error {
         Refusal::AlreadyPaid => Error::OrderAlreadyPaid(terms.out_trade_id.clone()),
         Refusal::Expired => Error::OrderExpired(terms.out_trade_id.clone()),
         Refusal::Failed { code, message } => Error::UpstreamRejected {
-            endpoint: crate::upstream::Endpoint::ParTrade,
+            endpoint: Endpoint::ParTrade,
             code,
             message,
         },

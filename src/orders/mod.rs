@@ -8,7 +8,8 @@
 //!   replicas, an attempt is a claim with a lease in the shared database.
 //! - Each payment notification is checked against its order at intake
 //!   ([`check`]), in the notification store's transaction, and a matching
-//!   payment turns the order PAID.
+//!   payment turns the order PAID; a second, distinct payment of a PAID
+//!   order is told apart (ALREADY_PAID), so nobody ships twice.
 //!
 //! One [`OrderStore`] trait, one backend per database (`sqlite`,
 //! `postgres`), held to one test suite.
@@ -25,7 +26,7 @@ pub use ledger::{Ledger, LedgerSettings};
 pub use postgres::PostgresOrders;
 pub use sqlite::SqliteOrders;
 
-use crate::store::StoreError;
+use crate::store::{IncomingNotification, StoreError};
 
 /// Where an order stands, as stored. EXPIRED is not stored: it is computed
 /// when read ([`Order::state_at`]).
@@ -71,6 +72,9 @@ pub enum OrderCheck {
     Matched,
     AmountMismatch,
     UnknownOrder,
+    /// A payment of an order already PAID by another payment (another
+    /// `TradeBillNo`): money to refund, goods not to ship again.
+    AlreadyPaid,
 }
 
 impl OrderCheck {
@@ -79,6 +83,7 @@ impl OrderCheck {
             OrderCheck::Matched => "MATCHED",
             OrderCheck::AmountMismatch => "AMOUNT_MISMATCH",
             OrderCheck::UnknownOrder => "UNKNOWN_ORDER",
+            OrderCheck::AlreadyPaid => "ALREADY_PAID",
         }
     }
 
@@ -88,6 +93,7 @@ impl OrderCheck {
             OrderCheck::Matched => "matched",
             OrderCheck::AmountMismatch => "amount_mismatch",
             OrderCheck::UnknownOrder => "unknown_order",
+            OrderCheck::AlreadyPaid => "already_paid",
         }
     }
 
@@ -96,19 +102,55 @@ impl OrderCheck {
             "MATCHED" => Some(OrderCheck::Matched),
             "AMOUNT_MISMATCH" => Some(OrderCheck::AmountMismatch),
             "UNKNOWN_ORDER" => Some(OrderCheck::UnknownOrder),
+            "ALREADY_PAID" => Some(OrderCheck::AlreadyPaid),
             _ => None,
+        }
+    }
+
+    /// What an operator is told of a notification that no goods should
+    /// ship on (`None`: a match).
+    pub fn warning(self) -> Option<&'static str> {
+        match self {
+            OrderCheck::Matched => None,
+            OrderCheck::AmountMismatch | OrderCheck::UnknownOrder => Some(
+                "notification stored, but it is not for an order the gateway created with \
+                 this amount: ship nothing on it",
+            ),
+            OrderCheck::AlreadyPaid => Some(
+                "notification stored, but it is a second payment of an order already paid \
+                 by another: ship nothing on it, refund it",
+            ),
         }
     }
 }
 
-/// Checks a notified amount (`None`: not yuan with at most two decimals)
-/// against the order's (`None`: no such order). Amounts compare as money,
-/// in fen: `"0.2"` and `"0.20"` are one amount.
-pub fn check(order_fen: Option<i64>, notified_fen: Option<i64>) -> OrderCheck {
-    match order_fen {
-        None => OrderCheck::UnknownOrder,
-        Some(fen) if notified_fen == Some(fen) => OrderCheck::Matched,
-        Some(_) => OrderCheck::AmountMismatch,
+/// What the intake reads of the order a notification names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ordered {
+    pub amount_fen: i64,
+    /// Whether it is PAID.
+    pub paid: bool,
+    /// The `TradeBillNo` of the notification that paid it, while stored.
+    pub paid_bill_no: Option<String>,
+}
+
+/// Checks a notification against its order (`None`: no such order): the
+/// notified amount (`None`: not yuan with at most two decimals) against
+/// the order's, compared as money, in fen (`"0.2"` and `"0.20"` are one
+/// amount). A successful payment of an order already PAID by another
+/// payment (another `TradeBillNo`, or one no longer stored) is
+/// ALREADY_PAID, whatever its amount: a double charge to refund.
+pub fn check(order: Option<&Ordered>, notification: &IncomingNotification) -> OrderCheck {
+    let Some(order) = order else {
+        return OrderCheck::UnknownOrder;
+    };
+    let same_payment = order.paid_bill_no.as_deref() == Some(notification.trade_bill_no.as_str());
+    if order.paid && notification.paid() && !same_payment {
+        OrderCheck::AlreadyPaid
+    } else if notification.amount_fen == Some(order.amount_fen) {
+        OrderCheck::Matched
+    } else {
+        OrderCheck::AmountMismatch
     }
 }
 
@@ -473,11 +515,71 @@ mod tests {
         );
     }
 
+    fn notified(fen: Option<i64>, bill: &str) -> IncomingNotification {
+        IncomingNotification {
+            trade_status: "0000".into(),
+            message: "SUCCESS".into(),
+            out_trade_id: "A1".into(),
+            trade_amount: String::new(),
+            amount_fen: fen,
+            trade_order_id: "984_1".into(),
+            trade_bill_no: bill.into(),
+            trade_time: "2018/3/2 10:00:39".into(),
+            time_stamp: "1522233465".into(),
+            raw_body: String::new(),
+            received_at: now(),
+        }
+    }
+
+    fn ordered(fen: i64, paid_bill_no: Option<&str>) -> Ordered {
+        Ordered {
+            amount_fen: fen,
+            paid: paid_bill_no.is_some(),
+            paid_bill_no: paid_bill_no.map(str::to_owned),
+        }
+    }
+
     #[test]
     fn amounts_are_checked_as_money() {
-        assert_eq!(check(Some(20), Some(20)), OrderCheck::Matched);
-        assert_eq!(check(Some(20), Some(1)), OrderCheck::AmountMismatch);
-        assert_eq!(check(Some(20), None), OrderCheck::AmountMismatch);
-        assert_eq!(check(None, Some(20)), OrderCheck::UnknownOrder);
+        let order = ordered(20, None);
+        let check = |fen| check(Some(&order), &notified(fen, "b1"));
+        assert_eq!(check(Some(20)), OrderCheck::Matched);
+        assert_eq!(check(Some(1)), OrderCheck::AmountMismatch);
+        assert_eq!(check(None), OrderCheck::AmountMismatch);
+        assert_eq!(
+            super::check(None, &notified(Some(20), "b1")),
+            OrderCheck::UnknownOrder
+        );
+    }
+
+    #[test]
+    fn another_payment_of_a_paid_order_is_already_paid_and_its_own_is_not() {
+        let paid = ordered(20, Some("b1"));
+        assert_eq!(
+            check(Some(&paid), &notified(Some(20), "b1")),
+            OrderCheck::Matched
+        );
+        assert_eq!(
+            check(Some(&paid), &notified(Some(20), "b2")),
+            OrderCheck::AlreadyPaid
+        );
+        assert_eq!(
+            check(Some(&paid), &notified(Some(1), "b2")),
+            OrderCheck::AlreadyPaid,
+            "a double charge, whatever its amount"
+        );
+        // The paying notification swept: any payment is another one.
+        let swept = Ordered {
+            paid_bill_no: None,
+            ..paid.clone()
+        };
+        assert_eq!(
+            check(Some(&swept), &notified(Some(20), "b1")),
+            OrderCheck::AlreadyPaid
+        );
+        // A notification that reports no payment is no double charge.
+        let mut failed = notified(Some(20), "b2");
+        failed.trade_status = "0001".into();
+        assert_eq!(check(Some(&paid), &failed), OrderCheck::Matched);
     }
 }

@@ -15,7 +15,8 @@
 //! - `POST /sandbox/rotate` rotates the access token and the ticket now;
 //! - `POST /sandbox/orders/{out_trade_id}/pay` pays an order: the simulator
 //!   sends the signed payment notification to the notify URL and resends it
-//!   until it is answered `success`, 10 sends at most;
+//!   until it is answered `success`, 10 sends at most (`?amount=` another
+//!   amount; `?new_payment=true` a second payment of its own);
 //! - `GET /sandbox/stats` counts the calls per endpoint.
 
 mod ktapi;
@@ -213,13 +214,19 @@ impl SandboxHandle {
     /// Pays an order (as `POST /sandbox/orders/{id}/pay` does); false when
     /// there is no such order or no notify URL.
     pub fn pay(&self, out_trade_id: &str) -> bool {
-        pay::pay(&self.shared, out_trade_id, None).is_ok()
+        pay::pay(&self.shared, out_trade_id, None, false).is_ok()
+    }
+
+    /// Pays an order again with a payment of its own, a new `TradeBillNo`
+    /// (`POST /sandbox/orders/{id}/pay?new_payment=true`).
+    pub fn pay_again(&self, out_trade_id: &str) -> bool {
+        pay::pay(&self.shared, out_trade_id, None, true).is_ok()
     }
 
     /// Pays an order with another `TradeAmount` than it was created with
     /// (`POST /sandbox/orders/{id}/pay?amount=0.01`).
     pub fn pay_amount(&self, out_trade_id: &str, amount: &str) -> bool {
-        pay::pay(&self.shared, out_trade_id, Some(amount.to_owned())).is_ok()
+        pay::pay(&self.shared, out_trade_id, Some(amount.to_owned()), false).is_ok()
     }
 
     /// Every notification send so far, oldest first.

@@ -141,10 +141,14 @@ fn pay_params(app_id: &str) -> String {
 }
 
 /// `?amount=0.01`: notify another `TradeAmount` than the order's, to walk
-/// the gateway's mismatch path.
+/// the gateway's mismatch path. `?new_payment=true`: the payer pays again,
+/// a payment of its own (a new `TradeBillNo`), to walk the double-charge
+/// path; without it, paying again resends the order's one payment.
 #[derive(Debug, serde::Deserialize)]
 pub(super) struct PayQuery {
     amount: Option<String>,
+    #[serde(default)]
+    new_payment: bool,
 }
 
 pub(super) async fn pay_order(
@@ -152,7 +156,7 @@ pub(super) async fn pay_order(
     Path(out_trade_id): Path<String>,
     Query(query): Query<PayQuery>,
 ) -> Response {
-    match pay(&shared, &out_trade_id, query.amount) {
+    match pay(&shared, &out_trade_id, query.amount, query.new_payment) {
         Ok(started) => (StatusCode::ACCEPTED, Json(started)).into_response(),
         Err((status, reason)) => (status, reason).into_response(),
     }
@@ -167,11 +171,13 @@ pub(super) struct PayStarted {
     notify_url: String,
 }
 
-/// Builds the signed notification of a paid order and starts sending it.
+/// Builds the signed notification of a paid order (of a new payment of it
+/// with `new_payment`) and starts sending it.
 pub(super) fn pay(
     shared: &Arc<Shared>,
     out_trade_id: &str,
     amount: Option<String>,
+    new_payment: bool,
 ) -> Result<PayStarted, (StatusCode, &'static str)> {
     let now = Utc::now();
     let (amount, url, payment) = {
@@ -184,6 +190,9 @@ pub(super) fn pay(
             .orders
             .get_mut(out_trade_id)
             .ok_or((StatusCode::NOT_FOUND, "no such order"))?;
+        if new_payment {
+            order.payment = None;
+        }
         let payment = order
             .payment
             .get_or_insert_with(|| Payment {

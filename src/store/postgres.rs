@@ -528,15 +528,31 @@ async fn write(
         );
     }
 
-    // The orders the batch names, to check each new notification against.
+    // The orders the batch names, and the payments that paid them, to
+    // check each new notification against.
     let ids: Vec<&str> = batch.iter().map(|n| n.out_trade_id.as_str()).collect();
-    let ordered: HashMap<String, i64> =
-        sqlx::query_as("SELECT out_trade_id, amount_fen FROM orders WHERE out_trade_id = ANY($1)")
-            .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
+    let mut ordered: HashMap<String, orders::Ordered> = sqlx::query_as(
+        "SELECT o.out_trade_id, o.amount_fen, o.state = 'PAID', n.trade_bill_no \
+         FROM orders AS o LEFT JOIN notifications AS n ON n.sequence = o.paid_sequence \
+         WHERE o.out_trade_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(
+        |(id, amount_fen, paid, paid_bill_no): (String, i64, bool, Option<String>)| {
+            (
+                id,
+                orders::Ordered {
+                    amount_fen,
+                    paid,
+                    paid_bill_no,
+                },
+            )
+        },
+    )
+    .collect();
 
     let mut next = last;
     let mut recorded = Vec::with_capacity(batch.len());
@@ -562,8 +578,18 @@ async fn write(
                     added: 0,
                     last_received_at: n.received_at,
                 });
-                let order_check =
-                    orders::check(ordered.get(&n.out_trade_id).copied(), n.amount_fen);
+                let order = ordered.get_mut(&n.out_trade_id);
+                let order_check = orders::check(order.as_deref(), n);
+                // The first matching payment pays the order (below): a
+                // later one in this batch finds it paid, as in a later one.
+                if let Some(order) = order
+                    && n.paid()
+                    && order_check == OrderCheck::Matched
+                    && !order.paid
+                {
+                    order.paid = true;
+                    order.paid_bill_no = Some(n.trade_bill_no.clone());
+                }
                 inserted.push((*n, digest, order_check));
                 recorded.push(Recorded::New {
                     sequence: from_sql(next),

@@ -703,11 +703,23 @@ fn record_one(
         ));
     }
     let sequence = *seq + 1;
-    let order_fen: Option<i64> = tx
-        .prepare_cached("SELECT amount_fen FROM orders WHERE out_trade_id = ?1")?
-        .query_row([&n.out_trade_id], |r| r.get(0))
+    // The order, and the payment that paid it (written earlier in this
+    // transaction too, when it came in the same batch).
+    let ordered = tx
+        .prepare_cached(
+            "SELECT o.amount_fen, o.state = 'PAID', n.trade_bill_no FROM orders AS o \
+             LEFT JOIN notifications AS n ON n.sequence = o.paid_sequence \
+             WHERE o.out_trade_id = ?1",
+        )?
+        .query_row([&n.out_trade_id], |r| {
+            Ok(orders::Ordered {
+                amount_fen: r.get(0)?,
+                paid: r.get(1)?,
+                paid_bill_no: r.get(2)?,
+            })
+        })
         .optional()?;
-    let order_check = orders::check(order_fen, n.amount_fen);
+    let order_check = orders::check(ordered.as_ref(), n);
     if n.paid() && order_check == OrderCheck::Matched {
         tx.prepare_cached(
             "UPDATE orders SET state = 'PAID', paid_sequence = ?2, updated_at_ms = ?3 \

@@ -22,6 +22,7 @@ mod sandbox_command;
 mod settings;
 #[macro_use]
 mod store;
+mod order_races;
 mod retention_store;
 mod ticket;
 mod trust;

@@ -327,6 +327,102 @@ async fn each_notification_is_checked_against_its_order() {
     }
 }
 
+/// Kongtie's resend of a stored payment: the same fields, signed anew.
+fn resend_of(n: &kongtie_gateway::proto::PaymentNotification) -> String {
+    let fields = [
+        ("TradeStatus", n.trade_status.as_str()),
+        ("Message", n.message.as_str()),
+        ("OutTradeId", n.out_trade_id.as_str()),
+        ("TradeAmount", n.trade_amount.as_str()),
+        ("TradeOrderId", n.trade_order_id.as_str()),
+        ("TradeBillNo", n.trade_bill_no.as_str()),
+        ("TradeTime", n.trade_time.as_str()),
+        ("TimeStamp", "1522233999"),
+    ];
+    kongtie_gateway::sandbox::signed_notification(
+        &fields,
+        &secrecy::SecretString::from(KTAPI_TOKEN),
+    )
+}
+
+#[tokio::test]
+async fn a_second_payment_of_a_paid_order_is_already_paid_and_counted_and_a_resend_is_no_new_event()
+{
+    let app = spawn_app().await;
+    let mut payment = app.payment().await;
+    payment.create_jsapi_order(order("N6", 20)).await.unwrap();
+    assert!(app.sandbox.pay("N6"));
+    let first = notified(&mut payment, "N6", 1).await.remove(0);
+    assert_eq!(
+        OrderCheck::try_from(first.order_check),
+        Ok(OrderCheck::Matched)
+    );
+
+    // The payer pays again: a payment of its own (another TradeBillNo),
+    // stored and answered (it is signed), then resent by Kongtie.
+    assert!(app.sandbox.pay_again("N6"));
+    let events = notified(&mut payment, "N6", 2).await;
+    let second = events[1].clone();
+    assert_ne!(second.trade_bill_no, first.trade_bill_no);
+    assert!(second.paid);
+    assert_eq!(
+        OrderCheck::try_from(second.order_check),
+        Ok(OrderCheck::AlreadyPaid)
+    );
+    assert!(app.sandbox.pay("N6"), "resends the second payment");
+    // And Kongtie resends the first one.
+    assert_eq!(app.notify(resend_of(&first)).await.1, "success");
+
+    // Still two events, each received twice, each checked as before.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = notified(&mut payment, "N6", 2).await;
+        assert_eq!(events.len(), 2, "a resend is no new event");
+        let counts: Vec<u32> = events.iter().map(|n| n.receive_count).collect();
+        if counts == [2, 2] {
+            let checks: Vec<_> = events
+                .iter()
+                .map(|n| OrderCheck::try_from(n.order_check))
+                .collect();
+            assert_eq!(
+                checks,
+                [Ok(OrderCheck::Matched), Ok(OrderCheck::AlreadyPaid)]
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the resends not counted within 10 s: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The order stays paid by the first.
+    let o = get_order(&mut payment, "N6").await;
+    assert_eq!(
+        (state(&o), o.paid_sequence),
+        (OrderState::Paid, Some(first.sequence))
+    );
+
+    let metrics = admin_metrics(&app.admin.to_string()).await;
+    for (result, n) in [("matched", 1.0), ("already_paid", 1.0)] {
+        assert_eq!(
+            sample(
+                &metrics,
+                &format!(r#"kongtie_notification_order_checks_total{{result="{result}"}}"#)
+            ),
+            n,
+            "{result}"
+        );
+    }
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"kongtie_notifications_received_total{outcome="duplicate"}"#
+        ),
+        2.0
+    );
+}
+
 #[tokio::test]
 async fn point_two_and_point_twenty_are_one_payment() {
     let app = spawn_app().await;
