@@ -223,6 +223,7 @@ async fn resends_racing_on_two_replicas_are_one_event(backend: Backend) {
                 assert_eq!(sequence, 1);
                 counts.push(receive_count);
             }
+            other => panic!("{other:?}"),
         }
     }
     assert_eq!(new, 1, "exactly one send makes the event");
