@@ -10,7 +10,10 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicI64, Ordering},
+    },
     thread,
 };
 
@@ -248,6 +251,7 @@ impl SqliteStore {
                 Ok(c)
             })
             .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
+        let metrics_for_reads = metrics.clone();
         let (writes, queue) = mpsc::channel(QUEUE);
         let (feed, live) = LiveFeed::new();
         let (stop_checkpoints, checkpoint_stop) = std::sync::mpsc::channel::<()>();
@@ -297,7 +301,10 @@ impl SqliteStore {
             readers: Arc::new(ReadPool {
                 path,
                 idle: Mutex::new(Vec::new()),
-                turns: tokio::sync::Semaphore::new(READERS),
+                turns: Arc::new(tokio::sync::Semaphore::new(READERS)),
+                running: AtomicI64::new(0),
+                peak: AtomicI64::new(0),
+                metrics: metrics_for_reads,
             }),
         })
     }
@@ -310,11 +317,21 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, StoreError> {
-        let _turn = self.readers.turns.acquire().await.expect("never closed");
-        let readers = Arc::clone(&self.readers);
-        tokio::task::spawn_blocking(move || readers.with(f))
+        // The turn goes with the blocking task, not with this future: a
+        // caller cancelled mid-read gives it back only once the read is
+        // done, so no more than READERS ever run.
+        let turn = Arc::clone(&self.readers.turns)
+            .acquire_owned()
             .await
-            .map_err(|e| StoreError::Backend(e.to_string()))?
+            .expect("never closed");
+        let readers = Arc::clone(&self.readers);
+        tokio::task::spawn_blocking(move || {
+            let result = readers.with(f);
+            drop(turn);
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Backend(e.to_string()))?
     }
 }
 
@@ -812,11 +829,31 @@ fn from_ms(ms: i64) -> DateTime<Utc> {
 struct ReadPool {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
-    turns: tokio::sync::Semaphore,
+    /// [`READERS`] turns; each is held by the blocking task of its read.
+    turns: Arc<tokio::sync::Semaphore>,
+    /// Reads running now, and the most at once (for the metrics).
+    running: AtomicI64,
+    peak: AtomicI64,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl ReadPool {
     fn with<R>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R>) -> Result<R, StoreError> {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        let peak = self.peak.fetch_max(now, Ordering::SeqCst).max(now);
+        if let Some(m) = &self.metrics {
+            m.store_reads_running.set(now);
+            m.store_reads_running_peak.set(peak);
+        }
+        let result = self.read(f);
+        let now = self.running.fetch_sub(1, Ordering::SeqCst) - 1;
+        if let Some(m) = &self.metrics {
+            m.store_reads_running.set(now);
+        }
+        result
+    }
+
+    fn read<R>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R>) -> Result<R, StoreError> {
         let conn = lock(&self.idle).pop();
         let conn = match conn {
             Some(c) => c,
@@ -848,8 +885,9 @@ fn backend(e: rusqlite::Error) -> StoreError {
 pub struct SideConnection {
     conn: Arc<Mutex<Connection>>,
     /// Callers wait their turn here, not each on a blocking thread of its
-    /// own parked on the mutex.
-    turn: tokio::sync::Semaphore,
+    /// own parked on the mutex. The blocking task holds the turn, so a
+    /// cancelled caller frees it only once its query is done.
+    turn: Arc<tokio::sync::Semaphore>,
 }
 
 impl SideConnection {
@@ -864,7 +902,7 @@ impl SideConnection {
             .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
-            turn: tokio::sync::Semaphore::new(1),
+            turn: Arc::new(tokio::sync::Semaphore::new(1)),
         })
     }
 
@@ -882,11 +920,18 @@ impl SideConnection {
         &self,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, StoreError> {
-        let _turn = self.turn.acquire().await.expect("never closed");
-        let conn = Arc::clone(&self.conn);
-        tokio::task::spawn_blocking(move || f(&mut lock(&conn)))
+        let turn = Arc::clone(&self.turn)
+            .acquire_owned()
             .await
-            .map_err(|e| StoreError::Backend(e.to_string()))?
-            .map_err(|e| StoreError::Backend(e.to_string()))
+            .expect("never closed");
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let result = f(&mut lock(&conn));
+            drop(turn);
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Backend(e.to_string()))?
+        .map_err(|e| StoreError::Backend(e.to_string()))
     }
 }

@@ -927,3 +927,85 @@ async fn a_store_left_by_the_previous_release_opens_and_carries_on(backend: Back
     );
     store.close().await;
 }
+
+// SQLite only: its read pool.
+
+/// 256 `ListNotifications` cancelled mid-read (their clients give up after
+/// a few milliseconds, while each reads a page of 8 MB): the reads still
+/// running hold their turns, so no more than the pool's four ever run at
+/// once (`kongtie_store_reads_running_peak`), and every one ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_reads_never_run_more_sqlite_queries_at_once_than_the_pool_holds() {
+    use kongtie_gateway::proto::ListNotificationsRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    let url = crate::helpers::store_url(dir.path());
+    // A thousand events of 8 KiB each: a full page takes a while to read.
+    let store = store::open(&url, None).await.unwrap();
+    let writes: Vec<_> = (0..1000)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            let mut n = incoming(&format!("big{i}"));
+            n.message = "m".repeat(8 << 10);
+            tokio::spawn(async move { store.record(n).await.unwrap() })
+        })
+        .collect();
+    for write in writes {
+        write.await.unwrap();
+    }
+    store.close().await;
+
+    let app = crate::helpers::spawn_app_with(&["--store", &url]).await;
+    let admin = app.admin.to_string();
+    let metric = |series: &'static str| {
+        let admin = admin.clone();
+        async move { crate::helpers::sample(&crate::helpers::admin_metrics(&admin).await, series) }
+    };
+    let channel = app.channel().await;
+    let page = ListNotificationsRequest {
+        page_size: 1000,
+        ..Default::default()
+    };
+    // How long one read takes here: the calls are given up within it.
+    let mut payment = kongtie_gateway::proto::payment_client::PaymentClient::new(channel.clone());
+    let started = std::time::Instant::now();
+    payment.list_notifications(page).await.unwrap();
+    let read = started.elapsed();
+    let calls: Vec<_> = (0..256u32)
+        .map(|i| {
+            let mut payment =
+                kongtie_gateway::proto::payment_client::PaymentClient::new(channel.clone());
+            tokio::spawn(async move {
+                let list = payment.list_notifications(ListNotificationsRequest {
+                    page_size: 1000,
+                    ..Default::default()
+                });
+                // Given up an eighth to all of one read's time in: after
+                // the call started reading, for most.
+                tokio::time::timeout(read * (1 + i % 8) / 8, list)
+                    .await
+                    .is_err()
+            })
+        })
+        .collect();
+    let mut cancelled = 0;
+    for call in calls {
+        cancelled += usize::from(call.await.unwrap());
+    }
+    assert!(cancelled > 128, "only {cancelled} of 256 were cancelled");
+    // Every read ends (within 30 s), cancelled or not.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while metric("kongtie_store_reads_running").await > 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reads still running after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let peak = metric("kongtie_store_reads_running_peak").await;
+    assert!(
+        peak <= 4.0,
+        "{peak} reads ran at once, over the pool's 4 (one read takes {read:?})"
+    );
+    println!("{cancelled} calls cancelled; at most {peak} reads at once; one read takes {read:?}");
+}
