@@ -1009,3 +1009,54 @@ async fn cancelled_reads_never_run_more_sqlite_queries_at_once_than_the_pool_hol
     );
     println!("{cancelled} calls cancelled; at most {peak} reads at once; one read takes {read:?}");
 }
+
+/// A side connection (the ledger's, the consumers', retention's): callers
+/// who give up while waiting for their turn, or while their query runs,
+/// leave no orphaned queries queued behind it. 64 callers, each giving up
+/// a millisecond after the one before, while the first one's query (100 ms)
+/// runs: only that query runs, and a caller after them is served at once,
+/// not after 63 orphans (6 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_that_give_up_leave_no_queries_queued_on_a_sqlite_side_connection() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let dir = tempfile::tempdir().unwrap();
+    let side = Arc::new(store::SideConnection::open(&dir.path().join("side.db")).unwrap());
+    let ran = Arc::new(AtomicUsize::new(0));
+    let callers: Vec<_> = (0..64u64)
+        .map(|i| {
+            let (side, ran) = (Arc::clone(&side), Arc::clone(&ran));
+            tokio::spawn(async move {
+                let query = side.with(move |conn| {
+                    ran.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(100));
+                    conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+                });
+                tokio::time::timeout(Duration::from_millis(1 + i), query)
+                    .await
+                    .is_err()
+            })
+        })
+        .collect();
+    let mut gave_up = 0;
+    for caller in callers {
+        gave_up += usize::from(caller.await.unwrap());
+    }
+    assert!(gave_up >= 60, "only {gave_up} of 64 gave up");
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        side.with(|conn| conn.query_row("SELECT 2", [], |r| r.get::<_, i64>(0))),
+    )
+    .await
+    .expect("served within 10 s")
+    .unwrap();
+    assert_eq!(answer, 2);
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(1),
+        "the next caller waited {waited:?}, behind {} orphaned queries",
+        ran.load(Ordering::SeqCst)
+    );
+    assert!(ran.load(Ordering::SeqCst) <= 1, "only the first query ran");
+}
