@@ -434,6 +434,11 @@ pub struct ServeArgs {
     /// size and first retained sequence in the metrics).
     #[arg(long, env = "KONGTIE_RETENTION_SWEEP_EVERY", default_value = "60s", value_parser = sweep_every)]
     pub retention_sweep_every: Duration,
+    /// Test only, unsafe: accept a KONGTIE_RETENTION below the floor
+    /// ([`crate::retention::RETENTION_FLOOR`]), so a test can watch a sweep
+    /// within seconds. Hidden from `--help`; never set it in production.
+    #[arg(long, env = "KONGTIE_UNSAFE_TEST_ONLY_SHORT_RETENTION", hide = true)]
+    pub unsafe_test_only_short_retention: bool,
     /// Time a notify connection has to send a request's headers (from
     /// opening, or from its previous answer: idle connections end then), and
     /// then its body, in milliseconds.
@@ -774,6 +779,11 @@ impl ServeArgs {
             store_url: self.store.url(),
             retention: {
                 let keep = crate::retention::parse_duration(&self.retention)?;
+                crate::retention::check_floor(
+                    "KONGTIE_RETENTION",
+                    keep,
+                    self.unsafe_test_only_short_retention,
+                )?;
                 RetentionPolicy {
                     keep,
                     hard: match &self.retention_max {

@@ -125,6 +125,12 @@ pub enum Error {
     #[error("order {0} has expired")]
     OrderExpired(String),
 
+    #[error(
+        "order id {0} was used by an unpaid order that retention has deleted; use a new \
+         out_trade_id"
+    )]
+    OrderIdRetired(String),
+
     #[error("no order {0}")]
     OrderNotFound(String),
 
@@ -289,11 +295,11 @@ impl From<Error> for Status {
                 details.set_error_info("ORDER_TERMS_DIFFER", ERROR_DOMAIN, meta);
                 Code::AlreadyExists
             }
-            Error::OrderAlreadyPaid(id) | Error::OrderExpired(id) => {
-                let reason = if matches!(err, Error::OrderAlreadyPaid(_)) {
-                    "ORDER_ALREADY_PAID"
-                } else {
-                    "ORDER_EXPIRED"
+            Error::OrderAlreadyPaid(id) | Error::OrderExpired(id) | Error::OrderIdRetired(id) => {
+                let reason = match err {
+                    Error::OrderAlreadyPaid(_) => "ORDER_ALREADY_PAID",
+                    Error::OrderExpired(_) => "ORDER_EXPIRED",
+                    _ => "ORDER_ID_RETIRED",
                 };
                 let meta = HashMap::from([("out_trade_id".to_owned(), id.clone())]);
                 details.set_error_info(reason, ERROR_DOMAIN, meta);

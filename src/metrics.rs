@@ -177,6 +177,10 @@ pub struct Metrics {
     pub retention_sweeps: Counter,
     pub store_first_retained: Gauge,
     pub store_size_bytes: Gauge,
+    /// SQLite reads running now, and the most ever at once: held to the
+    /// read pool's size however callers are cancelled.
+    pub store_reads_running: Gauge,
+    pub store_reads_running_peak: Gauge,
     scrape: std::sync::Mutex<()>,
     pub store_commit_seconds: Histogram,
     pub store_checkpoint_failures: Counter,
@@ -235,6 +239,8 @@ impl Metrics {
             retention_sweeps: Counter::default(),
             store_first_retained: Gauge::default(),
             store_size_bytes: Gauge::default(),
+            store_reads_running: Gauge::default(),
+            store_reads_running_peak: Gauge::default(),
             scrape: std::sync::Mutex::new(()),
             store_commit_seconds: latency_histogram(),
             store_checkpoint_failures: Counter::default(),
@@ -326,6 +332,16 @@ impl Metrics {
             "store_size_bytes",
             "Bytes the store takes: SQLite's file and WAL, or the gateway's PostgreSQL tables",
             m.store_size_bytes.clone(),
+        );
+        registry.register(
+            "store_reads_running",
+            "SQLite reads running now on the read pool's blocking threads",
+            m.store_reads_running.clone(),
+        );
+        registry.register(
+            "store_reads_running_peak",
+            "The most SQLite reads that ever ran at once (at most the read pool's size)",
+            m.store_reads_running_peak.clone(),
         );
         registry.register(
             "subscription_catch_ups",

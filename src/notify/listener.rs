@@ -246,6 +246,13 @@ async fn receive(State(state): State<Arc<ListenerState>>, request: Request) -> R
                     metrics.notification("duplicate");
                     info!(sequence, receive_count, "repeat of a stored notification");
                 }
+                Ok(Recorded::RepeatOfSwept { sequence }) => {
+                    metrics.notification("duplicate_of_swept");
+                    info!(
+                        sequence,
+                        "repeat of a notification retention deleted (its tombstone is kept): nothing stored"
+                    );
+                }
                 Err(e) => {
                     error!(error = %e, "notification not stored; Kongtie will resend");
                 }

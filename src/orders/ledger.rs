@@ -223,6 +223,7 @@ fn refused(terms: &OrderTerms, refusal: Refusal) -> Error {
         Refusal::TermsDiffer(stored) => Error::OrderTermsDiffer(Box::new(stored_terms(&stored))),
         Refusal::AlreadyPaid => Error::OrderAlreadyPaid(terms.out_trade_id.clone()),
         Refusal::Expired => Error::OrderExpired(terms.out_trade_id.clone()),
+        Refusal::Retired => Error::OrderIdRetired(terms.out_trade_id.clone()),
         Refusal::Failed { code, message } => Error::UpstreamRejected {
             endpoint: Endpoint::ParTrade,
             code,

@@ -217,11 +217,28 @@ pub enum Refusal {
     TermsDiffer(Box<Order>),
     AlreadyPaid,
     Expired,
+    /// Retention deleted an unpaid order (expired, or refused by Kongtie)
+    /// of this id: its tombstone keeps the id from being ordered again.
+    Retired,
     /// The attempt this caller waited for was refused by Kongtie.
     Failed {
         code: String,
         message: String,
     },
+}
+
+impl Refusal {
+    /// The answer for an id whose order retention deleted (its tombstone
+    /// says whether it was paid): a paid one is already paid, as it was
+    /// before the sweep; an unpaid one is not ordered again either, since
+    /// its terms are gone and Kongtie may know the id.
+    pub fn swept(paid: bool) -> Self {
+        if paid {
+            Refusal::AlreadyPaid
+        } else {
+            Refusal::Retired
+        }
+    }
 }
 
 /// What the ledger decided for one request.
@@ -340,6 +357,8 @@ pub fn decide(
 ///   transaction, under a lock that serializes `begin`s of one order across
 ///   every replica sharing the database, so two callers never both hold a
 ///   claim.
+/// - An id whose order retention deleted is refused
+///   ([`Refusal::swept`], from its tombstone), under the same lock.
 /// - `finish` records an attempt's outcome only while that attempt still
 ///   holds its claim, and never takes a PAID order back.
 /// - Everything is durable once the call returns.

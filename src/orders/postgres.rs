@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row, postgres::PgRow};
 
-use super::{Begin, Order, OrderState, OrderStore, OrderTerms, Outcome, Write, decide};
+use super::{Begin, Order, OrderState, OrderStore, OrderTerms, Outcome, Refusal, Write, decide};
 use crate::store::StoreError;
 
 pub struct PostgresOrders {
@@ -79,6 +79,25 @@ async fn select(conn: &mut sqlx::PgConnection, id: &str) -> Result<Option<Order>
     .transpose()
 }
 
+/// The stored order, or the refusal its tombstone gives when retention
+/// deleted it. The tombstone is read after the order: a sweep that commits
+/// between the two reads is seen by the second.
+async fn select_or_swept(
+    conn: &mut sqlx::PgConnection,
+    id: &str,
+) -> Result<Result<Option<Order>, Refusal>, StoreError> {
+    if let Some(order) = select(&mut *conn, id).await? {
+        return Ok(Ok(Some(order)));
+    }
+    let paid: Option<bool> =
+        sqlx::query_scalar("SELECT paid FROM swept_orders WHERE out_trade_id = $1")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(backend)?;
+    Ok(paid.map_or(Ok(None), |paid| Err(Refusal::swept(paid))))
+}
+
 #[async_trait::async_trait]
 impl OrderStore for PostgresOrders {
     async fn begin(
@@ -92,7 +111,10 @@ impl OrderStore for PostgresOrders {
     ) -> Result<Begin, StoreError> {
         // A read first: most repeats need no write, and no lock.
         let mut conn = self.pool.acquire().await.map_err(backend)?;
-        let stored = select(&mut conn, &terms.out_trade_id).await?;
+        let stored = match select_or_swept(&mut conn, &terms.out_trade_id).await? {
+            Ok(stored) => stored,
+            Err(refusal) => return Ok(Begin::Refused(refusal)),
+        };
         let (begin, write) = decide(stored.as_ref(), terms, now, prepay_ttl, waited);
         if write.is_none() {
             return Ok(begin);
@@ -104,7 +126,10 @@ impl OrderStore for PostgresOrders {
             .execute(&mut *tx)
             .await
             .map_err(backend)?;
-        let stored = select(&mut tx, &terms.out_trade_id).await?;
+        let stored = match select_or_swept(&mut tx, &terms.out_trade_id).await? {
+            Ok(stored) => stored,
+            Err(refusal) => return Ok(Begin::Refused(refusal)),
+        };
         let (begin, write) = decide(stored.as_ref(), terms, now, prepay_ttl, waited);
         match write {
             None => return Ok(begin),

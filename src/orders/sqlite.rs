@@ -10,7 +10,7 @@ use std::{path::Path, time::Duration};
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
-use super::{Begin, Order, OrderState, OrderStore, OrderTerms, Outcome, Write, decide};
+use super::{Begin, Order, OrderState, OrderStore, OrderTerms, Outcome, Refusal, Write, decide};
 use crate::store::{SideConnection, StoreError};
 
 pub struct SqliteOrders {
@@ -79,6 +79,22 @@ fn select(conn: &Connection, id: &str) -> rusqlite::Result<Option<Order>> {
     .optional()
 }
 
+/// The stored order, or the refusal its tombstone gives when retention
+/// deleted it.
+fn select_or_swept(
+    conn: &Connection,
+    id: &str,
+) -> rusqlite::Result<Result<Option<Order>, Refusal>> {
+    if let Some(order) = select(conn, id)? {
+        return Ok(Ok(Some(order)));
+    }
+    let paid: Option<bool> = conn
+        .prepare_cached("SELECT paid FROM swept_orders WHERE out_trade_id = ?1")?
+        .query_row([id], |r| r.get(0))
+        .optional()?;
+    Ok(paid.map_or(Ok(None), |paid| Err(Refusal::swept(paid))))
+}
+
 #[async_trait::async_trait]
 impl OrderStore for SqliteOrders {
     async fn begin(
@@ -94,14 +110,20 @@ impl OrderStore for SqliteOrders {
         self.conn
             .with(move |conn| {
                 // A read first: most repeats need no write, and no lock.
-                let stored = select(conn, &terms.out_trade_id)?;
+                let stored = match select_or_swept(conn, &terms.out_trade_id)? {
+                    Ok(stored) => stored,
+                    Err(refusal) => return Ok(Begin::Refused(refusal)),
+                };
                 let (begin, write) = decide(stored.as_ref(), &terms, now, prepay_ttl, waited);
                 if write.is_none() {
                     return Ok(begin);
                 }
                 // A write: decide again under the write lock.
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                let stored = select(&tx, &terms.out_trade_id)?;
+                let stored = match select_or_swept(&tx, &terms.out_trade_id)? {
+                    Ok(stored) => stored,
+                    Err(refusal) => return Ok(Begin::Refused(refusal)),
+                };
                 let (begin, write) = decide(stored.as_ref(), &terms, now, prepay_ttl, waited);
                 match write {
                     None => return Ok(begin),

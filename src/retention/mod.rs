@@ -9,6 +9,17 @@
 //! (PAID, FAILED, or EXPIRED) and older than `keep`. The newest
 //! notification is never deleted, so sequences are never reused and the
 //! first retained sequence is always known.
+//!
+//! What a sweep deletes leaves a tombstone of its keys behind, in the same
+//! transaction: the dedup digest (and sequence) of each event, the id (and
+//! whether it was paid) of each order. So a resend of a swept payment is
+//! still a repeat, not a new event, and a swept order's `out_trade_id` is
+//! never ordered again, whatever the retention. Tombstones are kept for
+//! ever; they hold keys only (about 100 bytes a row with its index).
+//!
+//! Retention has a floor ([`RETENTION_FLOOR`]) below which the gateway
+//! does not start, but for a test that says so
+//! (`--unsafe-test-only-short-retention`).
 
 mod postgres;
 mod sqlite;
@@ -23,6 +34,37 @@ pub use postgres::PostgresRetention;
 pub use sqlite::SqliteRetention;
 
 use crate::{metrics::Metrics, store::StoreError, telemetry::RateLimited};
+
+/// The shortest `KONGTIE_RETENTION` the gateway starts with: 7 days. Kongtie
+/// resends a notification for hours (10 sends at most); a consumer that
+/// was down over a long weekend must still find its events; and an operator
+/// reconciling a week's payments, or looking one up for a refund, wants them
+/// at hand. Tombstones keep resends from becoming new events whatever the
+/// retention; this floor keeps the events themselves long enough to be of
+/// use.
+pub const RETENTION_FLOOR: Duration = Duration::from_secs(7 * 86_400);
+
+/// Refuses a retention (`keep`, `None`: for ever) below [`RETENTION_FLOOR`],
+/// naming the `setting` and why, unless a test allows it.
+pub fn check_floor(
+    setting: &str,
+    keep: Option<Duration>,
+    test_only_allow_short: bool,
+) -> Result<(), String> {
+    match keep {
+        Some(keep) if keep < RETENTION_FLOOR && !test_only_allow_short => Err(format!(
+            "{setting} is {}, below the floor of {}: Kongtie resends a notification \
+             for hours and a consumer that was down for a weekend must still find its \
+             events; WeChat accepts refunds for a year after a payment, and Kongtie's \
+             API has no refund call, so a refund is made outside the gateway from the \
+             stored payment (the default, 400d, keeps a year of them). Set {setting} \
+             to 7d or more, or 0 to keep everything",
+            humantime::format_duration(keep),
+            humantime::format_duration(RETENTION_FLOOR),
+        )),
+        _ => Ok(()),
+    }
+}
 
 /// Rows a sweep deletes in one transaction: small, so intake waits for
 /// the write lock a moment at most.
@@ -83,7 +125,8 @@ pub struct Swept {
 /// - `sweep` deletes at most `batch` notifications and `batch` orders that
 ///   the rule above allows, in a short transaction of its own, and never
 ///   the newest notification. Work-queue deliveries of the events it
-///   deletes go with them.
+///   deletes go with them. In the same transaction it leaves a tombstone
+///   of each (see the module doc), which intake and the ledger consult.
 /// - `first_retained` is the lowest stored sequence (1 before the first
 ///   event): a read that resumes before it has lost events.
 /// - `compact` gives space freed by deletes back to the file system where
@@ -111,6 +154,13 @@ pub fn spawn_sweeper(
     tokio::spawn(async move {
         let failures = RateLimited::new(Duration::from_secs(60));
         if let Some(keep) = policy.keep {
+            if keep < RETENTION_FLOOR {
+                warn!(
+                    keep = %humantime::format_duration(keep),
+                    "retention below the floor, allowed by the test-only override \
+                     (--unsafe-test-only-short-retention): not for production"
+                );
+            }
             info!(
                 keep = %humantime::format_duration(keep),
                 hard = %policy.hard.map_or("never".into(), |h| humantime::format_duration(h).to_string()),
@@ -205,6 +255,26 @@ mod tests {
         );
         assert_eq!(parse_duration("3s"), Ok(Some(Duration::from_secs(3))));
         assert!(parse_duration("forever").unwrap_err().contains("400d"));
+    }
+
+    #[test]
+    fn a_retention_below_the_floor_is_refused_unless_a_test_allows_it() {
+        let err =
+            check_floor("KONGTIE_RETENTION", Some(Duration::from_secs(3)), false).unwrap_err();
+        assert!(
+            err.contains("KONGTIE_RETENTION is 3s, below the floor of 7days"),
+            "{err}"
+        );
+        assert!(err.contains("resends"), "{err}");
+        assert_eq!(check_floor("KONGTIE_RETENTION", None, false), Ok(()));
+        assert_eq!(
+            check_floor("KONGTIE_RETENTION", Some(RETENTION_FLOOR), false),
+            Ok(())
+        );
+        assert_eq!(
+            check_floor("KONGTIE_RETENTION", Some(Duration::from_secs(3)), true),
+            Ok(())
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Retention in the shared PostgreSQL database. Every replica sweeps; two
 //! sweeps at once delete disjoint rows or wait on each other's row locks,
-//! and each batch is one short statement. Space: PostgreSQL's autovacuum
+//! and each batch is one short statement, which leaves the tombstones of
+//! what it deletes. Space: PostgreSQL's autovacuum
 //! makes deleted rows' room reusable (the files do not shrink; a
 //! `VACUUM FULL` or `pg_repack` in a maintenance window gives it back).
 
@@ -49,7 +50,10 @@ impl RetentionStore for PostgresRetention {
                 FOR UPDATE SKIP LOCKED),
              gone AS (
                 DELETE FROM notifications n USING victims v
-                WHERE n.sequence = v.sequence RETURNING n.sequence)
+                WHERE n.sequence = v.sequence RETURNING n.sequence, n.dedup_digest),
+             tombstones AS (
+                INSERT INTO swept_notifications (dedup_digest, sequence)
+                SELECT dedup_digest, sequence FROM gone ON CONFLICT DO NOTHING)
              SELECT COUNT(*), COUNT(*) FILTER (WHERE sequence > (SELECT * FROM floor))
              FROM gone"
         )))
@@ -71,26 +75,31 @@ impl RetentionStore for PostgresRetention {
             .await
             .map_err(backend)?;
         }
-        let orders = sqlx::query(
-            "DELETE FROM orders WHERE out_trade_id IN (
-                SELECT out_trade_id FROM orders
-                WHERE created_at < $1 AND updated_at < $1
-                  AND (state IN ('PAID', 'FAILED')
-                       OR (state IN ('CREATED', 'UNKNOWN') AND expires_at < $1))
-                ORDER BY created_at LIMIT $2
-                FOR UPDATE SKIP LOCKED)",
+        let orders: i64 = sqlx::query_scalar(
+            "WITH gone AS (
+                DELETE FROM orders WHERE out_trade_id IN (
+                    SELECT out_trade_id FROM orders
+                    WHERE created_at < $1 AND updated_at < $1
+                      AND (state IN ('PAID', 'FAILED')
+                           OR (state IN ('CREATED', 'UNKNOWN') AND expires_at < $1))
+                    ORDER BY created_at LIMIT $2
+                    FOR UPDATE SKIP LOCKED)
+                RETURNING out_trade_id, state),
+             tombstones AS (
+                INSERT INTO swept_orders (out_trade_id, paid)
+                SELECT out_trade_id, state = 'PAID' FROM gone ON CONFLICT DO NOTHING)
+             SELECT COUNT(*) FROM gone",
         )
         .bind(cutoffs.keep_before)
         .bind(batch)
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await
-        .map_err(backend)?
-        .rows_affected();
+        .map_err(backend)?;
         tx.commit().await.map_err(backend)?;
         Ok(Swept {
             notifications: u64::try_from(notifications).unwrap_or(0),
             unacknowledged: u64::try_from(unacknowledged).unwrap_or(0),
-            orders,
+            orders: u64::try_from(orders).unwrap_or(0),
         })
     }
 
@@ -107,7 +116,8 @@ impl RetentionStore for PostgresRetention {
             "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c \
              WHERE c.relkind = 'r' AND c.relnamespace = current_schema()::regnamespace \
                AND c.relname IN ('notifications', 'notification_sequence', 'orders', \
-                                 'consumers', 'consumer_pending')",
+                                 'consumers', 'consumer_pending', \
+                                 'swept_notifications', 'swept_orders')",
         )
         .fetch_one(&self.pool)
         .await

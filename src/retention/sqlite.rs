@@ -4,14 +4,15 @@
 //! intake starve): one short transaction, so intake waits a moment at most.
 //! The freed pages go back to the file system by incremental vacuum (the
 //! store is created, or rewritten once, with `auto_vacuum=INCREMENTAL`), a
-//! few megabytes per step. Reads use a connection of their own.
+//! few megabytes per step. Reads use a connection of their own. Each row
+//! deleted leaves its tombstone in the same transaction.
 
 use std::path::{Path, PathBuf};
 
 use rusqlite::{TransactionBehavior, params};
 
 use super::{Cutoffs, RetentionStore, Swept};
-use crate::store::{SideConnection, StoreError, WriterHandle};
+use crate::store::{SideConnection, StoreError, WriterHandle, dedup_digest};
 
 /// Pages freed per incremental-vacuum transaction (4 KiB pages: 8 MiB).
 const VACUUM_STEP: i64 = 2048;
@@ -57,21 +58,32 @@ impl RetentionStore for SqliteRetention {
             .run(move |conn| {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let floor: i64 = tx.query_row(ACK_FLOOR, [], |r| r.get(0))?;
-                let victims = "
-                    SELECT sequence FROM notifications
-                    WHERE received_at_ms < ?1
-                      AND sequence < (SELECT MAX(sequence) FROM notifications)
-                      AND (sequence <= ?2 OR received_at_ms < ?3)
-                    ORDER BY received_at_ms LIMIT ?4";
-                let unacknowledged: i64 = tx.query_row(
-                    &format!("SELECT COUNT(*) FROM ({victims}) WHERE sequence > ?2"),
-                    params![keep, floor, hard, batch],
-                    |r| r.get(0),
-                )?;
-                let notifications = tx.execute(
-                    &format!("DELETE FROM notifications WHERE sequence IN ({victims})"),
-                    params![keep, floor, hard, batch],
-                )?;
+                let victims: Vec<(i64, String)> = tx
+                    .prepare_cached(
+                        "SELECT sequence, dedup_key FROM notifications
+                         WHERE received_at_ms < ?1
+                           AND sequence < (SELECT MAX(sequence) FROM notifications)
+                           AND (sequence <= ?2 OR received_at_ms < ?3)
+                         ORDER BY received_at_ms LIMIT ?4",
+                    )?
+                    .query_map(params![keep, floor, hard, batch], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })?
+                    .collect::<Result<_, _>>()?;
+                let unacknowledged = victims.iter().filter(|(seq, _)| *seq > floor).count();
+                {
+                    let mut tombstone = tx.prepare_cached(
+                        "INSERT OR IGNORE INTO swept_notifications (dedup_digest, sequence) \
+                         VALUES (?1, ?2)",
+                    )?;
+                    let mut delete =
+                        tx.prepare_cached("DELETE FROM notifications WHERE sequence = ?1")?;
+                    for (sequence, key) in &victims {
+                        tombstone.execute(params![dedup_digest(key), sequence])?;
+                        delete.execute([sequence])?;
+                    }
+                }
+                let notifications = victims.len();
                 if unacknowledged > 0 {
                     // Deliveries of events that are gone go with them.
                     tx.execute(
@@ -80,20 +92,32 @@ impl RetentionStore for SqliteRetention {
                         [],
                     )?;
                 }
-                let orders = tx.execute(
-                    "DELETE FROM orders WHERE out_trade_id IN (
-                        SELECT out_trade_id FROM orders
-                        WHERE created_at_ms < ?1 AND updated_at_ms < ?1
-                          AND (state IN ('PAID', 'FAILED')
-                               OR (state IN ('CREATED', 'UNKNOWN') AND expires_at_ms < ?1))
-                        ORDER BY created_at_ms LIMIT ?2)",
-                    params![keep, batch],
-                )?;
+                let orders: Vec<(String, bool)> = tx
+                    .prepare_cached(
+                        "SELECT out_trade_id, state = 'PAID' FROM orders
+                         WHERE created_at_ms < ?1 AND updated_at_ms < ?1
+                           AND (state IN ('PAID', 'FAILED')
+                                OR (state IN ('CREATED', 'UNKNOWN') AND expires_at_ms < ?1))
+                         ORDER BY created_at_ms LIMIT ?2",
+                    )?
+                    .query_map(params![keep, batch], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                {
+                    let mut tombstone = tx.prepare_cached(
+                        "INSERT OR IGNORE INTO swept_orders (out_trade_id, paid) VALUES (?1, ?2)",
+                    )?;
+                    let mut delete =
+                        tx.prepare_cached("DELETE FROM orders WHERE out_trade_id = ?1")?;
+                    for (id, paid) in &orders {
+                        tombstone.execute(params![id, paid])?;
+                        delete.execute([id])?;
+                    }
+                }
                 tx.commit()?;
                 Ok(Swept {
                     notifications: notifications as u64,
-                    unacknowledged: u64::try_from(unacknowledged).unwrap_or(0),
-                    orders: orders as u64,
+                    unacknowledged: unacknowledged as u64,
+                    orders: orders.len() as u64,
                 })
             })
             .await

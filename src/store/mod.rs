@@ -18,7 +18,7 @@ use tokio::{
 use tracing::{info, warn};
 
 pub use postgres::PostgresStore;
-pub use sqlite::{SideConnection, SqliteStore, WriterHandle};
+pub use sqlite::{SideConnection, SqliteStore, WriterHandle, migrations as sqlite_migrations};
 pub(crate) use {postgres::rows as postgres_rows, sqlite::rows as sqlite_rows};
 
 use crate::{
@@ -69,6 +69,12 @@ impl IncomingNotification {
         .to_string()
     }
 
+    /// The SHA-256 of [`dedup_key`](Self::dedup_key): how PostgreSQL keys
+    /// events, and how both backends keep the tombstone of a swept one.
+    pub fn dedup_digest(&self) -> Vec<u8> {
+        dedup_digest(&self.dedup_key())
+    }
+
     /// Whether it reports a successful payment (`TradeStatus` `0000`).
     pub fn paid(&self) -> bool {
         self.trade_status == crate::upstream::wire::CODE_OK
@@ -96,6 +102,12 @@ impl IncomingNotification {
             order_check,
         }
     }
+}
+
+/// The digest of a dedup key (see [`IncomingNotification::dedup_digest`]).
+pub(crate) fn dedup_digest(key: &str) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(key).to_vec()
 }
 
 /// A stored notification.
@@ -152,6 +164,9 @@ pub enum Recorded {
     },
     /// A repeat of the event with this sequence, now received this often.
     Repeat { sequence: u64, receive_count: u32 },
+    /// A repeat of the event with this sequence, which retention deleted:
+    /// its tombstone recognised it, and nothing is stored.
+    RepeatOfSwept { sequence: u64 },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,7 +209,9 @@ impl From<StoreError> for Error {
 ///   a counter row locked in the inserting transaction).
 /// - **Deduplication.** Two notifications with the same
 ///   [`IncomingNotification::dedup_key`] are one event, however they race;
-///   the repeat only raises `receive_count`.
+///   the repeat only raises `receive_count`. Also once retention has
+///   deleted the event: its tombstone makes the repeat
+///   [`Recorded::RepeatOfSwept`], and nothing is stored.
 /// - **Live feed.** `subscribe` yields every new event after its commit, in
 ///   sequence order. It may drop events to a slow receiver (which then sees
 ///   `Lagged`) but never reorders them; readers fill gaps from `list`. A

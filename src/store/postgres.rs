@@ -36,7 +36,6 @@ use std::{
 };
 
 use chrono::{DateTime, SubsecRound, Utc};
-use sha2::{Digest, Sha256};
 use sqlx::{
     ConnectOptions, Connection, PgPool, Row,
     postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow},
@@ -487,6 +486,8 @@ struct Seen {
     /// Receipts this transaction adds to a stored row.
     added: i32,
     last_received_at: DateTime<Utc>,
+    /// Only its tombstone is left: retention deleted it.
+    swept: bool,
 }
 
 /// Writes `batch` in one transaction under the sequencer lock. With `hold`,
@@ -503,29 +504,40 @@ async fn write(
         .fetch_one(&mut *tx)
         .await?;
 
-    let digests: Vec<Vec<u8>> = batch
-        .iter()
-        .map(|n| Sha256::digest(n.dedup_key()).to_vec())
-        .collect();
+    let digests: Vec<Vec<u8>> = batch.iter().map(|n| n.dedup_digest()).collect();
+    // Stored events and tombstones of swept ones, in one statement: one
+    // snapshot, in which a sweep's delete and its tombstone are both seen
+    // or neither.
     let rows = sqlx::query(
-        "SELECT dedup_digest, sequence, receive_count, last_received_at \
-         FROM notifications WHERE dedup_digest = ANY($1)",
+        "SELECT dedup_digest, sequence, receive_count, last_received_at, false \
+         FROM notifications WHERE dedup_digest = ANY($1) \
+         UNION ALL \
+         SELECT dedup_digest, sequence, 1, now(), true \
+         FROM swept_notifications WHERE dedup_digest = ANY($1)",
     )
     .bind(&digests)
     .fetch_all(&mut *tx)
     .await?;
-    let mut seen = HashMap::with_capacity(batch.len());
+    let mut seen: HashMap<Vec<u8>, Seen> = HashMap::with_capacity(batch.len());
     for row in rows {
-        seen.insert(
-            row.try_get::<Vec<u8>, _>(0)?,
-            Seen {
-                sequence: row.try_get(1)?,
-                receive_count: row.try_get(2)?,
-                stored: true,
-                added: 0,
-                last_received_at: row.try_get(3)?,
-            },
-        );
+        let found = Seen {
+            sequence: row.try_get(1)?,
+            receive_count: row.try_get(2)?,
+            stored: true,
+            added: 0,
+            last_received_at: row.try_get(3)?,
+            swept: row.try_get(4)?,
+        };
+        match seen.entry(row.try_get::<Vec<u8>, _>(0)?) {
+            // A stored row wins over a tombstone.
+            Entry::Occupied(mut e) if e.get().swept => {
+                e.insert(found);
+            }
+            Entry::Occupied(_) => {}
+            Entry::Vacant(e) => {
+                e.insert(found);
+            }
+        }
     }
 
     // The orders the batch names, and the payments that paid them, to
@@ -559,6 +571,11 @@ async fn write(
     let mut inserted = Vec::new();
     for (n, digest) in batch.iter().zip(&digests) {
         match seen.entry(digest.clone()) {
+            Entry::Occupied(e) if e.get().swept => {
+                recorded.push(Recorded::RepeatOfSwept {
+                    sequence: from_sql(e.get().sequence),
+                });
+            }
             Entry::Occupied(mut e) => {
                 let s = e.get_mut();
                 s.receive_count = s.receive_count.saturating_add(1);
@@ -577,6 +594,7 @@ async fn write(
                     stored: false,
                     added: 0,
                     last_received_at: n.received_at,
+                    swept: false,
                 });
                 let order = ordered.get_mut(&n.out_trade_id);
                 let order_check = orders::check(order.as_deref(), n);

@@ -10,7 +10,10 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicI64, Ordering},
+    },
     thread,
 };
 
@@ -139,7 +142,29 @@ const MIGRATIONS: &[&str] = &[
     -- by when they were received.
     CREATE INDEX notifications_by_received_at ON notifications (received_at_ms);
 ",
+    "
+    -- Tombstones (src/retention/): the keys of what retention deleted, kept
+    -- for ever, so that a resend of a swept payment is still a repeat and a
+    -- swept order's id is not ordered again. Keys only: the SHA-256 of the
+    -- dedup key and the event's sequence; the order's id and whether it was
+    -- paid.
+    CREATE TABLE swept_notifications (
+        dedup_digest BLOB    PRIMARY KEY,
+        sequence     INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE swept_orders (
+        out_trade_id TEXT    PRIMARY KEY,
+        paid         INTEGER NOT NULL
+    ) WITHOUT ROWID;
+",
 ];
+
+/// The schema migrations, in order (test support: a test builds a store as
+/// an older release left it from the first few).
+#[doc(hidden)]
+pub fn migrations() -> &'static [&'static str] {
+    MIGRATIONS
+}
 
 /// How other rooms of the crate read notification rows in this backend.
 pub(crate) mod rows {
@@ -226,6 +251,7 @@ impl SqliteStore {
                 Ok(c)
             })
             .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
+        let metrics_for_reads = metrics.clone();
         let (writes, queue) = mpsc::channel(QUEUE);
         let (feed, live) = LiveFeed::new();
         let (stop_checkpoints, checkpoint_stop) = std::sync::mpsc::channel::<()>();
@@ -275,7 +301,10 @@ impl SqliteStore {
             readers: Arc::new(ReadPool {
                 path,
                 idle: Mutex::new(Vec::new()),
-                turns: tokio::sync::Semaphore::new(READERS),
+                turns: Arc::new(tokio::sync::Semaphore::new(READERS)),
+                running: AtomicI64::new(0),
+                peak: AtomicI64::new(0),
+                metrics: metrics_for_reads,
             }),
         })
     }
@@ -288,11 +317,21 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, StoreError> {
-        let _turn = self.readers.turns.acquire().await.expect("never closed");
-        let readers = Arc::clone(&self.readers);
-        tokio::task::spawn_blocking(move || readers.with(f))
+        // The turn goes with the blocking task, not with this future: a
+        // caller cancelled mid-read gives it back only once the read is
+        // done, so no more than READERS ever run.
+        let turn = Arc::clone(&self.readers.turns)
+            .acquire_owned()
             .await
-            .map_err(|e| StoreError::Backend(e.to_string()))?
+            .expect("never closed");
+        let readers = Arc::clone(&self.readers);
+        tokio::task::spawn_blocking(move || {
+            let result = readers.with(f);
+            drop(turn);
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Backend(e.to_string()))?
     }
 }
 
@@ -688,6 +727,20 @@ fn record_one(
         .prepare_cached("SELECT sequence, receive_count FROM notifications WHERE dedup_key = ?1")?
         .query_row([&key], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
+    if existing.is_none() {
+        let swept: Option<i64> = tx
+            .prepare_cached("SELECT sequence FROM swept_notifications WHERE dedup_digest = ?1")?
+            .query_row([super::dedup_digest(&key)], |r| r.get(0))
+            .optional()?;
+        if let Some(sequence) = swept {
+            return Ok((
+                Recorded::RepeatOfSwept {
+                    sequence: from_sql(sequence),
+                },
+                None,
+            ));
+        }
+    }
     if let Some((sequence, count)) = existing {
         tx.prepare_cached(
             "UPDATE notifications SET receive_count = receive_count + 1, last_received_at_ms = ?1 WHERE sequence = ?2",
@@ -788,11 +841,31 @@ fn from_ms(ms: i64) -> DateTime<Utc> {
 struct ReadPool {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
-    turns: tokio::sync::Semaphore,
+    /// [`READERS`] turns; each is held by the blocking task of its read.
+    turns: Arc<tokio::sync::Semaphore>,
+    /// Reads running now, and the most at once (for the metrics).
+    running: AtomicI64,
+    peak: AtomicI64,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl ReadPool {
     fn with<R>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R>) -> Result<R, StoreError> {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        let peak = self.peak.fetch_max(now, Ordering::SeqCst).max(now);
+        if let Some(m) = &self.metrics {
+            m.store_reads_running.set(now);
+            m.store_reads_running_peak.set(peak);
+        }
+        let result = self.read(f);
+        let now = self.running.fetch_sub(1, Ordering::SeqCst) - 1;
+        if let Some(m) = &self.metrics {
+            m.store_reads_running.set(now);
+        }
+        result
+    }
+
+    fn read<R>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R>) -> Result<R, StoreError> {
         let conn = lock(&self.idle).pop();
         let conn = match conn {
             Some(c) => c,
@@ -824,8 +897,9 @@ fn backend(e: rusqlite::Error) -> StoreError {
 pub struct SideConnection {
     conn: Arc<Mutex<Connection>>,
     /// Callers wait their turn here, not each on a blocking thread of its
-    /// own parked on the mutex.
-    turn: tokio::sync::Semaphore,
+    /// own parked on the mutex. The blocking task holds the turn, so a
+    /// cancelled caller frees it only once its query is done.
+    turn: Arc<tokio::sync::Semaphore>,
 }
 
 impl SideConnection {
@@ -840,7 +914,7 @@ impl SideConnection {
             .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
-            turn: tokio::sync::Semaphore::new(1),
+            turn: Arc::new(tokio::sync::Semaphore::new(1)),
         })
     }
 
@@ -858,11 +932,18 @@ impl SideConnection {
         &self,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, StoreError> {
-        let _turn = self.turn.acquire().await.expect("never closed");
-        let conn = Arc::clone(&self.conn);
-        tokio::task::spawn_blocking(move || f(&mut lock(&conn)))
+        let turn = Arc::clone(&self.turn)
+            .acquire_owned()
             .await
-            .map_err(|e| StoreError::Backend(e.to_string()))?
-            .map_err(|e| StoreError::Backend(e.to_string()))
+            .expect("never closed");
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let result = f(&mut lock(&conn));
+            drop(turn);
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Backend(e.to_string()))?
+        .map_err(|e| StoreError::Backend(e.to_string()))
     }
 }

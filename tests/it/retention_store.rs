@@ -8,9 +8,9 @@ use std::{sync::Arc, time::Duration};
 use chrono::{DateTime, Utc};
 use kongtie_gateway::{
     consumers::{ConsumerError, DeliverPolicy, QueueSettings},
-    orders::{Begin, OrderState, OrderTerms, Outcome},
+    orders::{Begin, OrderState, OrderTerms, Outcome, Refusal},
     retention::{Cutoffs, Swept},
-    store::NotificationStore,
+    store::{NotificationStore, Recorded},
 };
 
 use crate::store::{Backend, Place, incoming};
@@ -20,6 +20,7 @@ store_suite!(
     the_hard_limit_takes_unacknowledged_events_and_their_deliveries,
     final_orders_go_and_open_ones_stay,
     replicas_sweeping_at_once_delete_each_event_once,
+    what_a_sweep_deletes_leaves_tombstones_that_outlive_it,
 );
 
 /// Everything stored so far is past the horizon; the hard limit is not
@@ -256,4 +257,104 @@ async fn replicas_sweeping_at_once_delete_each_event_once(backend: Backend) {
     assert_eq!(first(&b).await, 60);
     a.close().await;
     b.close().await;
+}
+
+/// A paid order and its notification, and a refused order, swept: the
+/// payment sent again is a repeat of the swept event (no sequence taken),
+/// and neither id can be ordered again, on another replica and after a
+/// restart too.
+async fn what_a_sweep_deletes_leaves_tombstones_that_outlive_it(backend: Backend) {
+    let place = Place::new(backend).await;
+    let store = place.open().await;
+    let orders = store.orders();
+    let now = Utc::now();
+    for id in ["TPAID", "TFAILED"] {
+        let begun = orders
+            .begin(
+                &terms(id, now + chrono::Duration::hours(1)),
+                now,
+                Duration::from_secs(6600),
+                None,
+                "t",
+                now + chrono::Duration::seconds(30),
+            )
+            .await
+            .unwrap();
+        assert_eq!(begun, Begin::Send { attempt: 1 });
+    }
+    let created = Outcome::Created {
+        response_text: "{}".into(),
+    };
+    orders.finish("TPAID", "t", 1, &created, now).await.unwrap();
+    let failed = Outcome::Failed {
+        code: "1001".into(),
+        message: "no".into(),
+    };
+    orders
+        .finish("TFAILED", "t", 1, &failed, now)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.record(incoming("TPAID")).await.unwrap(),
+        Recorded::New { sequence: 1, .. }
+    ));
+    record(&store, 1, "newest").await;
+
+    assert_eq!(sweep(&store, false).await, deleted(1, 0, 2));
+    assert_eq!(sweep(&store, false).await, deleted(0, 0, 0));
+    let b = place.replica(&store).await;
+    for s in [&store, &b] {
+        assert_eq!(
+            s.record(incoming("TPAID")).await.unwrap(),
+            Recorded::RepeatOfSwept { sequence: 1 }
+        );
+        assert_eq!(
+            s.list(0, None, 10).await.unwrap().len(),
+            1,
+            "nothing stored"
+        );
+    }
+    let refused = |id: &'static str, store: Arc<dyn NotificationStore>| async move {
+        let now = Utc::now();
+        store
+            .orders()
+            .begin(
+                &terms(id, now + chrono::Duration::hours(1)),
+                now,
+                Duration::from_secs(6600),
+                None,
+                "t",
+                now + chrono::Duration::seconds(30),
+            )
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        refused("TPAID", Arc::clone(&b)).await,
+        Begin::Refused(Refusal::AlreadyPaid)
+    );
+    assert_eq!(
+        refused("TFAILED", Arc::clone(&b)).await,
+        Begin::Refused(Refusal::Retired)
+    );
+    if backend == Backend::Postgres {
+        b.close().await;
+    }
+    store.close().await;
+
+    // They outlive a restart; the sequence goes on from 2.
+    let store = place.open().await;
+    assert_eq!(
+        store.record(incoming("TPAID")).await.unwrap(),
+        Recorded::RepeatOfSwept { sequence: 1 }
+    );
+    assert!(matches!(
+        store.record(incoming("after")).await.unwrap(),
+        Recorded::New { sequence: 3, .. }
+    ));
+    assert_eq!(
+        refused("TPAID", Arc::clone(&store)).await,
+        Begin::Refused(Refusal::AlreadyPaid)
+    );
+    store.close().await;
 }

@@ -104,6 +104,7 @@ store_suite!(
     racing_first_attempts_on_two_replicas_send_once,
     each_new_notification_is_checked_and_a_match_pays_for_good,
     consumers_are_seen_with_their_lag_and_can_be_forgotten,
+    a_store_left_by_the_previous_release_opens_and_carries_on,
 );
 
 pub fn incoming(id: &str) -> IncomingNotification {
@@ -223,6 +224,7 @@ async fn resends_racing_on_two_replicas_are_one_event(backend: Backend) {
                 assert_eq!(sequence, 1);
                 counts.push(receive_count);
             }
+            other => panic!("{other:?}"),
         }
     }
     assert_eq!(new, 1, "exactly one send makes the event");
@@ -473,8 +475,8 @@ async fn replicas_starting_together_apply_the_migrations_once() {
         .await
         .unwrap();
     // Each migration once (0001 notifications, 0002 orders, 0003 consumers,
-    // 0004 retention).
-    assert_eq!(applied, 4);
+    // 0004 retention, 0005 tombstones).
+    assert_eq!(applied, 5);
 }
 
 /// A hint lost while the listening connection was down is made up for:
@@ -756,4 +758,305 @@ async fn consumers_are_seen_with_their_lag_and_can_be_forgotten(backend: Backend
     assert!(!consumers.delete("billing").await.unwrap());
     assert_eq!(acked(&a, "billing").await, 0, "forgotten");
     assert_eq!(consumers.list("", 10).await.unwrap().len(), 1);
+}
+
+/// The SQLite migrations and PostgreSQL migration files of the release
+/// before tombstones (issue 24): a store it left is what upgrades meet.
+const PREVIOUS_SQLITE_VERSION: usize = 5;
+const PREVIOUS_POSTGRES_FILES: &[&str] = &[
+    "0001_notifications.sql",
+    "0002_orders.sql",
+    "0003_consumers.sql",
+    "0004_retention.sql",
+];
+
+/// Builds, at `place`, the store the previous release left after two
+/// notifications (the first paying order OLD, two days ago) and that order.
+async fn previous_release_store(place: &Place) {
+    let old = incoming("OLD");
+    let later = incoming("OLD2");
+    let two_days_ago = Utc::now() - chrono::Duration::days(2);
+    match place.backend {
+        Backend::Sqlite => {
+            let path = place.url.strip_prefix("sqlite://").unwrap();
+            let conn = rusqlite::Connection::open(path).unwrap();
+            conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+                .unwrap();
+            conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+            for migration in &store::sqlite_migrations()[..PREVIOUS_SQLITE_VERSION] {
+                conn.execute_batch(migration).unwrap();
+            }
+            conn.pragma_update(None, "user_version", PREVIOUS_SQLITE_VERSION)
+                .unwrap();
+            let at = two_days_ago.timestamp_millis();
+            for (sequence, n) in [(1, &old), (2, &later)] {
+                conn.execute(
+                    "INSERT INTO notifications (sequence, dedup_key, out_trade_id, trade_order_id, \
+                     trade_bill_no, trade_status, message, trade_amount, amount_fen, trade_time, \
+                     time_stamp, raw_body, received_at_ms, last_received_at_ms, receive_count, \
+                     order_check) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, \
+                     ?13, 1, 'MATCHED')",
+                    rusqlite::params![
+                        sequence,
+                        n.dedup_key(),
+                        n.out_trade_id,
+                        n.trade_order_id,
+                        n.trade_bill_no,
+                        n.trade_status,
+                        n.message,
+                        n.trade_amount,
+                        n.amount_fen,
+                        n.trade_time,
+                        n.time_stamp,
+                        n.raw_body,
+                        at + sequence,
+                    ],
+                )
+                .unwrap();
+            }
+            conn.execute(
+                "INSERT INTO orders (out_trade_id, amount_fen, openid, expires_at_ms, \
+                 created_at_ms, state, paid_sequence, attempts, updated_at_ms) \
+                 VALUES ('OLD', 20, 'o1', ?1, ?1, 'PAID', 1, 1, ?1)",
+                [at],
+            )
+            .unwrap();
+        }
+        Backend::Postgres => {
+            let dir = tempfile::tempdir().unwrap();
+            let files = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres");
+            for file in PREVIOUS_POSTGRES_FILES {
+                std::fs::copy(format!("{files}/{file}"), dir.path().join(file)).unwrap();
+            }
+            let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&place.url)
+                .await
+                .unwrap();
+            sqlx::migrate::Migrator::new(dir.path())
+                .await
+                .unwrap()
+                .run(&mut conn)
+                .await
+                .unwrap();
+            for (sequence, n) in [(1_i64, &old), (2, &later)] {
+                sqlx::query(
+                    "INSERT INTO notifications (sequence, dedup_digest, out_trade_id, \
+                     trade_order_id, trade_bill_no, trade_status, message, trade_amount, \
+                     amount_fen, trade_time, time_stamp, raw_body, received_at, \
+                     last_received_at, receive_count, order_check) VALUES ($1, $2, $3, $4, $5, \
+                     $6, $7, $8, $9, $10, $11, $12, $13, $13, 1, 'MATCHED')",
+                )
+                .bind(sequence)
+                .bind(n.dedup_digest())
+                .bind(&n.out_trade_id)
+                .bind(&n.trade_order_id)
+                .bind(&n.trade_bill_no)
+                .bind(&n.trade_status)
+                .bind(&n.message)
+                .bind(&n.trade_amount)
+                .bind(n.amount_fen)
+                .bind(&n.trade_time)
+                .bind(&n.time_stamp)
+                .bind(&n.raw_body)
+                .bind(two_days_ago + chrono::Duration::milliseconds(sequence))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            }
+            sqlx::query("UPDATE notification_sequence SET last = 2")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            sqlx::query(
+                "INSERT INTO orders (out_trade_id, amount_fen, openid, expires_at, created_at, \
+                 state, paid_sequence, attempts, updated_at) \
+                 VALUES ('OLD', 20, 'o1', $1, $1, 'PAID', 1, 1, $1)",
+            )
+            .bind(two_days_ago)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        }
+    }
+}
+
+/// A store as the previous release left it opens (the tombstone tables
+/// are added), keeps its events, order and sequence, and carries on: the
+/// old payment's resend is a repeat before and after a sweep, and its id
+/// cannot be ordered again once swept.
+async fn a_store_left_by_the_previous_release_opens_and_carries_on(backend: Backend) {
+    let place = Place::new(backend).await;
+    previous_release_store(&place).await;
+    let store = place.open().await;
+    assert_eq!(store.last_sequence().await.unwrap(), 2);
+    assert_eq!(sequences(&store.list(0, None, 10).await.unwrap()), [1, 2]);
+    assert_eq!(
+        store.orders().get("OLD").await.unwrap().unwrap().state,
+        OrderState::Paid
+    );
+    assert_eq!(
+        store.record(incoming("OLD")).await.unwrap(),
+        Recorded::Repeat {
+            sequence: 1,
+            receive_count: 2
+        }
+    );
+    let yesterday = Utc::now() - chrono::Duration::days(1);
+    let swept = store
+        .retention()
+        .sweep(
+            kongtie_gateway::retention::Cutoffs {
+                keep_before: yesterday,
+                hard_before: yesterday,
+            },
+            500,
+        )
+        .await
+        .unwrap();
+    assert_eq!((swept.notifications, swept.orders), (1, 1));
+    assert_eq!(
+        store.record(incoming("OLD")).await.unwrap(),
+        Recorded::RepeatOfSwept { sequence: 1 }
+    );
+    assert!(matches!(
+        store.record(incoming("NEW")).await.unwrap(),
+        Recorded::New { sequence: 3, .. }
+    ));
+    assert_eq!(
+        begin(&store.orders(), &order_terms("OLD", 20), "t", None).await,
+        Begin::Refused(Refusal::AlreadyPaid)
+    );
+    store.close().await;
+}
+
+// SQLite only: its read pool.
+
+/// 256 `ListNotifications` cancelled mid-read (their clients give up after
+/// a few milliseconds, while each reads a page of 8 MB): the reads still
+/// running hold their turns, so no more than the pool's four ever run at
+/// once (`kongtie_store_reads_running_peak`), and every one ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_reads_never_run_more_sqlite_queries_at_once_than_the_pool_holds() {
+    use kongtie_gateway::proto::ListNotificationsRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    let url = crate::helpers::store_url(dir.path());
+    // A thousand events of 8 KiB each: a full page takes a while to read.
+    let store = store::open(&url, None).await.unwrap();
+    let writes: Vec<_> = (0..1000)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            let mut n = incoming(&format!("big{i}"));
+            n.message = "m".repeat(8 << 10);
+            tokio::spawn(async move { store.record(n).await.unwrap() })
+        })
+        .collect();
+    for write in writes {
+        write.await.unwrap();
+    }
+    store.close().await;
+
+    let app = crate::helpers::spawn_app_with(&["--store", &url]).await;
+    let admin = app.admin.to_string();
+    let metric = |series: &'static str| {
+        let admin = admin.clone();
+        async move { crate::helpers::sample(&crate::helpers::admin_metrics(&admin).await, series) }
+    };
+    let channel = app.channel().await;
+    let page = ListNotificationsRequest {
+        page_size: 1000,
+        ..Default::default()
+    };
+    // How long one read takes here: the calls are given up within it.
+    let mut payment = kongtie_gateway::proto::payment_client::PaymentClient::new(channel.clone());
+    let started = std::time::Instant::now();
+    payment.list_notifications(page).await.unwrap();
+    let read = started.elapsed();
+    let calls: Vec<_> = (0..256u32)
+        .map(|i| {
+            let mut payment =
+                kongtie_gateway::proto::payment_client::PaymentClient::new(channel.clone());
+            tokio::spawn(async move {
+                let list = payment.list_notifications(ListNotificationsRequest {
+                    page_size: 1000,
+                    ..Default::default()
+                });
+                // Given up an eighth to all of one read's time in: after
+                // the call started reading, for most.
+                tokio::time::timeout(read * (1 + i % 8) / 8, list)
+                    .await
+                    .is_err()
+            })
+        })
+        .collect();
+    let mut cancelled = 0;
+    for call in calls {
+        cancelled += usize::from(call.await.unwrap());
+    }
+    assert!(cancelled > 128, "only {cancelled} of 256 were cancelled");
+    // Every read ends (within 30 s), cancelled or not.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while metric("kongtie_store_reads_running").await > 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reads still running after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let peak = metric("kongtie_store_reads_running_peak").await;
+    assert!(
+        peak <= 4.0,
+        "{peak} reads ran at once, over the pool's 4 (one read takes {read:?})"
+    );
+    println!("{cancelled} calls cancelled; at most {peak} reads at once; one read takes {read:?}");
+}
+
+/// A side connection (the ledger's, the consumers', retention's): callers
+/// who give up while waiting for their turn, or while their query runs,
+/// leave no orphaned queries queued behind it. 64 callers, each giving up
+/// a millisecond after the one before, while the first one's query (100 ms)
+/// runs: only that query runs, and a caller after them is served at once,
+/// not after 63 orphans (6 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_that_give_up_leave_no_queries_queued_on_a_sqlite_side_connection() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let dir = tempfile::tempdir().unwrap();
+    let side = Arc::new(store::SideConnection::open(&dir.path().join("side.db")).unwrap());
+    let ran = Arc::new(AtomicUsize::new(0));
+    let callers: Vec<_> = (0..64u64)
+        .map(|i| {
+            let (side, ran) = (Arc::clone(&side), Arc::clone(&ran));
+            tokio::spawn(async move {
+                let query = side.with(move |conn| {
+                    ran.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(100));
+                    conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+                });
+                tokio::time::timeout(Duration::from_millis(1 + i), query)
+                    .await
+                    .is_err()
+            })
+        })
+        .collect();
+    let mut gave_up = 0;
+    for caller in callers {
+        gave_up += usize::from(caller.await.unwrap());
+    }
+    assert!(gave_up >= 60, "only {gave_up} of 64 gave up");
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        side.with(|conn| conn.query_row("SELECT 2", [], |r| r.get::<_, i64>(0))),
+    )
+    .await
+    .expect("served within 10 s")
+    .unwrap();
+    assert_eq!(answer, 2);
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(1),
+        "the next caller waited {waited:?}, behind {} orphaned queries",
+        ran.load(Ordering::SeqCst)
+    );
+    assert!(ran.load(Ordering::SeqCst) <= 1, "only the first query ran");
 }
