@@ -2,7 +2,8 @@
 //!
 //! Only SHA-256 hashes of the configured keys are kept in memory; a
 //! presented key is hashed and compared with every one in constant time.
-//! Health and reflection are not wrapped, so they stay open.
+//! The check runs in `src/grpc/who_may_call.rs`, for every request on the
+//! gRPC port but health and reflection.
 
 use std::sync::Arc;
 

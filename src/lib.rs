@@ -20,6 +20,7 @@ pub mod endpoint;
 pub mod error;
 pub mod gateway;
 pub mod grpc;
+pub mod json;
 pub mod metrics;
 pub mod notify;
 pub mod orders;

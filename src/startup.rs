@@ -8,7 +8,7 @@ use futures::FutureExt;
 use secrecy::ExposeSecret;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_rustls::TlsAcceptor;
-use tonic::{service::interceptor::InterceptedService, transport::Server};
+use tonic::transport::Server;
 use tracing::{info, warn};
 use url::Url;
 
@@ -28,6 +28,7 @@ use crate::{
         observe::ObserveLayer,
         origin::OriginLayer,
         subscription_limits::{SubscriptionLimits, SubscriptionPolicy},
+        who_may_call::WhoMayCallLayer,
     },
     metrics::Metrics,
     notify,
@@ -253,20 +254,26 @@ impl Application {
         let grpc = server
             // HTTP/1.1 beside HTTP/2, for the Connect protocol's callers.
             .accept_http1(true)
-            // Outermost: foreign web pages and, without keys, foreign host
-            // names are refused before anything runs (src/grpc/origin.rs).
+            // One pipeline for every request, outermost first. Foreign web
+            // pages and, without keys, foreign host names are refused
+            // before anything runs (src/grpc/origin.rs).
             .layer(OriginLayer::new(
                 &self.config.origins,
                 keys.is_empty(),
                 &self.metrics,
             ))
-            // Connect requests become the gRPC calls they mean, before
-            // anything else sees them (src/connect).
-            .layer(ConnectLayer::new()?)
+            // Connect requests become the gRPC calls they mean, from their
+            // headers alone (their bodies are read when the handler reads
+            // the message), and any other content type is HTTP 415
+            // (src/connect).
+            .layer(ConnectLayer::new(max_message)?)
             // Each RPC's metrics, span and log line (src/grpc/observe.rs).
             .layer(ObserveLayer::new(Arc::clone(&self.metrics)))
-            // The server-side deadline of each call, and RESOURCE_EXHAUSTED
-            // for a message over the limit (src/grpc/limits.rs).
+            // Who may call: the API key, before any body is read
+            // (src/grpc/who_may_call.rs).
+            .layer(WhoMayCallLayer::new(keys))
+            // The deadline of each call, and RESOURCE_EXHAUSTED for a
+            // message over the limit (src/grpc/limits.rs).
             .layer(CallLimitsLayer::new(
                 self.config.grpc_call_timeout,
                 max_message,
@@ -286,7 +293,8 @@ impl Application {
             .http2_max_pending_accept_reset_streams(Some(20))
             .http2_max_local_error_reset_streams(Some(1024))
             // Health and reflection need no API key (probes and grpcurl
-            // use them): under the same limits as every call, and caps of
+            // use them; WhoMayCall lets them by): under the same limits as
+            // every call, and caps of
             // their own on calls open at once (src/grpc/keyless.rs).
             .add_service(Keyless::new(
                 health_service.max_decoding_message_size(max_message),
@@ -304,20 +312,15 @@ impl Application {
                     .max_decoding_message_size(max_message),
                 keyless,
             ))
-            .add_service(InterceptedService::new(
+            .add_service(
                 AuthServer::new(AuthService::new(Arc::clone(&self.gateway)))
                     .max_decoding_message_size(max_message),
-                keys.clone(),
-            ))
-            .add_service(InterceptedService::new(
+            )
+            .add_service(
                 TicketServer::new(TicketService::new(Arc::clone(&self.gateway)))
                     .max_decoding_message_size(max_message),
-                keys.clone(),
-            ))
-            .add_service(InterceptedService::new(
-                PaymentServer::new(payment).max_decoding_message_size(max_message),
-                keys,
-            ));
+            )
+            .add_service(PaymentServer::new(payment).max_decoding_message_size(max_message));
         // Our own accept loop and TLS (src/grpc/listener.rs): the
         // connection cap, the handshake timeout, and the close for good
         // after max age + grace.

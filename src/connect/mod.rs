@@ -1,10 +1,14 @@
 //! The Connect protocol on the gRPC port, for callers without a gRPC
 //! stack: PHP and shell scripts with curl, browsers, `@connectrpc/connect`.
 //!
-//! A tower layer in front of tonic's router. A request it recognises by
-//! its content type (or a Connect GET) is turned into the gRPC request it
-//! means, handed to the same router (so API keys, validation, handlers and
-//! metrics are the gRPC ones), and the gRPC answer is turned back:
+//! The outermost layer of the gRPC port's pipeline (`src/startup.rs`). A
+//! request it recognises by its content type (or a Connect GET) is turned
+//! at once, from its headers, into the gRPC request it means and handed to
+//! the same pipeline as gRPC: metrics, API keys, the call deadline, the
+//! message limit, validation and handlers are the gRPC ones, in that order.
+//! Its body is read only when the handler reads the message
+//! (`request.rs`): never before the API key has passed, never past the
+//! deadline or the limit. The gRPC answer is turned back:
 //!
 //! | Connect request                                   | becomes              |
 //! |---------------------------------------------------|----------------------|
@@ -12,13 +16,16 @@
 //! | `GET ?encoding=json&message=...` (reads only)     | a unary call         |
 //! | `POST` `application/connect+json` / `+proto`      | a server stream      |
 //!
-//! Everything else (gRPC itself, grpc-web, reflection) passes untouched.
+//! gRPC itself (`application/grpc`, `application/grpc+proto`) passes
+//! untouched. A POST of any other content type (a form, `text/plain`,
+//! grpc-web, which is not served) is HTTP 415, with the types served.
 //! Protobuf JSON is prost-reflect's, over the descriptor set that server
 //! reflection serves. Errors are Connect's JSON error form, carrying the
 //! same `google.rpc` details as the gRPC status.
 
 mod envelope;
 mod error;
+mod request;
 mod schema;
 
 use std::{
@@ -42,14 +49,12 @@ use futures::{
     future::{Either, MapOk},
 };
 use http_body::Frame;
-use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use tonic::{Code, Status, body::Body};
 use tower::{Layer, Service};
 
+use request::{Framing, Message, Pending, grpc_request};
 use schema::{Method, Schema};
-
-/// The largest request body read, as tonic's default decode limit.
-const MAX_REQUEST: usize = 4 * 1024 * 1024;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -64,18 +69,31 @@ enum Kind {
     Unary(Codec),
     Get,
     Stream(Codec),
+    /// A POST neither gRPC nor Connect: HTTP 415.
+    Unsupported,
 }
 
-/// Serves the Connect protocol in front of a gRPC router.
+/// What an HTTP 415 says is served.
+const SERVED: &str = "this port serves gRPC (content-type application/grpc or \
+                      application/grpc+proto) and the Connect protocol (application/json or \
+                      application/proto for unary calls, application/connect+json or \
+                      application/connect+proto for streams, and GET \
+                      ?encoding=json&message=... for reads)";
+
+/// Serves the Connect protocol in front of the gRPC pipeline.
 #[derive(Clone)]
 pub struct ConnectLayer {
     schema: Arc<Schema>,
+    max_message_bytes: usize,
 }
 
 impl ConnectLayer {
-    pub fn new() -> Result<Self, BoxError> {
+    /// `max_message_bytes` bounds a Connect request's message as
+    /// `KONGTIE_GRPC_MAX_MESSAGE_BYTES` bounds a gRPC one.
+    pub fn new(max_message_bytes: usize) -> Result<Self, BoxError> {
         Ok(Self {
             schema: Arc::new(Schema::load()?),
+            max_message_bytes,
         })
     }
 }
@@ -87,6 +105,7 @@ impl<S> Layer<S> for ConnectLayer {
         ConnectService {
             inner,
             schema: Arc::clone(&self.schema),
+            max_message_bytes: self.max_message_bytes,
         }
     }
 }
@@ -95,6 +114,7 @@ impl<S> Layer<S> for ConnectLayer {
 pub struct ConnectService<S> {
     inner: S,
     schema: Arc<Schema>,
+    max_message_bytes: usize,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -128,10 +148,15 @@ where
             let passed: Passed<B> = |r| r.map(ConnectBody::Left);
             return Either::Left(self.inner.call(request).map_ok(passed));
         };
+        if let Kind::Unsupported = kind {
+            let answer = unsupported(request.headers()).map(ConnectBody::Right);
+            return Either::Right(Box::pin(async move { Ok(answer) }));
+        }
         // The ready service goes with this call; its clone stays for the next.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let schema = Arc::clone(&self.schema);
+        let limit = self.max_message_bytes;
         Either::Right(Box::pin(async move {
             let (parts, body) = request.into_parts();
             let Some(method) = schema.method(parts.uri.path()) else {
@@ -144,10 +169,24 @@ where
                         .map(ConnectBody::Right),
                 );
             };
+            let pending = |codec, framing| Pending {
+                body,
+                codec,
+                framing,
+                method: method.clone(),
+                limit,
+            };
             let answer = match kind {
-                Kind::Stream(codec) => stream(inner, &schema, method, codec, parts, body).await,
-                Kind::Unary(codec) => unary(inner, &schema, method, codec, parts, Some(body)).await,
+                Kind::Stream(codec) => {
+                    let pending = pending(codec, Framing::Enveloped);
+                    stream(inner, &schema, method, codec, parts, pending).await
+                }
+                Kind::Unary(codec) => {
+                    let pending = pending(codec, Framing::Bare);
+                    unary(inner, &schema, method, codec, parts, Some(pending)).await
+                }
                 Kind::Get => unary(inner, &schema, method, Codec::Json, parts, None).await,
+                Kind::Unsupported => unreachable!("answered above"),
             };
             Ok(answer.map(ConnectBody::Right))
         }))
@@ -163,15 +202,46 @@ fn classify<T>(request: &Request<T>) -> Option<Kind> {
     if request.method() != HttpMethod::POST {
         return None;
     }
-    let content_type = request.headers().get(header::CONTENT_TYPE)?.to_str().ok()?;
-    let essence = content_type.split(';').next()?.trim();
-    Some(match essence.to_ascii_lowercase().as_str() {
+    let Some(content_type) = request.headers().get(header::CONTENT_TYPE) else {
+        return Some(Kind::Unsupported);
+    };
+    let essence = content_type
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    Some(match essence.as_str() {
+        "application/grpc" | "application/grpc+proto" => return None,
         "application/json" => Kind::Unary(Codec::Json),
         "application/proto" => Kind::Unary(Codec::Proto),
         "application/connect+json" => Kind::Stream(Codec::Json),
         "application/connect+proto" => Kind::Stream(Codec::Proto),
-        _ => return None,
+        _ => Kind::Unsupported,
     })
+}
+
+/// HTTP 415 for a POST that is neither gRPC nor Connect, in plain text
+/// (its caller speaks neither protocol), saying what is served.
+fn unsupported(headers: &HeaderMap) -> Response<Body> {
+    let sent = match headers.get(header::CONTENT_TYPE) {
+        None => "no content-type".to_owned(),
+        Some(v) => format!(
+            "content-type {:?}",
+            String::from_utf8_lossy(&v.as_bytes()[..v.len().min(100)])
+        ),
+    };
+    let mut response = Response::new(Body::new(Full::new(Bytes::from(format!(
+        "unsupported media type: {sent}; {SERVED}\n"
+    )))));
+    *response.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }
 
 /// A unary call, POSTed (`body`) or by GET (the message in the query).
@@ -179,9 +249,9 @@ async fn unary<S, B>(
     mut inner: S,
     schema: &Schema,
     method: &Method,
-    mut codec: Codec,
+    codec: Codec,
     parts: Parts,
-    body: Option<Body>,
+    body: Option<Pending>,
 ) -> Response<Body>
 where
     S: Service<Request<Body>, Response = Response<B>, Error = Infallible>,
@@ -200,18 +270,12 @@ where
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
         );
     }
-    let message = match body {
-        Some(body) => {
+    let (codec, message) = match body {
+        Some(pending) => {
             if let Err(status) = identity_only(&parts.headers, header::CONTENT_ENCODING) {
                 return refuse(status, StatusCode::NOT_IMPLEMENTED);
             }
-            match read_body(body).await {
-                Ok(bytes) => bytes,
-                Err(status) => {
-                    let http = http_of(&status);
-                    return refuse(status, http);
-                }
-            }
+            (codec, Message::Pending(pending))
         }
         None => {
             if !method.no_side_effects {
@@ -227,23 +291,25 @@ where
                     .insert(header::ALLOW, HeaderValue::from_static("POST"));
                 return response;
             }
-            match get_message(&parts) {
-                Ok((get_codec, bytes)) => {
-                    codec = get_codec;
-                    bytes
-                }
+            // A GET's message is in its URL, read with the headers.
+            let proto = get_message(&parts).and_then(|(codec, bytes)| {
+                let proto = match codec {
+                    Codec::Json => Bytes::from(
+                        method
+                            .request_from_json(&bytes)
+                            .map_err(Status::invalid_argument)?,
+                    ),
+                    Codec::Proto => bytes,
+                };
+                Ok((codec, proto))
+            });
+            match proto {
+                Ok((codec, proto)) => (codec, Message::Ready(proto)),
                 Err(status) => return refuse(status, StatusCode::BAD_REQUEST),
             }
         }
     };
-    let proto = match codec {
-        Codec::Json => match method.request_from_json(&message) {
-            Ok(proto) => Bytes::from(proto),
-            Err(e) => return refuse(Status::invalid_argument(e), StatusCode::BAD_REQUEST),
-        },
-        Codec::Proto => message,
-    };
-    let request = match grpc_request(parts, proto) {
+    let request = match grpc_request(parts, message) {
         Ok(r) => r,
         Err(status) => return refuse(status, StatusCode::BAD_REQUEST),
     };
@@ -355,7 +421,7 @@ async fn stream<S, B>(
     method: &Method,
     codec: Codec,
     parts: Parts,
-    body: Body,
+    pending: Pending,
 ) -> Response<Body>
 where
     S: Service<Request<Body>, Response = Response<B>, Error = Infallible>,
@@ -392,26 +458,7 @@ where
     ) {
         return ended(status, HeaderMap::new(), HeaderMap::new());
     }
-    let message = match read_body(body).await.and_then(|b| {
-        envelope::single(b).map_err(|e| Status::invalid_argument(format!("the request: {e}")))
-    }) {
-        Ok(m) => m,
-        Err(status) => return ended(status, HeaderMap::new(), HeaderMap::new()),
-    };
-    let proto = match codec {
-        Codec::Json => match method.request_from_json(&message) {
-            Ok(proto) => Bytes::from(proto),
-            Err(e) => {
-                return ended(
-                    Status::invalid_argument(e),
-                    HeaderMap::new(),
-                    HeaderMap::new(),
-                );
-            }
-        },
-        Codec::Proto => message,
-    };
-    let request = match grpc_request(parts, proto) {
+    let request = match grpc_request(parts, Message::Pending(pending)) {
         Ok(r) => r,
         Err(status) => return ended(status, HeaderMap::new(), HeaderMap::new()),
     };
@@ -526,68 +573,6 @@ where
     .boxed()
 }
 
-/// The gRPC request a Connect request means: same path, same metadata
-/// (API key, `traceparent`...), the message in one gRPC frame, and
-/// `Connect-Timeout-Ms` as `grpc-timeout`.
-fn grpc_request(mut parts: Parts, message: Bytes) -> Result<Request<Body>, Status> {
-    let timeout = match parts.headers.get("connect-timeout-ms") {
-        None => None,
-        Some(v) => {
-            let ms = v
-                .to_str()
-                .ok()
-                .filter(|s| !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or_else(|| {
-                    Status::invalid_argument("Connect-Timeout-Ms must be 1 to 10 digits")
-                })?;
-            // grpc-timeout takes at most 8 digits.
-            Some(if ms < 100_000_000 {
-                format!("{ms}m")
-            } else {
-                format!("{}S", (ms / 1000).min(99_999_999))
-            })
-        }
-    };
-    for name in [
-        "connect-protocol-version",
-        "connect-timeout-ms",
-        "connect-content-encoding",
-        "connect-accept-encoding",
-        "content-encoding",
-        "accept-encoding",
-        "content-length",
-        "grpc-timeout",
-    ] {
-        parts.headers.remove(name);
-    }
-    parts.method = HttpMethod::POST;
-    if parts.uri.query().is_some() {
-        parts.uri = parts
-            .uri
-            .path()
-            .parse()
-            .map_err(|_| Status::invalid_argument("bad path"))?;
-    }
-    parts.headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    parts
-        .headers
-        .insert(header::TE, HeaderValue::from_static("trailers"));
-    if let Some(t) = timeout {
-        parts.headers.insert(
-            "grpc-timeout",
-            HeaderValue::from_str(&t).expect("digits and a unit"),
-        );
-    }
-    Ok(Request::from_parts(
-        parts,
-        Body::new(Full::new(envelope::wrap(0, &message))),
-    ))
-}
-
 /// The message of a Connect GET: `?encoding=json|proto&message=...`, with
 /// `base64=1` for URL-safe base64.
 fn get_message(parts: &Parts) -> Result<(Codec, Bytes), Status> {
@@ -647,16 +632,6 @@ fn identity_only(headers: &HeaderMap, name: impl header::AsHeaderName) -> Result
     }
 }
 
-async fn read_body(body: Body) -> Result<Bytes, Status> {
-    match Limited::new(body, MAX_REQUEST).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Status::resource_exhausted(
-            format!("the request body is over {MAX_REQUEST} bytes"),
-        )),
-        Err(e) => Err(Status::cancelled(format!("reading the request: {e}"))),
-    }
-}
-
 /// The gRPC status in a header map (trailers, or trailers-only headers).
 fn status_of(headers: &HeaderMap) -> Option<Status> {
     headers.get("grpc-status")?;
@@ -696,8 +671,17 @@ mod tests {
     fn grpc_passes_and_connect_is_told_by_its_content_type() {
         assert!(classify(&request("POST", Some("application/grpc"))).is_none());
         assert!(classify(&request("POST", Some("application/grpc+proto"))).is_none());
-        assert!(classify(&request("POST", Some("application/grpc-web"))).is_none());
-        assert!(classify(&request("POST", None)).is_none());
+        for other in [
+            None,
+            Some("application/grpc-web"),
+            Some("application/x-www-form-urlencoded"),
+            Some("text/plain;charset=UTF-8"),
+        ] {
+            assert!(
+                matches!(classify(&request("POST", other)), Some(Kind::Unsupported)),
+                "{other:?}"
+            );
+        }
         assert!(matches!(
             classify(&request("POST", Some("application/json; charset=utf-8"))),
             Some(Kind::Unary(Codec::Json))
@@ -711,28 +695,5 @@ mod tests {
             Some(Kind::Stream(Codec::Json))
         ));
         assert!(matches!(classify(&request("GET", None)), Some(Kind::Get)));
-    }
-
-    #[test]
-    fn a_connect_timeout_becomes_a_grpc_timeout() {
-        let parts = |ms: &str| {
-            Request::builder()
-                .uri("/x/y?connect=v1")
-                .header("connect-timeout-ms", ms)
-                .body(())
-                .unwrap()
-                .into_parts()
-                .0
-        };
-        let r = grpc_request(parts("1500"), Bytes::new()).unwrap();
-        assert_eq!(r.headers()["grpc-timeout"], "1500m");
-        assert_eq!(r.uri(), "/x/y");
-        assert_eq!(r.headers()["content-type"], "application/grpc");
-        let r = grpc_request(parts("9999999999"), Bytes::new()).unwrap();
-        assert_eq!(r.headers()["grpc-timeout"], "9999999S");
-        assert_eq!(
-            grpc_request(parts("-1"), Bytes::new()).unwrap_err().code(),
-            Code::InvalidArgument
-        );
     }
 }

@@ -103,8 +103,15 @@ impl Schema {
 impl Method {
     /// A request body in protobuf JSON, as protobuf bytes. Unknown fields
     /// are ignored, as Connect's own servers do, so that a newer client
-    /// still reaches an older gateway.
+    /// still reaches an older gateway; a key sent twice is refused
+    /// (`crate::json`).
     pub fn request_from_json(&self, json: &[u8]) -> Result<Vec<u8>, String> {
+        crate::json::refuse_repeated_keys(json).map_err(|e| {
+            format!(
+                "the body is not a {} in protobuf JSON: {e}",
+                self.input.full_name()
+            )
+        })?;
         let mut de = serde_json::Deserializer::from_slice(json);
         let message = DynamicMessage::deserialize_with_options(
             self.input.clone(),
@@ -197,5 +204,9 @@ mod tests {
         assert!(err.contains("kongtie.v1.GetOrderRequest"), "{err}");
         let err = m.request_from_json(br#"{} trailing"#).unwrap_err();
         assert!(err.contains("trailing"), "{err}");
+        let err = m
+            .request_from_json(br#"{"outTradeId": "T1", "outTradeId": "T2"}"#)
+            .unwrap_err();
+        assert!(err.contains("more than once"), "{err}");
     }
 }

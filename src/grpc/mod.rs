@@ -12,6 +12,7 @@ pub mod origin;
 mod payment;
 pub mod subscription_limits;
 mod ticket;
+pub mod who_may_call;
 
 use std::time::Duration;
 
@@ -28,7 +29,7 @@ pub(crate) fn deadline<T>(request: &tonic::Request<T>) -> Option<Duration> {
 }
 
 /// Parses `grpc-timeout`: at most 8 digits and a unit (H M S m u n).
-fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+pub(crate) fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     if value.len() < 2 || value.len() > 9 {
         return None;
     }

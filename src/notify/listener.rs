@@ -41,6 +41,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 use super::server::{ConnectionLimits, InFlight};
 use crate::{
     domain::AmountFen,
+    json::Members,
     metrics::Metrics,
     store::{IncomingNotification, NotificationStore, Recorded},
     upstream::{
@@ -365,14 +366,12 @@ fn verify(body: &[u8], token: &SecretString) -> Result<IncomingNotification, Ref
     // Step 1: a JSON object, each value kept as the raw text that was sent,
     // each key once: with a key twice, the value we verify and the value an
     // auditor reads from the raw body could differ.
-    let Members(members) =
+    let members: Members<Box<RawValue>> =
         serde_json::from_slice(body).map_err(|_| bad("body is not a JSON object"))?;
-    let mut object: HashMap<String, Box<RawValue>> = HashMap::with_capacity(members.len());
-    for (key, value) in members {
-        if let Some(_first) = object.insert(key, value) {
-            return Err(bad("a key appears more than once in the body"));
-        }
+    if members.repeated_key().is_some() {
+        return Err(bad("a key appears more than once in the body"));
     }
+    let object: HashMap<String, Box<RawValue>> = members.0.into_iter().collect();
     let text = |name: &str| -> Result<String, Refusal> {
         let raw = object
             .get(name)
@@ -437,33 +436,6 @@ fn verify(body: &[u8], token: &SecretString) -> Result<IncomingNotification, Ref
         raw_body: String::from_utf8_lossy(body).into_owned(),
         received_at: Utc::now(),
     })
-}
-
-/// A JSON object's members in the order sent, repeated keys included
-/// (serde's maps keep the last value of a repeated key and say nothing).
-struct Members(Vec<(String, Box<RawValue>)>);
-
-impl<'de> serde::Deserialize<'de> for Members {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = Members;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<Members, A::Error> {
-                let mut members = Vec::new();
-                while let Some(member) = map.next_entry()? {
-                    members.push(member);
-                }
-                Ok(Members(members))
-            }
-        }
-        d.deserialize_map(Visitor)
-    }
 }
 
 #[cfg(test)]

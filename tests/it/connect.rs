@@ -512,3 +512,275 @@ async fn the_stream_speaks_connect_proto_too() {
     let event = PaymentNotification::decode(payload.as_slice()).unwrap();
     assert_eq!((event.sequence, event.out_trade_id.as_str()), (1, "CP1"));
 }
+
+/// Sends `head` (a request line and headers, no body) over HTTP/1.1 and
+/// reads until the server closes: (the answer, how long it took). Nothing
+/// more is sent, so a server that waits for the body waits in vain.
+async fn raw_http1(addr: std::net::SocketAddr, head: &str) -> (String, Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = std::time::Instant::now();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    answer.extend_from_slice(&buf[..n]);
+                    // Keep-alive: the answer is whole once its body is in.
+                    if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&answer[..end]).to_ascii_lowercase();
+                        let length = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok());
+                        if length.is_some_and(|n| answer.len() >= end + 4 + n) {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "no answer within 5 s: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    (
+        String::from_utf8_lossy(&answer).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[tokio::test]
+async fn a_connect_body_declared_at_a_terabyte_is_refused_from_its_header_key_first() {
+    const KEY: &str = "connect-test-key-0123456789";
+    let app = spawn_app_with(&["--api-keys", KEY]).await;
+    let head = |auth: &str| {
+        format!(
+            "POST /kongtie.v1.Auth/GetAccessToken HTTP/1.1\r\nhost: localhost\r\n\
+             content-type: application/json\r\ncontent-length: 1000000000000\r\n{auth}\r\n"
+        )
+    };
+    // Without a key: UNAUTHENTICATED, the size not even looked at.
+    let (answer, took) = raw_http1(app.addr, &head("")).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(answer.contains("unauthenticated"), "{answer}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    // With one: RESOURCE_EXHAUSTED at once, naming the limit.
+    let (answer, took) =
+        raw_http1(app.addr, &head(&format!("authorization: Bearer {KEY}\r\n"))).await;
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(answer.contains("resource_exhausted"), "{answer}");
+    assert!(
+        answer.contains("KONGTIE_GRPC_MAX_MESSAGE_BYTES"),
+        "{answer}"
+    );
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    // A stream's body too.
+    let stream = format!(
+        "POST /kongtie.v1.Payment/SubscribeNotifications HTTP/1.1\r\nhost: localhost\r\n\
+         content-type: application/connect+json\r\ncontent-length: 1000000000000\r\n\
+         authorization: Bearer {KEY}\r\n\r\n"
+    );
+    let (answer, _) = raw_http1(app.addr, &stream).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("resource_exhausted"), "{answer}");
+    // A body over the limit without a declared length is cut at it.
+    let big = format!(r#"{{"staleToken": "{}"}}"#, "x".repeat(70 << 10));
+    let cut = curl(&[
+        "-H",
+        "content-type: application/json",
+        "-H",
+        "transfer-encoding: chunked",
+        "-H",
+        &format!("authorization: Bearer {KEY}"),
+        "--data-binary",
+        &big,
+        &url(app.addr, "kongtie.v1.Auth/GetAccessToken"),
+    ])
+    .await;
+    assert_eq!(cut.status, 429, "{}", String::from_utf8_lossy(&cut.body));
+    let metrics = admin_metrics(&app.admin.to_string()).await;
+    let handled = |code: &str| {
+        sample(
+            &metrics,
+            &format!(
+                "grpc_server_handled_total{{grpc_type=\"unary\",grpc_service=\"kongtie.v1.Auth\",grpc_method=\"GetAccessToken\",grpc_code=\"{code}\"}}"
+            ),
+        )
+    };
+    assert_eq!(handled("Unauthenticated"), 1.0, "{metrics}");
+    assert_eq!(handled("ResourceExhausted"), 2.0, "{metrics}");
+}
+
+#[tokio::test]
+async fn a_connect_call_counts_in_the_grpc_metrics_from_its_headers_and_ends_at_its_deadline() {
+    let app = spawn_app_with(&["--grpc-call-timeout-ms", "1500"]).await;
+    let admin = app.admin.to_string();
+    let series = |kind: &str, code: Option<&str>| match code {
+        None => format!(
+            "grpc_server_started_total{{grpc_type=\"unary\",grpc_service=\"kongtie.v1.Auth\",grpc_method=\"GetAccessToken\"}}{kind}"
+        ),
+        Some(code) => format!(
+            "grpc_server_handled_total{{grpc_type=\"unary\",grpc_service=\"kongtie.v1.Auth\",grpc_method=\"GetAccessToken\",grpc_code=\"{code}\"}}{kind}"
+        ),
+    };
+    // A body announced and never sent: the call has started (the metric
+    // says so while the body is awaited) and ends at the call deadline.
+    let head = "POST /kongtie.v1.Auth/GetAccessToken HTTP/1.1\r\nhost: localhost\r\n\
+                content-type: application/json\r\ncontent-length: 20\r\n\r\n{";
+    let waiting = tokio::spawn(raw_http1(app.addr, head));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        if sample(&admin_metrics(&admin).await, &series("", None)) >= 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the Connect call did not count as started while its body was awaited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (answer, took) = waiting.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(answer.contains("KONGTIE_GRPC_CALL_TIMEOUT_MS"), "{answer}");
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    // The caller's own connect-timeout-ms, when sooner, ends it instead.
+    let head = "POST /kongtie.v1.Auth/GetAccessToken HTTP/1.1\r\nhost: localhost\r\n\
+                content-type: application/json\r\nconnect-timeout-ms: 300\r\n\
+                content-length: 20\r\n\r\n{";
+    let (answer, took) = raw_http1(app.addr, head).await;
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(answer.contains("connect-timeout-ms"), "{answer}");
+    assert!(took < Duration::from_millis(1200), "{took:?}");
+    let metrics = admin_metrics(&admin).await;
+    assert_eq!(sample(&metrics, &series("", Some("DeadlineExceeded"))), 2.0);
+}
+
+#[tokio::test]
+async fn a_connect_timeout_ends_a_notification_stream_with_deadline_exceeded() {
+    let app = spawn_app().await;
+    let started = std::time::Instant::now();
+    let response = reqwest::Client::builder()
+        .http1_only()
+        .build()
+        .unwrap()
+        .post(url(app.addr, "kongtie.v1.Payment/SubscribeNotifications"))
+        .header("content-type", "application/connect+json")
+        .header("connect-timeout-ms", "700")
+        .body(envelope(br#"{"afterSequence": "0"}"#))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = timeout(Duration::from_secs(5), response.bytes())
+        .await
+        .expect("the stream ends at its deadline")
+        .unwrap()
+        .to_vec();
+    let took = started.elapsed();
+    let (flags, payload) = take_envelope(&mut body).unwrap();
+    assert_eq!(flags, 0x02, "end of stream");
+    let end: Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(end["error"]["code"], "deadline_exceeded", "{end}");
+    assert!(
+        took >= Duration::from_millis(650) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_post_of_neither_grpc_nor_connect_is_http_415_naming_what_is_served() {
+    let app = spawn_app().await;
+    let at = url(app.addr, "kongtie.v1.Auth/GetAccessToken");
+    // curl's default (a form), a browser's text/plain, none at all.
+    for args in [
+        vec!["-d", "a=b"],
+        vec!["-H", "content-type: text/plain;charset=UTF-8", "-d", "{}"],
+        vec!["-H", "content-type:", "-d", "{}"],
+        vec!["-H", "content-type: application/grpc-web", "-d", "x"],
+    ] {
+        let mut args = args.clone();
+        args.push(&at);
+        let answer = curl(&args).await;
+        let text = String::from_utf8_lossy(&answer.body);
+        assert_eq!(answer.status, 415, "{args:?}: {text}");
+        assert!(
+            text.contains("application/grpc") && text.contains("application/json"),
+            "{text}"
+        );
+        assert_eq!(answer.header("grpc-status"), None);
+    }
+    let metrics = admin_metrics(&app.admin.to_string()).await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"grpc_server_handled_total{grpc_type="unary",grpc_service="kongtie.v1.Auth",grpc_method="GetAccessToken",grpc_code="Internal"}"#
+        ),
+        0.0,
+        "not counted as our fault"
+    );
+}
+
+#[tokio::test]
+async fn a_json_key_sent_twice_is_invalid_argument_and_orders_nothing() {
+    let app = spawn_app().await;
+    let twice = curl(&[
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"outTradeId": "TWICE1", "amountFen": "20", "openid": "oeQDZtzvDoD-OmTmyJH6rGAX8odc", "amountFen": "2000"}"#,
+        &url(app.addr, "kongtie.v1.Payment/CreateJsapiOrder"),
+    ])
+    .await;
+    assert_eq!(
+        twice.status,
+        400,
+        "{}",
+        String::from_utf8_lossy(&twice.body)
+    );
+    assert_eq!(twice.json()["code"], "invalid_argument");
+    let message = twice.json()["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.contains("\"amountFen\"") && message.contains("more than once"),
+        "{message}"
+    );
+    // In a stream's request too.
+    let response = reqwest::Client::builder()
+        .http1_only()
+        .build()
+        .unwrap()
+        .post(url(app.addr, "kongtie.v1.Payment/SubscribeNotifications"))
+        .header("content-type", "application/connect+json")
+        .body(envelope(br#"{"afterSequence": "0", "afterSequence": "5"}"#))
+        .send()
+        .await
+        .unwrap();
+    let mut body = response.bytes().await.unwrap().to_vec();
+    let (flags, payload) = take_envelope(&mut body).unwrap();
+    assert_eq!(flags, 0x02);
+    let end: Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(end["error"]["code"], "invalid_argument", "{end}");
+    let get = curl(&[
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"outTradeId": "TWICE1"}"#,
+        &url(app.addr, "kongtie.v1.Payment/GetOrder"),
+    ])
+    .await;
+    assert_eq!(
+        get.json()["code"],
+        "not_found",
+        "{}",
+        String::from_utf8_lossy(&get.body)
+    );
+}

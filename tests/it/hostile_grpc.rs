@@ -156,22 +156,34 @@ async fn the_normal_end_of_a_subscription_is_not_logged_as_a_failure() {
 /// A legitimate caller beside an attack: a GetAccessToken every 5 ms,
 /// each on a connection of its own (so no connection's age or GOAWAY is in
 /// the way), timed from connect to answer.
-struct Prober {
+pub(crate) struct Prober {
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<Vec<Duration>>,
 }
 
 impl Prober {
-    fn start(grpc: &str) -> Prober {
+    pub(crate) fn start(grpc: &str) -> Prober {
+        Self::start_with_key(grpc, None)
+    }
+
+    /// The same, sending `authorization: Bearer <key>`.
+    pub(crate) fn start_with_key(grpc: &str, key: Option<&str>) -> Prober {
         use kongtie_gateway::proto::{GetAccessTokenRequest, auth_client::AuthClient};
         let url = format!("http://{grpc}");
+        let bearer = key.map(|k| format!("Bearer {k}"));
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             let mut latencies = Vec::new();
             while !*stopped.borrow() {
                 let started = std::time::Instant::now();
                 let mut auth = AuthClient::connect(url.clone()).await.expect("connect");
-                auth.get_access_token(GetAccessTokenRequest::default())
+                let mut request = tonic::Request::new(GetAccessTokenRequest::default());
+                if let Some(bearer) = &bearer {
+                    request
+                        .metadata_mut()
+                        .insert("authorization", bearer.parse().unwrap());
+                }
+                auth.get_access_token(request)
                     .await
                     .expect("a legitimate call is answered during the attack");
                 latencies.push(started.elapsed());
@@ -189,7 +201,7 @@ impl Prober {
     /// of them (the suite runs other tests beside this one on a shared
     /// machine, which once delayed one call in a thousand to 60 ms), and
     /// none past 250 ms.
-    async fn assert_answered_within_50ms(self, attack: &str) {
+    pub(crate) async fn assert_answered_within_50ms(self, attack: &str) {
         let _ = self.stop.send(true);
         let latencies = tokio::time::timeout(Duration::from_secs(10), self.task)
             .await
@@ -220,7 +232,7 @@ impl Prober {
 }
 
 /// Resident memory of a process, in MiB.
-fn rss_mib(pid: u32) -> f64 {
+pub(crate) fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kib: f64 = status
         .lines()
@@ -232,7 +244,7 @@ fn rss_mib(pid: u32) -> f64 {
 }
 
 /// Waits (10 s at most) for a metric sample to reach `at_least`.
-async fn until_metric(admin: &str, series: &str, at_least: f64) -> String {
+pub(crate) async fn until_metric(admin: &str, series: &str, at_least: f64) -> String {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let metrics = admin_metrics(admin).await;

@@ -7,6 +7,7 @@ mod connect;
 mod crash;
 mod grpcurl;
 mod helpers;
+mod hostile_connect;
 mod hostile_grpc;
 mod hostile_notify;
 mod notifications;
