@@ -113,10 +113,18 @@ impl Method {
         )
         .and_then(|m| de.end().map(|()| m))
         .map_err(|e| {
-            format!(
-                "the body is not a {} in protobuf JSON: {e}",
-                self.input.full_name()
-            )
+            let name = self.input.full_name();
+            match e.classify() {
+                serde_json::error::Category::Syntax => format!("the body is not JSON (a {name})"),
+                serde_json::error::Category::Eof => format!("the body is cut short (a {name})"),
+                // What was wrong, without serde's position (`at line 1
+                // column 948`), which means nothing to a caller.
+                _ => {
+                    let text = e.to_string();
+                    let what = text.rsplit_once(" at line ").map_or(&*text, |(w, _)| w);
+                    format!("the body is not a {name} in protobuf JSON: {what}")
+                }
+            }
         })?;
         Ok(message.encode_to_vec())
     }

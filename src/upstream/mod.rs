@@ -505,17 +505,17 @@ fn parse_body<B: DeserializeOwned>(endpoint: Endpoint, body: &RawValue) -> Resul
     })
 }
 
-/// Describes a JSON error without quoting the input: serde's messages can
-/// echo values, and values here may be tokens.
-fn json_error(e: &serde_json::Error) -> String {
+/// Describes a JSON error in plain words: never serde's own text, which
+/// can echo values (tokens, here) and carries positions (`at line 948`)
+/// that mean nothing to a caller.
+fn json_error(e: &serde_json::Error) -> &'static str {
     use serde_json::error::Category;
-    let kind = match e.classify() {
-        Category::Io => "I/O error",
-        Category::Syntax => "syntax error",
-        Category::Data => "missing field or wrong type",
-        Category::Eof => "truncated",
-    };
-    format!("{kind} at line {} column {}", e.line(), e.column())
+    match e.classify() {
+        Category::Io => "could not be read",
+        Category::Syntax => "not JSON",
+        Category::Data => "a field missing or of the wrong type",
+        Category::Eof => "cut short",
+    }
 }
 
 fn bad(endpoint: Endpoint, what: impl Into<String>) -> Error {
@@ -549,19 +549,28 @@ fn transport_error(endpoint: Endpoint, timeout: Duration, e: &reqwest::Error) ->
             after: timeout,
         })
     } else {
+        // In plain words: the sources' own texts are hyper's and
+        // reqwest's (`client error (SendRequest)`), for the log only.
+        let closed = chain(e).any(|s| {
+            s.downcast_ref::<hyper::Error>()
+                .is_some_and(|h| h.is_incomplete_message() || h.is_closed() || h.is_canceled())
+        });
         let detail = match io_kind(e) {
-            Some(std::io::ErrorKind::ConnectionReset) => "connection reset".to_owned(),
-            _ => {
-                let mut detail = String::from("request failed");
-                let mut source = std::error::Error::source(e);
-                while let Some(s) = source {
-                    detail = format!("{detail}: {s}");
-                    source = s.source();
-                }
-                detail
-            }
+            Some(std::io::ErrorKind::ConnectionReset) => "connection reset",
+            Some(std::io::ErrorKind::BrokenPipe) => "connection closed",
+            _ if closed => "the connection closed before the answer was complete",
+            _ if e.is_body() || e.is_decode() => "the answer broke off",
+            _ => "request failed",
         };
-        Failure::transient(Error::UpstreamUnavailable { endpoint, detail })
+        debug!(
+            endpoint = endpoint.name(),
+            cause = %chain(e).map(ToString::to_string).collect::<Vec<_>>().join(": "),
+            "Kongtie call failed"
+        );
+        Failure::transient(Error::UpstreamUnavailable {
+            endpoint,
+            detail: detail.to_owned(),
+        })
     }
 }
 
