@@ -11,7 +11,15 @@
 # as the README builds, else the debug build, built if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-GRPCURL=${GRPCURL:-$(command -v grpcurl || echo .tools/bin/grpcurl)}
+# grpcurl: $GRPCURL, or on PATH, or .tools/bin/grpcurl, installed there as the
+# walk-through does when missing.
+if [ -z "${GRPCURL:-}" ]; then
+  GRPCURL=$(command -v grpcurl || true)
+  if [ -z "$GRPCURL" ]; then
+    GRPCURL=.tools/bin/grpcurl
+    [ -x "$GRPCURL" ] || bash .ci/install-grpcurl.sh >/dev/null
+  fi
+fi
 if [ -z "${BIN:-}" ]; then
   if [ -x target/release/kongtie-gateway ]; then
     BIN=target/release/kongtie-gateway

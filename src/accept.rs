@@ -5,9 +5,12 @@
 //!   kernel queues new connections) until one closes;
 //! - an accept error (out of file descriptors) is logged at WARN,
 //!   rate-limited, and backed off (up to a second) rather than retried in a
-//!   spin: nothing will change at once.
+//!   spin: nothing will change at once;
+//! - but a listening socket that no longer listens (shut down or destroyed
+//!   under us, e.g. by `ss -K`: accept says EINVAL) never will again: that
+//!   ends the listener, and with it the process (see `startup`).
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -66,8 +69,9 @@ impl Acceptor {
 
     /// The next connection, once one is under the cap; TCP_NODELAY set
     /// (without it, an answer's last frames wait on the client's delayed
-    /// ACK: about 40 ms a call, measured). Cancel-safe.
-    pub async fn accept(&mut self) -> (TcpStream, SocketAddr, Slot) {
+    /// ACK: about 40 ms a call, measured). An error only when the socket
+    /// can accept no more (see [`is_fatal`]). Cancel-safe.
+    pub async fn accept(&mut self) -> io::Result<(TcpStream, SocketAddr, Slot)> {
         loop {
             if self.slots.available_permits() == 0 {
                 self.metrics.waits.inc();
@@ -86,8 +90,9 @@ impl Acceptor {
                         metrics: self.metrics.clone(),
                         reason: "closed",
                     };
-                    return (stream, peer, slot);
+                    return Ok((stream, peer, slot));
                 }
+                Err(e) if is_fatal(&e) => return Err(e),
                 Err(e) => {
                     drop(permit);
                     self.backoff =
@@ -102,4 +107,9 @@ impl Acceptor {
             }
         }
     }
+}
+
+/// An accept error no wait will cure: the socket is no longer listening.
+pub fn is_fatal(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::InvalidInput
 }

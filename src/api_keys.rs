@@ -57,20 +57,53 @@ impl Interceptor for ApiKeys {
         if self.is_empty() {
             return Ok(request);
         }
-        let presented = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                let (scheme, key) = v.trim().split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
-            });
-        match presented {
-            Some(key) if self.accepts(key) => Ok(request),
-            Some(_) => Err(Status::unauthenticated("invalid API key")),
-            None => Err(Status::unauthenticated(
+        let header = request.metadata().get("authorization");
+        match Presented::of(header.map(|v| v.to_str().unwrap_or_default())) {
+            Presented::Bearer(key) if self.accepts(key) => Ok(request),
+            Presented::Bearer(_) => Err(Status::unauthenticated("invalid API key")),
+            Presented::NoScheme => Err(Status::unauthenticated(
+                "the authorization header lacks the `Bearer ` scheme: send `authorization: \
+                 Bearer <key>`",
+            )),
+            Presented::OtherScheme => Err(Status::unauthenticated(
+                "the authorization header's scheme is not Bearer: send `authorization: Bearer \
+                 <key>`",
+            )),
+            Presented::Missing => Err(Status::unauthenticated(
                 "missing API key: send `authorization: Bearer <key>`",
             )),
+        }
+    }
+}
+
+/// What an `authorization` header holds, told apart so that a caller who
+/// sent a key the wrong way hears how, not that none was sent. The key and
+/// the scheme are never repeated back.
+#[derive(Debug, PartialEq, Eq)]
+enum Presented<'a> {
+    Bearer(&'a str),
+    /// One word: most likely a bare key.
+    NoScheme,
+    /// `Basic ...` or any scheme but Bearer.
+    OtherScheme,
+    /// No header, or an empty one.
+    Missing,
+}
+
+impl<'a> Presented<'a> {
+    fn of(header: Option<&'a str>) -> Self {
+        let value = header.map(str::trim).unwrap_or_default();
+        if value.is_empty() {
+            return Presented::Missing;
+        }
+        match value.split_once(' ') {
+            Some((scheme, key)) if scheme.eq_ignore_ascii_case("bearer") => match key.trim() {
+                "" => Presented::Missing,
+                key => Presented::Bearer(key),
+            },
+            Some(_) => Presented::OtherScheme,
+            None if value.eq_ignore_ascii_case("bearer") => Presented::Missing,
+            None => Presented::NoScheme,
         }
     }
 }
@@ -107,6 +140,37 @@ mod tests {
             Err(tonic::Code::Unauthenticated)
         );
         assert_eq!(call(&keys, None), Err(tonic::Code::Unauthenticated));
+    }
+
+    fn message(keys: &ApiKeys, header: Option<&str>) -> String {
+        let mut request = Request::new(());
+        if let Some(h) = header {
+            request
+                .metadata_mut()
+                .insert("authorization", h.parse().unwrap());
+        }
+        keys.clone().call(request).unwrap_err().message().to_owned()
+    }
+
+    #[test]
+    fn a_key_sent_without_the_bearer_scheme_is_told_so_and_not_repeated() {
+        let keys = ApiKeys::new(["k1-secret"]);
+        let bare = message(&keys, Some("k1-secret"));
+        assert!(bare.contains("lacks the `Bearer ` scheme"), "{bare}");
+        let basic = message(&keys, Some("Basic k1-secret"));
+        assert!(basic.contains("scheme is not Bearer"), "{basic}");
+        for told in [&bare, &basic] {
+            assert!(
+                !told.contains("k1-secret") && !told.contains("Basic"),
+                "{told}"
+            );
+        }
+        for missing in [None, Some(""), Some("Bearer"), Some("Bearer  ")] {
+            assert!(
+                message(&keys, missing).starts_with("missing API key"),
+                "{missing:?}"
+            );
+        }
     }
 
     #[test]

@@ -113,8 +113,32 @@ impl fmt::Debug for OAuthCode {
     }
 }
 
-/// A durable consumer name: letters, digits, `.`, `_` and `-`, at most 64.
+/// The metrics label under which consumers past the labelled ones are
+/// counted; no consumer may be named so, or its series would be mixed with
+/// theirs.
+pub const OVERFLOW_CONSUMER_LABEL: &str = "_other";
+
+/// A durable consumer name: letters, digits, `.`, `_` and `-`, at most 64;
+/// not `.` or `..` (a path segment's meaning in every URL and file name the
+/// name may end up in) nor [`OVERFLOW_CONSUMER_LABEL`].
 pub fn parse_consumer(s: &str) -> Result<String, String> {
+    let name = parse_consumer_reference(s)?;
+    if name == "." || name == ".." {
+        return Err(format!("must not be {name:?}"));
+    }
+    if name == OVERFLOW_CONSUMER_LABEL {
+        return Err(format!(
+            "must not be {OVERFLOW_CONSUMER_LABEL:?}: the metrics count consumers past the \
+             labelled ones under that name"
+        ));
+    }
+    Ok(name)
+}
+
+/// A name that refers to a consumer which may exist already: the form of
+/// [`parse_consumer`] without its reserved names, so that one created
+/// before they were reserved can still be read and deleted.
+pub fn parse_consumer_reference(s: &str) -> Result<String, String> {
     check_text(
         s,
         64,

@@ -73,6 +73,15 @@ pub enum Error {
     #[error("Kongtie {endpoint} sent an answer we cannot use: {what}")]
     UpstreamBadResponse { endpoint: Endpoint, what: String },
 
+    /// An answer over the size limit: refused by its `Content-Length`
+    /// unread, or cut at the limit. Kongtie's answers are a few kilobytes;
+    /// this is a proxy's page or a fault, and what it held is unknown.
+    #[error(
+        "Kongtie {endpoint} sent an answer over {} KiB; it was not read",
+        .limit / 1024
+    )]
+    UpstreamAnswerTooLarge { endpoint: Endpoint, limit: usize },
+
     #[error("the caller's deadline of {}ms passed", .0.as_millis())]
     DeadlineExceeded(Duration),
 
@@ -182,6 +191,7 @@ impl Error {
         !matches!(
             self,
             Error::UpstreamUnavailable { .. }
+                | Error::UpstreamAnswerTooLarge { .. }
                 | Error::UpstreamTimeout { .. }
                 | Error::DeadlineExceeded(_)
                 | Error::Internal(_)
@@ -260,6 +270,14 @@ impl From<Error> for Status {
                     endpoint_meta(*endpoint),
                 );
                 Code::Internal
+            }
+            Error::UpstreamAnswerTooLarge { endpoint, limit } => {
+                let mut meta = endpoint_meta(*endpoint);
+                meta.insert("limit_bytes".to_owned(), limit.to_string());
+                details.set_error_info("UPSTREAM_ANSWER_TOO_LARGE", ERROR_DOMAIN, meta);
+                // Kongtie's side, not the caller's nor ours: as when it is
+                // unreachable.
+                Code::Unavailable
             }
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::SequenceBeyondLast { field, last, .. } => {

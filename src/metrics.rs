@@ -72,7 +72,8 @@ pub struct SourceLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConsumerLabels {
-    /// A consumer's name; `_other` past the first 100.
+    /// A consumer's name; `_other` for those past the 100 labelled (for the
+    /// gauges, the 100 most lagging; for the counters, the first 100 seen).
     pub consumer: String,
 }
 
@@ -385,7 +386,7 @@ impl Metrics {
         registry.register(
             "consumer_lag",
             "Stored notifications a consumer has not been given yet (sampled; the \
-             first 100 consumers by name)",
+             100 most lagging consumers, the rest summed under _other)",
             m.consumer_lag.clone(),
         );
         registry.register(

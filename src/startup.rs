@@ -164,9 +164,17 @@ impl Application {
         health_reporter
             .set_serving::<PaymentServer<PaymentService>>()
             .await;
+        // The first listener to end before shutdown, and why: it shuts
+        // the rest down, and the process exits non-zero.
+        let (ended_early_tx, ended_early) = watch::channel(None::<String>);
+        let ended_early_tx = Arc::new(ended_early_tx);
         let reporter = health_reporter.clone();
+        let mut early = ended_early.clone();
         tokio::spawn(async move {
-            shutdown.await;
+            tokio::select! {
+                () = shutdown => {}
+                _ = early.wait_for(Option::is_some) => {}
+            }
             let _ = ready_tx.send(false);
             reporter.set_not_serving::<AuthServer<AuthService>>().await;
             reporter
@@ -362,26 +370,47 @@ impl Application {
             self.config.notify.clone(),
             Arc::clone(&self.metrics),
         );
-        let notify = notify::serve(
-            self.notify_listener,
-            notify_app,
-            self.config.notify.connection_limits(),
-            Arc::clone(&self.metrics),
+        let notify = watched(
+            "notify listener",
+            notify::serve(
+                self.notify_listener,
+                notify_app,
+                self.config.notify.connection_limits(),
+                Arc::clone(&self.metrics),
+                stopping.clone(),
+            )
+            .map(|r| r.map_err(BoxError::from)),
             stopping.clone(),
+            Arc::clone(&ended_early_tx),
+        );
+        let grpc = watched(
+            "gRPC server",
+            grpc.map(|r| r.map_err(BoxError::from)),
+            stopping.clone(),
+            Arc::clone(&ended_early_tx),
         );
 
         info!(addr = %self.admin_addr, "admin listener listening");
         let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-        let admin = tokio::spawn(
-            axum::serve(
-                self.admin_listener,
-                admin::router(Arc::clone(&self.metrics), ready, self.store.writable()),
-            )
-            .with_graceful_shutdown(async {
+        let admin_serve = tokio::spawn(admin::serve(
+            self.admin_listener,
+            admin::router(Arc::clone(&self.metrics), ready, self.store.writable()),
+            async {
                 let _ = admin_stopped.await;
-            })
-            .into_future(),
-        );
+            },
+        ));
+        // Spawned apart so that a panic in it is seen too.
+        let admin = tokio::spawn(watched(
+            "admin listener",
+            async move {
+                match admin_serve.await {
+                    Ok(served) => served.map_err(BoxError::from),
+                    Err(e) => Err(format!("it panicked: {e}").into()),
+                }
+            },
+            stopping.clone(),
+            ended_early_tx,
+        ));
 
         let serving = async { tokio::join!(grpc, notify) };
         let grace = self.config.shutdown_grace;
@@ -390,7 +419,7 @@ impl Application {
             tokio::time::sleep(grace).await;
         };
         let grpc = tokio::select! {
-            (grpc, ()) = serving => grpc.map_err(BoxError::from),
+            (grpc, _) = serving => grpc,
             () = deadline => {
                 warn!(grace_secs = grace.as_secs(), "grace period over; closing with work still in flight");
                 Ok(())
@@ -404,9 +433,40 @@ impl Application {
         let _ = admin_stop.send(());
         let _ = admin.await;
         info!("stopped");
+        if let Some(why) = ended_early.borrow().clone() {
+            return Err(why.into());
+        }
         grpc?;
         Ok(())
     }
+}
+
+/// Runs one listener's server; if it ends before shutdown began (an error,
+/// or its socket gone), says so at ERROR and in `ended_early`, which shuts
+/// the others down: a process serving some of its ports, with `/readyz` at
+/// 200, would hide the fault.
+async fn watched(
+    name: &'static str,
+    server: impl Future<Output = Result<(), BoxError>>,
+    stopping: watch::Receiver<bool>,
+    ended_early: Arc<watch::Sender<Option<String>>>,
+) -> Result<(), BoxError> {
+    let result = server.await;
+    if !*stopping.borrow() {
+        let why = match &result {
+            Ok(()) => format!("the {name} ended before shutdown"),
+            Err(e) => format!("the {name} ended before shutdown: {e}"),
+        };
+        tracing::error!("{why}; shutting down the rest");
+        ended_early.send_if_modified(|first| {
+            let unset = first.is_none();
+            if unset {
+                *first = Some(why);
+            }
+            unset
+        });
+    }
+    result
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, BoxError> {

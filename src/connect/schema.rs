@@ -120,10 +120,18 @@ impl Method {
         )
         .and_then(|m| de.end().map(|()| m))
         .map_err(|e| {
-            format!(
-                "the body is not a {} in protobuf JSON: {e}",
-                self.input.full_name()
-            )
+            let name = self.input.full_name();
+            // What was wrong, without serde's position (`at line 1 column
+            // 948`), which means nothing to a caller.
+            let text = e.to_string();
+            let what = text.rsplit_once(" at line ").map_or(&*text, |(w, _)| w);
+            match e.classify() {
+                serde_json::error::Category::Syntax => {
+                    format!("the body is not JSON ({what}); a {name} was expected")
+                }
+                serde_json::error::Category::Eof => format!("the body is cut short (a {name})"),
+                _ => format!("the body is not a {name} in protobuf JSON: {what}"),
+            }
         })?;
         Ok(message.encode_to_vec())
     }

@@ -20,7 +20,7 @@ use tokio::{
 };
 use tracing::warn;
 
-use super::{Acked, ConsumerError, ConsumerStore, Leased, STREAM_HOLD};
+use super::{Acked, Consumer, ConsumerError, ConsumerStore, Leased, STREAM_HOLD};
 use crate::{metrics::Metrics, store::NotificationStore};
 
 /// The longest a waiting fetch goes without trying again.
@@ -30,7 +30,9 @@ const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 /// Consumers that get a label of their own in the metrics; the rest count
 /// under [`OTHER`].
 const LABELLED: usize = 100;
-const OTHER: &str = "_other";
+const OTHER: &str = crate::domain::OVERFLOW_CONSUMER_LABEL;
+/// Consumers read per query while sampling.
+const SAMPLE_PAGE: usize = 500;
 
 pub struct WorkQueues {
     store: Arc<dyn ConsumerStore>,
@@ -205,30 +207,40 @@ impl WorkQueues {
         self.metrics.consumer_parks(&consumer, fetched.parked);
     }
 
-    /// Reads lag, leased, pending and parked of the first [`LABELLED`]
-    /// consumers into their gauges every [`SAMPLE_EVERY`], until shutdown.
+    /// Reads lag, leased, pending and parked of every consumer every
+    /// [`SAMPLE_EVERY`], until shutdown, into the gauges of the
+    /// [`LABELLED`] that matter most (see [`most_behind`]); the rest are
+    /// summed under [`OTHER`].
     pub fn spawn_sampler(self: &Arc<Self>) -> JoinHandle<()> {
         let queues = Arc::clone(self);
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let mut shown: HashSet<String> = HashSet::new();
             loop {
-                match queues.store.list("", LABELLED).await {
+                match queues.every_consumer().await {
                     Ok(consumers) => {
-                        let now: HashSet<String> =
-                            consumers.iter().map(|c| c.name.clone()).collect();
+                        let (labelled, rest) = most_behind(consumers);
+                        let mut now: HashSet<String> =
+                            labelled.iter().map(|c| c.name.clone()).collect();
+                        let sample = |name: &str, g: Gauges| {
+                            queues
+                                .metrics
+                                .consumer_sample(name, g.lag, g.leased, g.pending, g.parked);
+                        };
+                        for c in &labelled {
+                            sample(&c.name, Gauges::of(c));
+                        }
+                        if !rest.is_empty() {
+                            sample(
+                                OTHER,
+                                rest.iter()
+                                    .map(Gauges::of)
+                                    .fold(Gauges::default(), Gauges::add),
+                            );
+                            now.insert(OTHER.to_owned());
+                        }
                         for gone in shown.difference(&now) {
                             queues.metrics.forget_consumer(gone);
-                        }
-                        for c in &consumers {
-                            let q = c.queue.as_ref();
-                            queues.metrics.consumer_sample(
-                                &c.name,
-                                c.lag,
-                                q.map_or(0, |q| q.leased),
-                                q.map_or(0, |q| q.pending),
-                                q.map_or(0, |q| q.parked),
-                            );
                         }
                         shown = now;
                     }
@@ -240,6 +252,67 @@ impl WorkQueues {
                 }
             }
         })
+    }
+
+    async fn every_consumer(&self) -> Result<Vec<Consumer>, crate::store::StoreError> {
+        let mut all = Vec::new();
+        loop {
+            let after = all
+                .last()
+                .map_or(String::new(), |c: &Consumer| c.name.clone());
+            let page = self.store.list(&after, SAMPLE_PAGE).await?;
+            let full = page.len() == SAMPLE_PAGE;
+            all.extend(page);
+            if !full {
+                return Ok(all);
+            }
+        }
+    }
+}
+
+/// The consumers that get gauges of their own, and the rest: the most
+/// lagging first, then those with the most parked events (both need an
+/// operator), by name among equals. The first 100 by name would hide a
+/// stuck consumer behind 100 healthy ones.
+fn most_behind(mut consumers: Vec<Consumer>) -> (Vec<Consumer>, Vec<Consumer>) {
+    let parked = |c: &Consumer| c.queue.as_ref().map_or(0, |q| q.parked);
+    consumers.sort_by(|a, b| {
+        b.lag
+            .cmp(&a.lag)
+            .then(parked(b).cmp(&parked(a)))
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    let rest = consumers.split_off(consumers.len().min(LABELLED));
+    (consumers, rest)
+}
+
+/// One consumer's sampled gauges, or the sum of several.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Gauges {
+    lag: u64,
+    leased: u64,
+    pending: u64,
+    parked: u64,
+}
+
+impl Gauges {
+    fn of(c: &Consumer) -> Self {
+        let q = c.queue.as_ref();
+        Self {
+            lag: c.lag,
+            leased: q.map_or(0, |q| q.leased),
+            pending: q.map_or(0, |q| q.pending),
+            parked: q.map_or(0, |q| q.parked),
+        }
+    }
+
+    fn add(self, o: Self) -> Self {
+        Self {
+            lag: self.lag.saturating_add(o.lag),
+            leased: self.leased.saturating_add(o.leased),
+            pending: self.pending.saturating_add(o.pending),
+            parked: self.parked.saturating_add(o.parked),
+        }
     }
 }
 

@@ -12,16 +12,20 @@ use crate::{
         Consumer, ConsumerError, DeliverPolicy, Kind, MAX_FETCH, MAX_SEQUENCES, MAX_WAIT,
         QueueSettings, WorkQueues,
     },
-    domain::{Validator, duration_from_proto, duration_to_proto, parse_consumer, utc_to_timestamp},
+    domain::{
+        Validator, duration_from_proto, duration_to_proto, parse_consumer,
+        parse_consumer_reference, utc_to_timestamp,
+    },
     error::Error,
     proto,
     store::StoreError,
 };
 
-/// A request's one `name` field, a valid consumer name.
+/// A request's one `name` field, naming a consumer that may exist (Get,
+/// Delete): reserved names are refused when a consumer is made, not here.
 pub(super) fn consumer_name(name: &str) -> Result<String, Status> {
     let mut v = Validator::default();
-    let name = v.field("name", parse_consumer(name));
+    let name = v.field("name", parse_consumer_reference(name));
     Ok(v.finish(|| name)?)
 }
 
@@ -313,7 +317,7 @@ pub(super) async fn list(
         if req.page_token.is_empty() {
             Ok(String::new())
         } else {
-            parse_consumer(&req.page_token)
+            parse_consumer_reference(&req.page_token)
                 .map_err(|_| "is not a page token this server gave".to_owned())
         },
     );

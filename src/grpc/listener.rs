@@ -72,7 +72,8 @@ pub struct ConnectionPolicy {
 const PREFACE_LEN: usize = 24;
 
 /// The accepted connections, each with its deadlines, once `handshake`
-/// (TLS, or nothing) is done; ends when `stopping` turns true. Handshakes
+/// (TLS, or nothing) is done; ends when `stopping` turns true, or when the
+/// listening socket can accept no more. Handshakes
 /// run side by side, so a slow one holds up no other.
 pub fn incoming<IO, H, F>(
     mut acceptor: Acceptor,
@@ -89,7 +90,15 @@ where
     tokio::spawn(async move {
         loop {
             let (stream, peer, mut slot) = tokio::select! {
-                accepted = acceptor.accept() => accepted,
+                accepted = acceptor.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // The stream ends, and with it tonic's server:
+                        // startup sees it end early.
+                        tracing::error!(error = %e, "the gRPC listener can accept no more");
+                        break;
+                    }
+                },
                 _ = stopping.wait_for(|s| *s) => break,
             };
             let opened = Instant::now();

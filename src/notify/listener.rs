@@ -3,7 +3,8 @@
 //! It faces the internet. Connections are bounded in number and time (see
 //! `server`); a guard checks the source network (when an allowlist is set);
 //! the handler reads the whole body within the read timeout (408 after it,
-//! 413 past the size limit), and only then takes one of a bounded number of
+//! 413 past the size limit, sent once a bounded excess is drained so that
+//! the client hears it), and only then takes one of a bounded number of
 //! slots (503 when all are taken: Kongtie sends again), so a client that
 //! sends slowly holds a connection, never a slot. Only POST is routed.
 //!
@@ -176,7 +177,8 @@ async fn receive(State(state): State<Arc<ListenerState>>, request: Request) -> R
         Ok(body) => body,
         Err(refusal) => {
             state.metrics.rejected(refusal.metric);
-            // What is left of the body will not be read: the connection ends.
+            // What is left of the body, if any, will not be read: the
+            // connection ends.
             let mut response = refusal.into_response();
             response.headers_mut().insert(
                 header::CONNECTION,
@@ -286,9 +288,17 @@ async fn receive(State(state): State<Arc<ListenerState>>, request: Request) -> R
     }
 }
 
-/// Reads the whole body: 413 past `max` bytes (by its Content-Length when
-/// it declares one, before reading), 408 when it has not all arrived within
-/// `timeout`.
+/// Past the size limit, a body is still read (and thrown away) up to this
+/// many bytes more before the 413 is sent, as nginx's lingering close does:
+/// a client that writes its whole body before it reads then gets the
+/// answer, not a reset. It is more than the sockets between us can hold
+/// (a few MiB on loopback), and bounded in time by the read timeout. A body
+/// that declares more is refused unread.
+const DRAIN_EXCESS_BYTES: u64 = 16 << 20;
+
+/// Reads the whole body within `timeout`: 413 past `max` bytes (unread when
+/// its Content-Length declares [`DRAIN_EXCESS_BYTES`] more, else once the
+/// rest is drained), 408 when it has not all arrived in time.
 async fn read_body(request: Request, max: usize, timeout: Duration) -> Result<Bytes, Refusal> {
     let too_large = || Refusal {
         status: StatusCode::PAYLOAD_TOO_LARGE,
@@ -299,24 +309,49 @@ async fn read_body(request: Request, max: usize, timeout: Duration) -> Result<By
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
+    let drained_up_to = max as u64 + DRAIN_EXCESS_BYTES;
+    if declared.is_some_and(|n| n > drained_up_to) {
         return Err(too_large());
     }
-    let limited = http_body_util::Limited::new(request.into_body(), max);
-    match tokio::time::timeout(timeout, limited.collect()).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Ok(Err(_)) => Err(Refusal {
-            status: StatusCode::BAD_REQUEST,
-            reason: "the body was cut off".into(),
-            metric: "body_incomplete",
-        }),
-        Err(_) => Err(Refusal {
-            status: StatusCode::REQUEST_TIMEOUT,
-            reason: "the body did not arrive in time".into(),
-            metric: "body_timeout",
-        }),
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut body = request.into_body();
+    let mut kept = Vec::new();
+    let mut seen: u64 = 0;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(None) => break,
+            // Past the limit, the answer is 413 however the rest went.
+            _ if seen > max as u64 => return Err(too_large()),
+            Ok(Some(Err(_))) => {
+                return Err(Refusal {
+                    status: StatusCode::BAD_REQUEST,
+                    reason: "the body was cut off".into(),
+                    metric: "body_incomplete",
+                });
+            }
+            Err(_) => {
+                return Err(Refusal {
+                    status: StatusCode::REQUEST_TIMEOUT,
+                    reason: "the body did not arrive in time".into(),
+                    metric: "body_timeout",
+                });
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len() as u64;
+        if seen <= max as u64 {
+            kept.extend_from_slice(&data);
+        } else if seen > drained_up_to {
+            return Err(too_large());
+        }
     }
+    if seen > max as u64 {
+        return Err(too_large());
+    }
+    Ok(Bytes::from(kept))
 }
 
 /// With a maximum age set, refuses a `TimeStamp` (unix seconds, or

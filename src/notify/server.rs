@@ -74,14 +74,15 @@ impl Drop for InFlightGuard {
 
 /// Serves `app` on `listener` until `stopping` turns true, then closes
 /// every connection without a whole request in hand and waits for the
-/// others to answer.
+/// others to answer. An error when the listening socket could accept no
+/// more (its open connections are still let finish).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ConnectionLimits,
     metrics: Arc<Metrics>,
     mut stopping: watch::Receiver<bool>,
-) {
+) -> std::io::Result<()> {
     let mut acceptor = Acceptor::new(
         listener,
         limits.max_connections,
@@ -89,11 +90,18 @@ pub async fn serve(
         "notify",
     );
     let mut connections = JoinSet::new();
+    let mut ended = Ok(());
     loop {
         // Reap finished connections as we go.
         while connections.try_join_next().is_some() {}
         let (stream, peer, mut slot) = tokio::select! {
-            accepted = acceptor.accept() => accepted,
+            accepted = acceptor.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    ended = Err(e);
+                    break;
+                }
+            },
             () = stopped(&mut stopping) => break,
         };
         let (app, stopping) = (app.clone(), stopping.clone());
@@ -103,6 +111,7 @@ pub async fn serve(
     }
     drop(acceptor);
     while connections.join_next().await.is_some() {}
+    ended
 }
 
 /// Serves one connection; returns why it ended (a metric label).

@@ -88,6 +88,9 @@ pub enum Fault {
     Garbage,
     /// Answer the next `times` requests with this HTTP status, then behave.
     Flaky { status: u16, times: usize },
+    /// Answer 200 with a body of this many bytes, made as it is sent (the
+    /// simulator holds none of it): with its `Content-Length`, or chunked.
+    Huge { bytes: u64, chunked: bool },
 }
 
 /// One request the simulator received.
@@ -380,9 +383,30 @@ async fn upstream(
             shared.lock().seen.push(SeenRequest::unread(endpoint));
             (StatusCode::OK, "<html>502 Bad Gateway</html>").into_response()
         }
+        Some(Fault::Huge { bytes, chunked }) => {
+            shared.lock().seen.push(SeenRequest::unread(endpoint));
+            huge(bytes, chunked)
+        }
         // Turned into `Status` above.
         Some(Fault::Flaky { .. }) | None => handle(&shared, &body, endpoint, traceparent),
     }
+}
+
+/// A 200 answer of `bytes` spaces, sent 64 KiB at a time.
+fn huge(bytes: u64, chunked: bool) -> Response {
+    static CHUNK: [u8; 64 * 1024] = [b' '; 64 * 1024];
+    let chunk = CHUNK.len() as u64;
+    let pieces = (0..bytes.div_ceil(chunk)).map(move |i| {
+        let n = (bytes - i * chunk).min(chunk) as usize;
+        Ok::<_, std::io::Error>(Bytes::from_static(&CHUNK[..n]))
+    });
+    let mut response = Response::new(axum::body::Body::from_stream(futures::stream::iter(pieces)));
+    if !chunked {
+        response
+            .headers_mut()
+            .insert(axum::http::header::CONTENT_LENGTH, bytes.into());
+    }
+    response
 }
 
 /// A request read, checked and answered.

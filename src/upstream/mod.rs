@@ -22,8 +22,11 @@ use crate::{
     metrics::Metrics,
 };
 
-/// The answer size past which an upstream reply is refused unread.
-const MAX_RESPONSE_BYTES: usize = 1 << 20;
+/// The answer size past which an upstream reply is refused: unread when
+/// its `Content-Length` says so, else cut there. Kongtie's answers are a
+/// few kilobytes; a larger one is a proxy's page or a fault, and is never
+/// held whole.
+pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
 
 /// Who we are to one of the two upstream systems.
 #[derive(Clone)]
@@ -239,6 +242,7 @@ impl KongtieClient {
                     Error::UpstreamSignatureRejected { .. } => "signature_rejected",
                     Error::UpstreamTimeout { .. } => "timeout",
                     Error::UpstreamBadResponse { .. } => "bad_response",
+                    Error::UpstreamAnswerTooLarge { .. } => "too_large",
                     _ => "unavailable",
                 },
             };
@@ -297,17 +301,12 @@ impl KongtieClient {
         .await
         .map_err(|e| transport_error(endpoint, timeout, &e))?;
         let status = response.status();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| transport_error(endpoint, timeout, &e))?;
         debug!(
             endpoint = endpoint.name(),
             status = status.as_u16(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "upstream call"
         );
-
         if status.is_server_error() || status.as_u16() == 429 {
             return Err(Failure::transient(Error::UpstreamUnavailable {
                 endpoint,
@@ -317,13 +316,16 @@ impl KongtieClient {
         if !status.is_success() {
             return Err(bad(endpoint, format!("HTTP {status}")).into());
         }
-        if bytes.len() > MAX_RESPONSE_BYTES {
-            return Err(bad(
-                endpoint,
-                format!("answer of {} bytes is too large", bytes.len()),
-            )
-            .into());
-        }
+        let bytes = read_limited(response, MAX_RESPONSE_BYTES)
+            .await
+            .map_err(|e| match e {
+                Some(e) => transport_error(endpoint, timeout, &e),
+                None => Error::UpstreamAnswerTooLarge {
+                    endpoint,
+                    limit: MAX_RESPONSE_BYTES,
+                }
+                .into(),
+            })?;
         let envelope: wire::Response = serde_json::from_slice(&bytes).map_err(|e| {
             bad(
                 endpoint,
@@ -352,6 +354,27 @@ impl KongtieClient {
             .ok_or_else(|| bad(endpoint, "ResponseBody is missing"))?;
         Ok(parse_body(endpoint, &body)?)
     }
+}
+
+/// The body, at most `limit` bytes of it: `Err(None)` past the limit (by
+/// the declared length before reading, or as the bytes come), so no more
+/// than the limit is ever held.
+async fn read_limited(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, Option<reqwest::Error>> {
+    let declared = response.content_length();
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(None);
+    }
+    let mut body = Vec::with_capacity(declared.map_or(0, |n| n as usize));
+    while let Some(chunk) = response.chunk().await.map_err(Some)? {
+        if body.len() + chunk.len() > limit {
+            return Err(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// Logs one failed attempt once, at WARN: the endpoint, Kongtie's code and
@@ -482,17 +505,17 @@ fn parse_body<B: DeserializeOwned>(endpoint: Endpoint, body: &RawValue) -> Resul
     })
 }
 
-/// Describes a JSON error without quoting the input: serde's messages can
-/// echo values, and values here may be tokens.
-fn json_error(e: &serde_json::Error) -> String {
+/// Describes a JSON error in plain words: never serde's own text, which
+/// can echo values (tokens, here) and carries positions (`at line 948`)
+/// that mean nothing to a caller.
+fn json_error(e: &serde_json::Error) -> &'static str {
     use serde_json::error::Category;
-    let kind = match e.classify() {
-        Category::Io => "I/O error",
-        Category::Syntax => "syntax error",
-        Category::Data => "missing field or wrong type",
-        Category::Eof => "truncated",
-    };
-    format!("{kind} at line {} column {}", e.line(), e.column())
+    match e.classify() {
+        Category::Io => "could not be read",
+        Category::Syntax => "not JSON",
+        Category::Data => "a field missing or of the wrong type",
+        Category::Eof => "cut short",
+    }
 }
 
 fn bad(endpoint: Endpoint, what: impl Into<String>) -> Error {
@@ -526,19 +549,28 @@ fn transport_error(endpoint: Endpoint, timeout: Duration, e: &reqwest::Error) ->
             after: timeout,
         })
     } else {
+        // In plain words: the sources' own texts are hyper's and
+        // reqwest's (`client error (SendRequest)`), for the log only.
+        let closed = chain(e).any(|s| {
+            s.downcast_ref::<hyper::Error>()
+                .is_some_and(|h| h.is_incomplete_message() || h.is_closed() || h.is_canceled())
+        });
         let detail = match io_kind(e) {
-            Some(std::io::ErrorKind::ConnectionReset) => "connection reset".to_owned(),
-            _ => {
-                let mut detail = String::from("request failed");
-                let mut source = std::error::Error::source(e);
-                while let Some(s) = source {
-                    detail = format!("{detail}: {s}");
-                    source = s.source();
-                }
-                detail
-            }
+            Some(std::io::ErrorKind::ConnectionReset) => "connection reset",
+            Some(std::io::ErrorKind::BrokenPipe) => "connection closed",
+            _ if closed => "the connection closed before the answer was complete",
+            _ if e.is_body() || e.is_decode() => "the answer broke off",
+            _ => "request failed",
         };
-        Failure::transient(Error::UpstreamUnavailable { endpoint, detail })
+        debug!(
+            endpoint = endpoint.name(),
+            cause = %chain(e).map(ToString::to_string).collect::<Vec<_>>().join(": "),
+            "Kongtie call failed"
+        );
+        Failure::transient(Error::UpstreamUnavailable {
+            endpoint,
+            detail: detail.to_owned(),
+        })
     }
 }
 

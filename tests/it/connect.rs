@@ -783,4 +783,29 @@ async fn a_json_key_sent_twice_is_invalid_argument_and_orders_nothing() {
         "{}",
         String::from_utf8_lossy(&get.body)
     );
+/// A Connect body that is not JSON, is cut short, or holds a wrong type:
+/// each message says so in plain words, with no parser position (`at line
+/// 1 column 948`) and no echo of the value sent.
+#[tokio::test]
+async fn a_bad_json_body_is_told_in_plain_words_without_parser_positions() {
+    let app = spawn_app().await;
+    let create = url(app.addr, "kongtie.v1.Payment/CreateJsapiOrder");
+    let padded = format!("{}{{\"outTradeId\": \"A1\", nope}}", " ".repeat(900));
+    for (body, says) in [
+        (padded.as_str(), "the body is not JSON"),
+        (r#"{"outTradeId": "A1""#, "the body is cut short"),
+        (
+            r#"{"amountFen": {"secret-ish": "S3CR3T"}}"#,
+            "the body is not a kongtie.v1.CreateJsapiOrderRequest in protobuf JSON",
+        ),
+    ] {
+        let r = curl(&["-H", "content-type: application/json", "-d", body, &create]).await;
+        assert_eq!(r.status, 400, "{body}");
+        let message = r.json()["message"].as_str().unwrap().to_owned();
+        assert!(message.starts_with(says), "{body}: {message}");
+        assert!(
+            !message.contains("line") && !message.contains("column"),
+            "{body}: {message}"
+        );
+    }
 }

@@ -589,3 +589,39 @@ async fn each_refusal_is_answered_with_its_status_and_counted_by_its_reason() {
         assert!(app.stored_notifications().await.is_empty());
     }
 }
+
+/// A client that writes its whole oversize body (8 MiB, 128 times the
+/// limit, more than loopback's socket buffers hold) before reading hears
+/// the 413, rather than a reset while it writes.
+#[tokio::test]
+async fn an_oversize_body_written_whole_before_reading_still_gets_its_413() {
+    let app = spawn_app().await;
+    let addr = app
+        .notify_url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let body = vec![b'x'; 8 << 20];
+    let mut c = open(
+        &addr,
+        format!("{HEAD}Content-Length: {}\r\n\r\n", body.len()).as_bytes(),
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(10), c.stream.write_all(&body))
+        .await
+        .expect("the body was taken within 10 s")
+        .expect("the whole body written, without a reset");
+    let (answer, _) = closed_by_server(c, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer:?}");
+    assert!(answer.ends_with("body over 65536 bytes"), "{answer:?}");
+    let metrics = admin_metrics(&app.admin.to_string()).await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"kongtie_notifications_rejected_total{reason="too_large"}"#
+        ),
+        1.0
+    );
+}

@@ -1216,3 +1216,47 @@ fn every_setting_is_documented_in_the_readme_and_the_example_file() {
         "not in the README's settings or the example file: {undocumented:?}"
     );
 }
+
+/// Takes a listening socket away from the process the kernel's own way
+/// (`ss -K`, iproute2): from then on, accepting on it fails (EINVAL) for
+/// good.
+fn destroy_listening_socket(addr: &str) {
+    let status = std::process::Command::new("ss")
+        .args(["-K", "-t", "state", "listening", "src", addr])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("ss (iproute2)");
+    assert!(status.success(), "ss -K {addr}");
+}
+
+/// Each of the three listeners in turn loses its socket: the process does
+/// not go on serving the other two (with /readyz at 200), it shuts them
+/// down and exits non-zero, naming the listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_that_ends_early_shuts_the_process_down_with_a_failure() {
+    for (which, name) in [
+        ("notify", "notify listener"),
+        ("grpc", "gRPC server"),
+        ("admin", "admin listener"),
+    ] {
+        let bin = Binary::start(&["serve", "--sandbox", "--sandbox-addr", "127.0.0.1:0"]);
+        let ready = reqwest::get(format!("http://{}/readyz", bin.admin))
+            .await
+            .unwrap();
+        assert_eq!(ready.status(), 200, "{which}");
+        let addr = match which {
+            "notify" => bin.notify.clone(),
+            "grpc" => bin.grpc.clone(),
+            _ => bin.admin.clone(),
+        };
+        destroy_listening_socket(&addr);
+        let log = std::sync::Arc::clone(&bin.log);
+        let status = exit_within(bin, Duration::from_secs(15)).await;
+        assert!(!status.success(), "{which}: {status:?}");
+        let log = log.lock().unwrap().join("\n");
+        assert!(
+            log.contains(&format!("the {name} ended before shutdown")),
+            "{which}: {log}"
+        );
+    }
+}

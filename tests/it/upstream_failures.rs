@@ -109,10 +109,11 @@ async fn a_garbage_answer_is_internal_and_says_what_was_wrong() {
     let status = app.access_token().await.unwrap_err();
     assert_eq!(status.code(), Code::Internal);
     assert_eq!(error_info(&status).0, "UPSTREAM_BAD_RESPONSE");
-    assert!(
-        status.message().contains("not a Kongtie response envelope"),
-        "{}",
-        status.message()
+    assert_eq!(
+        status.message(),
+        "Kongtie GetAccessToken sent an answer we cannot use: not a Kongtie response envelope \
+         (not JSON)",
+        "plain words, no parser position"
     );
     assert!(app.is_serving().await);
 }
@@ -131,4 +132,81 @@ async fn a_failed_fetch_is_not_cached() {
         .await
         .unwrap();
     assert!(!token.into_inner().access_token.is_empty());
+}
+
+/// The most memory the process has held (VmHWM), in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib / 1024.0
+}
+
+/// Kongtie (here the sandbox) answers 100 MB, once with its Content-Length
+/// and once chunked: the real binary refuses both with
+/// UPSTREAM_ANSWER_TOO_LARGE and its peak memory does not grow by the
+/// answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_of_100_mb_is_refused_at_the_limit_without_being_held() {
+    let sandbox = spawn_sandbox().await;
+    let bin = Binary::start(&[
+        "serve",
+        "--ktapi-url",
+        sandbox.ktapi_url().as_str(),
+        "--pay-url",
+        sandbox.pay_url().as_str(),
+    ]);
+    let mut auth =
+        kongtie_gateway::proto::auth_client::AuthClient::connect(format!("http://{}", bin.grpc))
+            .await
+            .unwrap();
+    // Warm: one real call, so what follows measures the answer only. Each
+    // call below calls this token stale, so that Kongtie is asked again.
+    let token = auth
+        .get_access_token(GetAccessTokenRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .access_token;
+    let before = peak_rss_mib(bin.child.id());
+    for chunked in [false, true] {
+        sandbox.set_fault(Some(Fault::Huge {
+            bytes: 100 << 20,
+            chunked,
+        }));
+        let mut request = Request::new(GetAccessTokenRequest {
+            stale_token: token.clone(),
+        });
+        request.set_timeout(Duration::from_secs(20));
+        let status = auth.get_access_token(request).await.unwrap_err();
+        let peak = peak_rss_mib(bin.child.id());
+        eprintln!("chunked {chunked}: peak RSS {before:.1} MiB before, {peak:.1} MiB after");
+        assert!(
+            peak - before < 30.0,
+            "chunked {chunked}: peak RSS grew from {before:.1} to {peak:.1} MiB"
+        );
+        assert_eq!(
+            status.code(),
+            Code::Unavailable,
+            "chunked {chunked}: {status:?}"
+        );
+        let (reason, meta) = error_info(&status);
+        assert_eq!(reason, "UPSTREAM_ANSWER_TOO_LARGE", "chunked {chunked}");
+        assert_eq!(meta["limit_bytes"], "1048576");
+        assert_eq!(
+            status.message(),
+            "Kongtie GetAccessToken sent an answer over 1024 KiB; it was not read"
+        );
+    }
+    // And Kongtie answering well again is served again.
+    sandbox.set_fault(None);
+    let mut request = Request::new(GetAccessTokenRequest {
+        stale_token: token.clone(),
+    });
+    request.set_timeout(Duration::from_secs(10));
+    auth.get_access_token(request).await.unwrap();
 }

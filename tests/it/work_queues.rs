@@ -625,3 +625,77 @@ async fn a_cursor_read_before_a_restart_is_read_again_at_once_after_it() {
     let stream = subscribe(bin.grpc.clone()).await;
     assert!(stream.is_ok(), "refused after a crash: {stream:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_names_that_are_path_segments_or_the_metrics_overflow_label_are_refused() {
+    let app = spawn_app().await;
+    let mut payment = app.payment().await;
+    for name in [".", "..", "_other"] {
+        let status = payment
+            .create_consumer(queue(name, 30, 5))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{name}: {status:?}");
+        assert_eq!(violated_fields(&status), ["name"], "{name}");
+        let status = payment
+            .ack_notifications(AckNotificationsRequest {
+                consumer: name.into(),
+                sequence: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{name}: {status:?}");
+        assert_eq!(violated_fields(&status), ["consumer"], "{name}");
+    }
+    // A name that merely contains them is a name like any other.
+    payment
+        .create_consumer(queue("_other.queue", 30, 5))
+        .await
+        .unwrap();
+}
+
+/// 100 cursor consumers acknowledged to the end, named before a work queue
+/// that has been given nothing: the lagging one has its gauges, and the one
+/// left out is summed under `_other`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_gauges_show_the_most_lagging_consumers_not_the_first_hundred_by_name() {
+    let app = spawn_app().await;
+    let mut payment = app.payment().await;
+    post(&app, "GAUGE1").await;
+    for i in 0..100 {
+        payment
+            .ack_notifications(AckNotificationsRequest {
+                consumer: format!("caught-up-{i:03}"),
+                sequence: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    payment
+        .create_consumer(queue("zz-behind", 30, 5))
+        .await
+        .unwrap();
+    let behind = r#"kongtie_consumer_lag{consumer="zz-behind"}"#;
+    let other = r#"kongtie_consumer_lag{consumer="_other"}"#;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = admin_metrics(&app.admin.to_string()).await;
+        if text.contains(behind) && text.contains(other) {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {behind} and {other} within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(sample(&text, behind), 1.0);
+    assert_eq!(sample(&text, other), 0.0);
+    let series = text
+        .lines()
+        .filter(|l| l.starts_with("kongtie_consumer_lag{"))
+        .count();
+    assert_eq!(series, 101, "100 consumers and _other");
+}
