@@ -173,11 +173,20 @@ impl Guard {
         authority: Option<&Authority>,
     ) -> Verdict {
         if self.restrict_hosts {
-            let named = authority.map(|a| a.host().to_owned());
+            // `user@host` is no Host (RFC 9110 7.2): judged whole, it is
+            // refused, rather than answered for the part after the `@`.
+            let named = authority.map(|a| {
+                if no_userinfo(a) {
+                    a.host().to_owned()
+                } else {
+                    a.as_str().to_owned()
+                }
+            });
             let hosts = headers.get_all(header::HOST).iter().map(|v| {
                 v.to_str()
                     .ok()
                     .and_then(|v| v.parse::<Authority>().ok())
+                    .filter(no_userinfo)
                     .map_or_else(
                         || String::from_utf8_lossy(v.as_bytes()).into_owned(),
                         |a| a.host().to_owned(),
@@ -284,7 +293,7 @@ impl Guard {
                     format!(
                         "request refused: this gateway has no API keys, so it answers only \
                          loopback names, IP addresses and the names in {HOSTS_SETTING} \
-                         (DNS rebinding protection), not {host}; list the name there, or \
+                         (DNS rebinding protection), not {host:?}; list the name there, or \
                          configure API keys"
                     ),
                 )
@@ -345,6 +354,10 @@ impl Guard {
         }
         response
     }
+}
+
+fn no_userinfo(authority: &Authority) -> bool {
+    !authority.as_str().contains('@')
 }
 
 /// An origin or host as it may be shown: printable ASCII, at most 100
@@ -580,15 +593,23 @@ mod tests {
             "localhost.attacker.example",
             "127.0.0.1.nip.io",
             "[not-v6]",
+            "attacker.example@127.0.0.1",
+            "attacker.example@localhost:50051",
+            "",
         ] {
             assert!(!judged(refused), "{refused} served");
         }
         // HTTP/2's :authority is judged as Host is.
-        let authority: Authority = "attacker.example:50051".parse().unwrap();
-        assert!(matches!(
-            keyless.judge(&Method::POST, &HeaderMap::new(), Some(&authority)),
-            Verdict::Refuse(Refusal::Host(_))
-        ));
+        for named in ["attacker.example:50051", "attacker.example@127.0.0.1:50051"] {
+            let authority: Authority = named.parse().unwrap();
+            assert!(
+                matches!(
+                    keyless.judge(&Method::POST, &HeaderMap::new(), Some(&authority)),
+                    Verdict::Refuse(Refusal::Host(_))
+                ),
+                "{named} served"
+            );
+        }
         // With keys, any name.
         let keyed = guard(&[], &[], false);
         assert_eq!(
@@ -599,6 +620,18 @@ mod tests {
             ),
             Verdict::Pass
         );
+    }
+
+    #[test]
+    fn a_refused_host_is_quoted_in_the_answer_so_an_empty_one_is_seen() {
+        let keyless = guard(&[], &[], true);
+        let answer = keyless.refuse(&Refusal::Host(String::new()), &HeaderMap::new());
+        assert_eq!(answer.status(), StatusCode::MISDIRECTED_REQUEST);
+        let body = futures::executor::block_on(answer.into_body().collect())
+            .unwrap()
+            .to_bytes();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        assert!(text.contains(r#"not "";"#), "{text}");
     }
 
     #[test]
