@@ -74,9 +74,16 @@ pub struct AllowedOrigin(String);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllowedHost(String);
 
+/// `KONGTIE_ALLOWED_ORIGINS=` in an env file reads as one empty entry.
+const EMPTY: &str = "an empty entry: to allow none, leave the setting out (unset it, or \
+     comment it out); else write the entries comma-separated, with no empty one";
+
 /// Parses one `KONGTIE_ALLOWED_ORIGINS` entry.
 pub fn parse_origin(s: &str) -> Result<AllowedOrigin, String> {
     let s = s.trim();
+    if s.is_empty() {
+        return Err(EMPTY.into());
+    }
     if s == "*" || s.eq_ignore_ascii_case("null") {
         return Err(format!(
             "{s:?} would let every web page call the gateway; name each origin, as \
@@ -104,6 +111,9 @@ pub fn parse_origin(s: &str) -> Result<AllowedOrigin, String> {
 
 /// Parses one `KONGTIE_ALLOWED_HOSTS` entry.
 pub fn parse_host(s: &str) -> Result<AllowedHost, String> {
+    if s.trim().is_empty() {
+        return Err(EMPTY.into());
+    }
     let name = s.trim().trim_end_matches('.').to_ascii_lowercase();
     let valid = !name.is_empty()
         && name.len() <= 253
@@ -566,6 +576,13 @@ mod tests {
         );
         for bad in ["", "gateway:50051", "http://gateway", "a..b"] {
             assert!(parse_host(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn an_empty_setting_is_refused_with_a_message_saying_how_to_allow_none() {
+        for refused in [parse_origin("").unwrap_err(), parse_host(" ").unwrap_err()] {
+            assert!(refused.contains("leave the setting out"), "{refused}");
         }
     }
 
