@@ -74,9 +74,16 @@ pub struct AllowedOrigin(String);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllowedHost(String);
 
+/// `KONGTIE_ALLOWED_ORIGINS=` in an env file reads as one empty entry.
+const EMPTY: &str = "an empty entry: to allow none, leave the setting out (unset it, or \
+     comment it out); else write the entries comma-separated, with no empty one";
+
 /// Parses one `KONGTIE_ALLOWED_ORIGINS` entry.
 pub fn parse_origin(s: &str) -> Result<AllowedOrigin, String> {
     let s = s.trim();
+    if s.is_empty() {
+        return Err(EMPTY.into());
+    }
     if s == "*" || s.eq_ignore_ascii_case("null") {
         return Err(format!(
             "{s:?} would let every web page call the gateway; name each origin, as \
@@ -104,6 +111,9 @@ pub fn parse_origin(s: &str) -> Result<AllowedOrigin, String> {
 
 /// Parses one `KONGTIE_ALLOWED_HOSTS` entry.
 pub fn parse_host(s: &str) -> Result<AllowedHost, String> {
+    if s.trim().is_empty() {
+        return Err(EMPTY.into());
+    }
     let name = s.trim().trim_end_matches('.').to_ascii_lowercase();
     let valid = !name.is_empty()
         && name.len() <= 253
@@ -173,11 +183,20 @@ impl Guard {
         authority: Option<&Authority>,
     ) -> Verdict {
         if self.restrict_hosts {
-            let named = authority.map(|a| a.host().to_owned());
+            // `user@host` is no Host (RFC 9110 7.2): judged whole, it is
+            // refused, rather than answered for the part after the `@`.
+            let named = authority.map(|a| {
+                if no_userinfo(a) {
+                    a.host().to_owned()
+                } else {
+                    a.as_str().to_owned()
+                }
+            });
             let hosts = headers.get_all(header::HOST).iter().map(|v| {
                 v.to_str()
                     .ok()
                     .and_then(|v| v.parse::<Authority>().ok())
+                    .filter(no_userinfo)
                     .map_or_else(
                         || String::from_utf8_lossy(v.as_bytes()).into_owned(),
                         |a| a.host().to_owned(),
@@ -284,7 +303,7 @@ impl Guard {
                     format!(
                         "request refused: this gateway has no API keys, so it answers only \
                          loopback names, IP addresses and the names in {HOSTS_SETTING} \
-                         (DNS rebinding protection), not {host}; list the name there, or \
+                         (DNS rebinding protection), not {host:?}; list the name there, or \
                          configure API keys"
                     ),
                 )
@@ -345,6 +364,10 @@ impl Guard {
         }
         response
     }
+}
+
+fn no_userinfo(authority: &Authority) -> bool {
+    !authority.as_str().contains('@')
 }
 
 /// An origin or host as it may be shown: printable ASCII, at most 100
@@ -557,6 +580,13 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_setting_is_refused_with_a_message_saying_how_to_allow_none() {
+        for refused in [parse_origin("").unwrap_err(), parse_host(" ").unwrap_err()] {
+            assert!(refused.contains("leave the setting out"), "{refused}");
+        }
+    }
+
+    #[test]
     fn without_keys_only_loopback_names_ip_addresses_and_listed_names_are_answered() {
         let keyless = guard(&[], &["gateway.internal"], true);
         let judged = |host: &str| {
@@ -580,15 +610,23 @@ mod tests {
             "localhost.attacker.example",
             "127.0.0.1.nip.io",
             "[not-v6]",
+            "attacker.example@127.0.0.1",
+            "attacker.example@localhost:50051",
+            "",
         ] {
             assert!(!judged(refused), "{refused} served");
         }
         // HTTP/2's :authority is judged as Host is.
-        let authority: Authority = "attacker.example:50051".parse().unwrap();
-        assert!(matches!(
-            keyless.judge(&Method::POST, &HeaderMap::new(), Some(&authority)),
-            Verdict::Refuse(Refusal::Host(_))
-        ));
+        for named in ["attacker.example:50051", "attacker.example@127.0.0.1:50051"] {
+            let authority: Authority = named.parse().unwrap();
+            assert!(
+                matches!(
+                    keyless.judge(&Method::POST, &HeaderMap::new(), Some(&authority)),
+                    Verdict::Refuse(Refusal::Host(_))
+                ),
+                "{named} served"
+            );
+        }
         // With keys, any name.
         let keyed = guard(&[], &[], false);
         assert_eq!(
@@ -599,6 +637,18 @@ mod tests {
             ),
             Verdict::Pass
         );
+    }
+
+    #[test]
+    fn a_refused_host_is_quoted_in_the_answer_so_an_empty_one_is_seen() {
+        let keyless = guard(&[], &[], true);
+        let answer = keyless.refuse(&Refusal::Host(String::new()), &HeaderMap::new());
+        assert_eq!(answer.status(), StatusCode::MISDIRECTED_REQUEST);
+        let body = futures::executor::block_on(answer.into_body().collect())
+            .unwrap()
+            .to_bytes();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        assert!(text.contains(r#"not "";"#), "{text}");
     }
 
     #[test]

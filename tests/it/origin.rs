@@ -607,3 +607,52 @@ async fn a_real_browser_page_on_another_origin_is_refused_by_default_and_served_
     assert_eq!(counted(&allowed, PREFLIGHTS).await, 1.0);
     assert_eq!(allowed.sandbox.calls(Endpoint::GetAccessToken), 1);
 }
+
+/// One raw HTTP/1.1 request (`connection: close`), its answer's status
+/// line and body, within ten seconds.
+async fn raw_http1(addr: SocketAddr, request: String) -> String {
+    let exchange = async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tcp.read_to_end(&mut answer).await.unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), exchange)
+        .await
+        .expect("an answer within 10 s")
+}
+
+/// `user@host` is no host name: the part before the `@` is the name the
+/// request means, so a keyless gateway judges it whole, in `Host` as in
+/// an absolute-form request target (before, both were answered with the
+/// access token, judged by the part after the `@`).
+#[tokio::test]
+async fn a_keyless_gateway_refuses_a_host_with_userinfo_in_the_host_header_or_the_request_target() {
+    let app = spawn_app().await;
+    let port = app.addr.port();
+    let path = "/kongtie.v1.Auth/GetAccessToken";
+    let tail = "content-type: application/json\r\ncontent-length: 2\r\n\
+                connection: close\r\n\r\n{}";
+    for request in [
+        format!("POST {path} HTTP/1.1\r\nhost: attacker.example@127.0.0.1:{port}\r\n{tail}"),
+        format!(
+            "POST http://attacker.example@127.0.0.1:{port}{path} HTTP/1.1\r\n\
+             host: 127.0.0.1:{port}\r\n{tail}"
+        ),
+    ] {
+        let answer = raw_http1(app.addr, request.clone()).await;
+        assert!(answer.starts_with("HTTP/1.1 421 "), "{request:?}: {answer}");
+        assert!(!answer.contains("accessToken"), "{answer}");
+    }
+    assert_eq!(app.sandbox.calls(Endpoint::GetAccessToken), 0);
+    assert_eq!(counted(&app, REFUSED_HOST).await, 2.0);
+    // The same request for 127.0.0.1 itself is served.
+    let served = raw_http1(
+        app.addr,
+        format!("POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n{tail}"),
+    )
+    .await;
+    assert!(served.starts_with("HTTP/1.1 200 "), "{served}");
+    assert!(served.contains("accessToken"), "{served}");
+}
