@@ -783,6 +783,8 @@ async fn a_json_key_sent_twice_is_invalid_argument_and_orders_nothing() {
         "{}",
         String::from_utf8_lossy(&get.body)
     );
+}
+
 /// A Connect body that is not JSON, is cut short, or holds a wrong type:
 /// each message says so in plain words, with no parser position (`at line
 /// 1 column 948`) and no echo of the value sent.
