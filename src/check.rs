@@ -26,7 +26,7 @@ use crate::{
     sandbox::SandboxHandle,
     startup::{load_tls, who_may_call},
     store,
-    upstream::{Endpoint, KongtieClient},
+    upstream::{Endpoint, KongtieClient, shown_url},
 };
 
 /// What one item came to.
@@ -453,12 +453,13 @@ fn explain(error: &Error, url: &str, setting: &str) -> Explained {
     }
 }
 
+/// The URL `endpoint` is sent to, as it may be shown (no password).
 fn endpoint_url(upstream: &Upstream, endpoint: Endpoint) -> String {
     match endpoint {
-        Endpoint::ParTrade => upstream.pay_url.to_string(),
+        Endpoint::ParTrade => shown_url(&upstream.pay_url),
         ep => format!(
             "{}/{}",
-            upstream.ktapi_url.as_str().trim_end_matches('/'),
+            shown_url(&upstream.ktapi_url).trim_end_matches('/'),
             ep.name()
         ),
     }
@@ -467,10 +468,10 @@ fn endpoint_url(upstream: &Upstream, endpoint: Endpoint) -> String {
 /// Without an order, the pay host can only be reached, not asked: a TCP
 /// connection is opened and closed, nothing is sent.
 async fn check_pay_host(report: &mut Report, upstream: &Upstream, timeout: Duration) {
-    let url = &upstream.pay_url;
+    let url = shown_url(&upstream.pay_url);
     let setting = upstream.pay_setting;
     let started = Instant::now();
-    match connect(url, timeout).await {
+    match connect(&upstream.pay_url, timeout).await {
         Ok(peer) => report.ok(
             "pay URL",
             format!(

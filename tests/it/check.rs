@@ -413,3 +413,62 @@ async fn on_postgresql_check_opens_the_store_as_serve_does_and_says_the_data_dir
         "the URL holds a password"
     );
 }
+
+#[tokio::test]
+async fn a_password_in_a_kongtie_url_is_never_shown_by_check_or_by_serve() {
+    let sandbox = spawn_sandbox().await;
+    let with_password = |url: &url::Url, password: &str| {
+        let mut url = url.clone();
+        url.set_username("proxyuser").unwrap();
+        url.set_password(Some(password)).unwrap();
+        url.to_string()
+    };
+    let ktapi = with_password(&sandbox.ktapi_url(), "ktapi-url-password");
+    let pay = with_password(&sandbox.pay_url(), "pay-url-password");
+    // One the sandbox answers (ok lines), one nobody answers (FAILED lines).
+    let nobody = with_password(
+        &"http://127.0.0.1:9/awkmanage/v3/ktapi".parse().unwrap(),
+        "dead-url-password",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let env = env_with_pay_token(PAY_TOKEN);
+    for (ktapi, order) in [(&ktapi, true), (&nobody, false)] {
+        let mut args = vec!["check", "--ktapi-url", ktapi, "--pay-url", &pay];
+        args.extend(LISTENERS);
+        args.extend(["--data-dir", data]);
+        if order {
+            args.extend(["--order", "oCheckUser1"]);
+        }
+        let out = run(&args, &env).await;
+        assert!(
+            out.line("ktapi URL").contains("proxyuser:****@127.0.0.1"),
+            "the URL is shown, its password not: {out}"
+        );
+        assert!(
+            out.line("pay URL").contains("proxyuser:****@127.0.0.1"),
+            "{out}"
+        );
+        for password in [
+            "ktapi-url-password",
+            "pay-url-password",
+            "dead-url-password",
+        ] {
+            assert!(
+                !out.to_string().contains(password),
+                "{password} shown: {out}"
+            );
+        }
+    }
+    // The sandbox did get the calls: the URLs were used, only not shown.
+    assert_eq!(sandbox.calls(Endpoint::ParTrade), 1);
+
+    // serve logs the URLs it was given at start-up, the password hidden.
+    let args = ["serve", "--ktapi-url", &ktapi, "--pay-url", &pay];
+    let serving = Binary::start_with(&args, &env, dir.path(), None);
+    // Logged before the gRPC listener, which start_with waited for.
+    let log = serving.log.lock().unwrap().join("\n");
+    assert!(log.contains("upstream configured"), "{log}");
+    assert!(log.contains("proxyuser:****@127.0.0.1"), "{log}");
+    assert!(!log.contains("url-password"), "{log}");
+}
