@@ -294,11 +294,35 @@ async fn check_store(report: &mut Report, args: &StoreArgs, url: &str) {
         )
     };
     if path.exists() {
-        match open_store(url).await {
-            Ok(last) => report.ok(
+        // Read-only: serve may be running on it, and an older file is
+        // migrated (and rewritten once) by serve, not by check.
+        let inspected = tokio::task::spawn_blocking(move || store::inspect_read_only(&path)).await;
+        match inspected {
+            Ok(Ok(found)) if found.version == found.wanted => report.ok(
                 "store",
-                format!("SQLite {place} opened as serve opens it, last sequence {last}"),
+                format!(
+                    "SQLite {place} opened read-only, schema version {}, last sequence {}",
+                    found.version,
+                    found.last.unwrap_or_default()
+                ),
             ),
+            Ok(Ok(found)) if found.version < found.wanted => report.not_verified(
+                "store",
+                format!(
+                    "SQLite {place} opened read-only at schema version {}: serve will migrate \
+                     it to {}, check changed nothing",
+                    found.version, found.wanted
+                ),
+            ),
+            Ok(Ok(found)) => report.not_verified(
+                "store",
+                format!(
+                    "SQLite {place} is at schema version {}, newer than this build's {}: \
+                     written by a newer kongtie-gateway",
+                    found.version, found.wanted
+                ),
+            ),
+            Ok(Err(e)) => report.failed("store", format!("SQLite {place}: {e}")),
             Err(e) => report.failed("store", format!("SQLite {place}: {e}")),
         }
         return;

@@ -384,7 +384,7 @@ async fn check_creates_no_data_directory_and_names_the_one_it_opens() {
     assert!(
         out.line("store").starts_with(&format!(
             "store: ok (SQLite notifications.db in data directory {} (KONGTIE_DATA_DIR) opened \
-             as serve opens it, last sequence 0)",
+             read-only, schema version ",
             dir.display()
         )),
         "{out}"
@@ -471,4 +471,46 @@ async fn a_password_in_a_kongtie_url_is_never_shown_by_check_or_by_serve() {
     assert!(log.contains("upstream configured"), "{log}");
     assert!(log.contains("proxyuser:****@127.0.0.1"), "{log}");
     assert!(!log.contains("url-password"), "{log}");
+}
+
+#[tokio::test]
+async fn check_opens_an_existing_sqlite_store_read_only_and_leaves_its_migration_to_serve() {
+    let sandbox = spawn_sandbox().await;
+    let env = env_with_pay_token(PAY_TOKEN);
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data");
+    let file = dir.join("notifications.db");
+    kongtie_gateway::store::open(&format!("sqlite://{}", file.display()), None)
+        .await
+        .unwrap()
+        .close()
+        .await;
+    // As a store written by the release before this one: one migration
+    // behind, which an upgrade's new `check` meets beside the old `serve`.
+    let version = |file: &std::path::Path| -> i64 {
+        rusqlite::Connection::open(file)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap()
+    };
+    let current = version(&file);
+    rusqlite::Connection::open(&file)
+        .unwrap()
+        .pragma_update(None, "user_version", current - 1)
+        .unwrap();
+    let out = check_against(&sandbox, &["--data-dir", dir.to_str().unwrap()], &env).await;
+    assert_eq!(
+        version(&file),
+        current - 1,
+        "check migrated the store: {out}"
+    );
+    let line = out.line("store");
+    assert!(
+        line.starts_with("store: not verified (SQLite notifications.db in data directory")
+            && line.contains(&format!(
+                "read-only at schema version {}: serve will migrate it to {current}",
+                current - 1
+            )),
+        "{out}"
+    );
 }
