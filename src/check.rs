@@ -26,7 +26,7 @@ use crate::{
     sandbox::SandboxHandle,
     startup::{load_tls, who_may_call},
     store,
-    upstream::{Endpoint, KongtieClient},
+    upstream::{Endpoint, KongtieClient, shown_url},
 };
 
 /// What one item came to.
@@ -294,11 +294,35 @@ async fn check_store(report: &mut Report, args: &StoreArgs, url: &str) {
         )
     };
     if path.exists() {
-        match open_store(url).await {
-            Ok(last) => report.ok(
+        // Read-only: serve may be running on it, and an older file is
+        // migrated (and rewritten once) by serve, not by check.
+        let inspected = tokio::task::spawn_blocking(move || store::inspect_read_only(&path)).await;
+        match inspected {
+            Ok(Ok(found)) if found.version == found.wanted => report.ok(
                 "store",
-                format!("SQLite {place} opened as serve opens it, last sequence {last}"),
+                format!(
+                    "SQLite {place} opened read-only, schema version {}, last sequence {}",
+                    found.version,
+                    found.last.unwrap_or_default()
+                ),
             ),
+            Ok(Ok(found)) if found.version < found.wanted => report.not_verified(
+                "store",
+                format!(
+                    "SQLite {place} opened read-only at schema version {}: serve will migrate \
+                     it to {}, check changed nothing",
+                    found.version, found.wanted
+                ),
+            ),
+            Ok(Ok(found)) => report.not_verified(
+                "store",
+                format!(
+                    "SQLite {place} is at schema version {}, newer than this build's {}: \
+                     written by a newer kongtie-gateway",
+                    found.version, found.wanted
+                ),
+            ),
+            Ok(Err(e)) => report.failed("store", format!("SQLite {place}: {e}")),
             Err(e) => report.failed("store", format!("SQLite {place}: {e}")),
         }
         return;
@@ -453,12 +477,13 @@ fn explain(error: &Error, url: &str, setting: &str) -> Explained {
     }
 }
 
+/// The URL `endpoint` is sent to, as it may be shown (no password).
 fn endpoint_url(upstream: &Upstream, endpoint: Endpoint) -> String {
     match endpoint {
-        Endpoint::ParTrade => upstream.pay_url.to_string(),
+        Endpoint::ParTrade => shown_url(&upstream.pay_url),
         ep => format!(
             "{}/{}",
-            upstream.ktapi_url.as_str().trim_end_matches('/'),
+            shown_url(&upstream.ktapi_url).trim_end_matches('/'),
             ep.name()
         ),
     }
@@ -467,10 +492,10 @@ fn endpoint_url(upstream: &Upstream, endpoint: Endpoint) -> String {
 /// Without an order, the pay host can only be reached, not asked: a TCP
 /// connection is opened and closed, nothing is sent.
 async fn check_pay_host(report: &mut Report, upstream: &Upstream, timeout: Duration) {
-    let url = &upstream.pay_url;
+    let url = shown_url(&upstream.pay_url);
     let setting = upstream.pay_setting;
     let started = Instant::now();
-    match connect(url, timeout).await {
+    match connect(&upstream.pay_url, timeout).await {
         Ok(peer) => report.ok(
             "pay URL",
             format!(
@@ -585,15 +610,17 @@ async fn check_order(report: &mut Report, upstream: &Upstream, openid: &str) -> 
     }
 }
 
-/// `KGCHECK`, the Beijing time and three random digits: 20 letters and
-/// digits, unlike an order id a shop would choose.
+/// `KGCHECK` and 13 random letters and digits: 20 in all, as ParTrade
+/// wants, unlike an order id a shop would choose, and unique even when a
+/// fleet of replicas runs `check --order` in the same second (with the
+/// time of day and three digits, ten runs in one second met one another
+/// once in twenty).
 fn check_order_id() -> String {
-    let now = Utc::now().with_timezone(&beijing());
-    format!(
-        "KGCHECK{}{:03}",
-        now.format("%m%d%H%M%S"),
-        rand::rng().random_range(0..1000)
-    )
+    let mut rng = rand::rng();
+    let random: String = (0..13)
+        .map(|_| char::from(rng.sample(rand::distr::Alphanumeric)))
+        .collect();
+    format!("KGCHECK{random}")
 }
 
 /// The WeChat app id: needed by BuildAuthorizeUrl and SignJsSdkConfig, and
@@ -628,5 +655,26 @@ fn check_app_id(report: &mut Report, config: &Config, seen: Option<String>, orde
                  appId: check --order OPENID compares them"
             ),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn test_order_ids_made_in_one_second_are_all_distinct_twenty_alphanumerics() {
+        let ids: HashSet<String> = (0..20_000).map(|_| check_order_id()).collect();
+        assert_eq!(ids.len(), 20_000, "two test orders got one id");
+        for id in &ids {
+            assert!(id.starts_with("KGCHECK"), "{id}");
+            assert!(OutTradeId::parse(id).is_ok(), "{id}");
+            assert!(
+                id.len() == 20 && id.bytes().all(|b| b.is_ascii_alphanumeric()),
+                "{id}"
+            );
+        }
     }
 }

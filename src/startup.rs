@@ -96,8 +96,8 @@ impl Application {
         let grpc_addr = grpc_listener.local_addr()?;
         let client = KongtieClient::new(config.upstream.clone(), Some(Arc::clone(&metrics)))?;
         info!(
-            ktapi_url = %config.upstream.ktapi_url,
-            pay_url = %config.upstream.pay_url,
+            ktapi_url = %crate::upstream::shown_url(&config.upstream.ktapi_url),
+            pay_url = %crate::upstream::shown_url(&config.upstream.pay_url),
             sandbox = sandbox.is_some(),
             "upstream configured"
         );

@@ -5,6 +5,8 @@
 mod postgres;
 mod sqlite;
 
+pub use sqlite::{Inspected, inspect_read_only};
+
 use std::{
     path::Path,
     sync::{Arc, Mutex, MutexGuard},

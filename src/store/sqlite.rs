@@ -460,6 +460,39 @@ fn open_writer(path: &Path) -> rusqlite::Result<(Connection, u64)> {
     Ok((conn, from_sql(last)))
 }
 
+/// What `check` may learn of an existing SQLite store without changing
+/// it: opened read-only, so that neither a migration nor the one-time
+/// `VACUUM` of an older file runs under a gateway serving it.
+pub struct Inspected {
+    /// The schema version the file is at, and the one this build migrates to.
+    pub version: usize,
+    pub wanted: usize,
+    /// The last sequence, when the file's schema has the notifications.
+    pub last: Option<u64>,
+}
+
+pub fn inspect_read_only(path: &Path) -> rusqlite::Result<Inspected> {
+    let conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.pragma_update(None, "busy_timeout", 5000)?;
+    let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let last = conn
+        .query_row(
+            "SELECT COALESCE(MAX(sequence), 0) FROM notifications",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .ok()
+        .map(from_sql);
+    Ok(Inspected {
+        version,
+        wanted: MIGRATIONS.len(),
+        last,
+    })
+}
+
 /// The WAL's size kept after a checkpoint (bytes).
 const WAL_SIZE_LIMIT: i64 = 64 << 20;
 

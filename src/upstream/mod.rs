@@ -28,6 +28,18 @@ use crate::{
 /// held whole.
 pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
 
+/// A Kongtie URL as it may be shown in logs and `check`'s lines: a password
+/// in it (`http://user:PASSWORD@proxy/...`, sent as basic auth) is a
+/// secret, and is replaced by `****`.
+pub fn shown_url(url: &Url) -> String {
+    let mut shown = url.clone();
+    if shown.password().is_some() {
+        // Only a URL without a host refuses a password; ours have one.
+        let _ = shown.set_password(Some("****"));
+    }
+    shown.to_string()
+}
+
 /// Who we are to one of the two upstream systems.
 #[derive(Clone)]
 pub struct Credentials {

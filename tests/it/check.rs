@@ -384,7 +384,7 @@ async fn check_creates_no_data_directory_and_names_the_one_it_opens() {
     assert!(
         out.line("store").starts_with(&format!(
             "store: ok (SQLite notifications.db in data directory {} (KONGTIE_DATA_DIR) opened \
-             as serve opens it, last sequence 0)",
+             read-only, schema version ",
             dir.display()
         )),
         "{out}"
@@ -411,5 +411,106 @@ async fn on_postgresql_check_opens_the_store_as_serve_does_and_says_the_data_dir
     assert!(
         !out.to_string().contains(&db.url),
         "the URL holds a password"
+    );
+}
+
+#[tokio::test]
+async fn a_password_in_a_kongtie_url_is_never_shown_by_check_or_by_serve() {
+    let sandbox = spawn_sandbox().await;
+    let with_password = |url: &url::Url, password: &str| {
+        let mut url = url.clone();
+        url.set_username("proxyuser").unwrap();
+        url.set_password(Some(password)).unwrap();
+        url.to_string()
+    };
+    let ktapi = with_password(&sandbox.ktapi_url(), "ktapi-url-password");
+    let pay = with_password(&sandbox.pay_url(), "pay-url-password");
+    // One the sandbox answers (ok lines), one nobody answers (FAILED lines).
+    let nobody = with_password(
+        &"http://127.0.0.1:9/awkmanage/v3/ktapi".parse().unwrap(),
+        "dead-url-password",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let env = env_with_pay_token(PAY_TOKEN);
+    for (ktapi, order) in [(&ktapi, true), (&nobody, false)] {
+        let mut args = vec!["check", "--ktapi-url", ktapi, "--pay-url", &pay];
+        args.extend(LISTENERS);
+        args.extend(["--data-dir", data]);
+        if order {
+            args.extend(["--order", "oCheckUser1"]);
+        }
+        let out = run(&args, &env).await;
+        assert!(
+            out.line("ktapi URL").contains("proxyuser:****@127.0.0.1"),
+            "the URL is shown, its password not: {out}"
+        );
+        assert!(
+            out.line("pay URL").contains("proxyuser:****@127.0.0.1"),
+            "{out}"
+        );
+        for password in [
+            "ktapi-url-password",
+            "pay-url-password",
+            "dead-url-password",
+        ] {
+            assert!(
+                !out.to_string().contains(password),
+                "{password} shown: {out}"
+            );
+        }
+    }
+    // The sandbox did get the calls: the URLs were used, only not shown.
+    assert_eq!(sandbox.calls(Endpoint::ParTrade), 1);
+
+    // serve logs the URLs it was given at start-up, the password hidden.
+    let args = ["serve", "--ktapi-url", &ktapi, "--pay-url", &pay];
+    let serving = Binary::start_with(&args, &env, dir.path(), None);
+    // Logged before the gRPC listener, which start_with waited for.
+    let log = serving.log.lock().unwrap().join("\n");
+    assert!(log.contains("upstream configured"), "{log}");
+    assert!(log.contains("proxyuser:****@127.0.0.1"), "{log}");
+    assert!(!log.contains("url-password"), "{log}");
+}
+
+#[tokio::test]
+async fn check_opens_an_existing_sqlite_store_read_only_and_leaves_its_migration_to_serve() {
+    let sandbox = spawn_sandbox().await;
+    let env = env_with_pay_token(PAY_TOKEN);
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data");
+    let file = dir.join("notifications.db");
+    kongtie_gateway::store::open(&format!("sqlite://{}", file.display()), None)
+        .await
+        .unwrap()
+        .close()
+        .await;
+    // As a store written by the release before this one: one migration
+    // behind, which an upgrade's new `check` meets beside the old `serve`.
+    let version = |file: &std::path::Path| -> i64 {
+        rusqlite::Connection::open(file)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap()
+    };
+    let current = version(&file);
+    rusqlite::Connection::open(&file)
+        .unwrap()
+        .pragma_update(None, "user_version", current - 1)
+        .unwrap();
+    let out = check_against(&sandbox, &["--data-dir", dir.to_str().unwrap()], &env).await;
+    assert_eq!(
+        version(&file),
+        current - 1,
+        "check migrated the store: {out}"
+    );
+    let line = out.line("store");
+    assert!(
+        line.starts_with("store: not verified (SQLite notifications.db in data directory")
+            && line.contains(&format!(
+                "read-only at schema version {}: serve will migrate it to {current}",
+                current - 1
+            )),
+        "{out}"
     );
 }
