@@ -7,7 +7,7 @@
 //! whichever comes second. A run is the ledger's, not its callers': it runs
 //! in a task of its own, bounded by the upstream timeout alone, so the
 //! ledger records how it really ended even when every caller's deadline
-//! has passed. Runs are bounded ([`MAX_RUNS`] at once per replica), since
+//! has passed. Runs are bounded (`max_runs` at once per replica), since
 //! callers that leave no longer hold the server's call slots for them, and
 //! a graceful shutdown waits for the runs in flight ([`Ledger::drain`])
 //! before the store closes, so their outcomes are recorded, not left
@@ -35,6 +35,10 @@ pub struct LedgerSettings {
     /// How long an attempt's claim holds: longer than any upstream call
     /// (a claim outlives a crashed replica by at most this).
     pub claim_lease: Duration,
+    /// How many runs this replica has with Kongtie at once. Each holds a
+    /// task, a claim and an upstream connection for up to the upstream
+    /// timeout, after its callers may have gone.
+    pub max_runs: u32,
 }
 
 pub struct Ledger {
@@ -48,11 +52,6 @@ pub struct Ledger {
     /// One permit per run in flight: the bound, and what shutdown drains.
     runs: Arc<Semaphore>,
 }
-
-/// How many runs a replica has with Kongtie at once. Each holds a task, a
-/// claim and an upstream connection for up to the upstream timeout, after
-/// its callers may have gone.
-pub const MAX_RUNS: usize = 1024;
 
 /// Which calls share a run: those with the same order id, amount, openid
 /// and, when they name one, expiry. A call naming no expiry takes whatever
@@ -95,7 +94,7 @@ impl Ledger {
             metrics,
             claimant: format!("{:016x}", rand::random::<u64>()),
             flights: SingleFlight::default(),
-            runs: Arc::new(Semaphore::new(MAX_RUNS)),
+            runs: Arc::new(Semaphore::new(settings.max_runs as usize)),
         }
     }
 
@@ -127,12 +126,12 @@ impl Ledger {
         let ledger = Arc::clone(self);
         let new_order = order.clone();
         let runs = Arc::clone(&self.runs);
+        let limit = self.settings.max_runs as usize;
         let run = move || {
             // Taken when the run starts (joiners share it), held until it ends.
             let permit = runs.try_acquire_owned();
             async move {
-                let _permit =
-                    permit.map_err(|_| Error::TooManyOrdersInFlight { limit: MAX_RUNS })?;
+                let _permit = permit.map_err(|_| Error::TooManyOrdersInFlight { limit })?;
                 ledger.run(terms, new_order).await
             }
         };
@@ -155,8 +154,7 @@ impl Ledger {
     /// Waits for every run in flight to end (record its outcome), and
     /// starts no more: for a graceful shutdown, before the store closes.
     pub async fn drain(&self) {
-        let all = u32::try_from(MAX_RUNS).unwrap_or(u32::MAX);
-        if let Ok(permits) = self.runs.acquire_many(all).await {
+        if let Ok(permits) = self.runs.acquire_many(self.settings.max_runs).await {
             permits.forget();
         }
         self.runs.close();
