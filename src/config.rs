@@ -407,6 +407,11 @@ pub struct ServeArgs {
     /// Kongtie, in seconds (WeChat's prepay_id lives 7200).
     #[arg(long, env = "KONGTIE_PREPAY_TTL_SECS", default_value_t = 6600, value_parser = clap::value_parser!(u64).range(1..=7200))]
     pub prepay_ttl_secs: u64,
+    /// How many orders a replica sends to Kongtie at once (each runs to
+    /// its answer even when its caller has left); beyond, a new order is
+    /// RESOURCE_EXHAUSTED (TOO_MANY_ORDERS_IN_FLIGHT).
+    #[arg(long, env = "KONGTIE_MAX_ORDERS_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub max_orders_in_flight: u32,
     /// Largest amount an order may have, in fen.
     #[arg(long, env = "KONGTIE_MAX_AMOUNT_FEN", default_value_t = 100_000_000, value_parser = clap::value_parser!(i64).range(1..=1_000_000_000_000))]
     pub max_amount_fen: i64,
@@ -718,6 +723,7 @@ impl ServeArgs {
             },
             ledger: LedgerSettings {
                 prepay_ttl: Duration::from_secs(self.prepay_ttl_secs),
+                max_runs: self.max_orders_in_flight,
                 // Longer than any attempt: the upstream timeout bounds it,
                 // with up to three connects (ParTrade is retried only when
                 // it could not connect) and room for the ledger's writes.

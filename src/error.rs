@@ -122,6 +122,11 @@ pub enum Error {
     )]
     TooManySubscriptions { scope: &'static str, limit: usize },
 
+    /// As many orders as a replica runs at once are already with Kongtie
+    /// (their callers may have left): a new one waits for one to end.
+    #[error("{limit} orders are already being created; try again shortly")]
+    TooManyOrdersInFlight { limit: usize },
+
     #[error(
         "order {} exists with other terms (amount_fen {}, openid {}, expires_at {})",
         .0.out_trade_id, .0.amount_fen, .0.openid, .0.expires_at
@@ -360,6 +365,14 @@ impl From<Error> for Status {
                         ("scope".to_owned(), (*scope).to_owned()),
                         ("limit".to_owned(), limit.to_string()),
                     ]),
+                );
+                Code::ResourceExhausted
+            }
+            Error::TooManyOrdersInFlight { limit } => {
+                details.set_error_info(
+                    "TOO_MANY_ORDERS_IN_FLIGHT",
+                    ERROR_DOMAIN,
+                    HashMap::from([("limit".to_owned(), limit.to_string())]),
                 );
                 Code::ResourceExhausted
             }

@@ -223,6 +223,7 @@ impl Application {
             Arc::clone(&self.metrics),
             stopping.clone(),
         );
+        let runs = Arc::clone(&ledger);
         let payment = PaymentService::new(
             Arc::clone(&self.gateway),
             ledger,
@@ -412,7 +413,13 @@ impl Application {
             ended_early_tx,
         ));
 
-        let serving = async { tokio::join!(grpc, notify) };
+        // The order runs whose callers left end within the grace too: their
+        // outcomes are recorded before the store closes.
+        let serving = async {
+            let served = tokio::join!(grpc, notify);
+            runs.drain().await;
+            served
+        };
         let grace = self.config.shutdown_grace;
         let deadline = async {
             stopped(stopping.clone()).await;

@@ -7,11 +7,16 @@
 //! whichever comes second. A run is the ledger's, not its callers': it runs
 //! in a task of its own, bounded by the upstream timeout alone, so the
 //! ledger records how it really ended even when every caller's deadline
-//! has passed.
+//! has passed. Runs are bounded (`max_runs` at once per replica), since
+//! callers that leave no longer hold the server's call slots for them, and
+//! a graceful shutdown waits for the runs in flight ([`Ledger::drain`])
+//! before the store closes, so their outcomes are recorded, not left
+//! UNKNOWN.
 
 use std::{sync::Arc, time::Duration};
 
 use chrono::Utc;
+use tokio::sync::Semaphore;
 
 use super::{Begin, Order, OrderStore, OrderTerms, Outcome, Refusal};
 use crate::{
@@ -30,6 +35,10 @@ pub struct LedgerSettings {
     /// How long an attempt's claim holds: longer than any upstream call
     /// (a claim outlives a crashed replica by at most this).
     pub claim_lease: Duration,
+    /// How many runs this replica has with Kongtie at once. Each holds a
+    /// task, a claim and an upstream connection for up to the upstream
+    /// timeout, after its callers may have gone.
+    pub max_runs: u32,
 }
 
 pub struct Ledger {
@@ -40,6 +49,8 @@ pub struct Ledger {
     /// Names this process in its claims.
     claimant: String,
     flights: SingleFlight<FlightKey, CreatedOrder>,
+    /// One permit per run in flight: the bound, and what shutdown drains.
+    runs: Arc<Semaphore>,
 }
 
 /// Which calls share a run: those with the same order id, amount, openid
@@ -83,6 +94,7 @@ impl Ledger {
             metrics,
             claimant: format!("{:016x}", rand::random::<u64>()),
             flights: SingleFlight::default(),
+            runs: Arc::new(Semaphore::new(settings.max_runs as usize)),
         }
     }
 
@@ -113,7 +125,16 @@ impl Ledger {
         let key = FlightKey::of(&terms);
         let ledger = Arc::clone(self);
         let new_order = order.clone();
-        let run = move || async move { ledger.run(terms, new_order).await };
+        let runs = Arc::clone(&self.runs);
+        let limit = self.settings.max_runs as usize;
+        let run = move || {
+            // Taken when the run starts (joiners share it), held until it ends.
+            let permit = runs.try_acquire_owned();
+            async move {
+                let _permit = permit.map_err(|_| Error::TooManyOrdersInFlight { limit })?;
+                ledger.run(terms, new_order).await
+            }
+        };
         let flight = self.flights.run(key, run);
         match deadline {
             None => flight.await.0,
@@ -128,6 +149,15 @@ impl Ledger {
                 |(r, _)| r,
             ),
         }
+    }
+
+    /// Waits for every run in flight to end (record its outcome), and
+    /// starts no more: for a graceful shutdown, before the store closes.
+    pub async fn drain(&self) {
+        if let Ok(permits) = self.runs.acquire_many(self.settings.max_runs).await {
+            permits.forget();
+        }
+        self.runs.close();
     }
 
     async fn run(&self, terms: OrderTerms, order: NewOrder) -> Result<CreatedOrder> {

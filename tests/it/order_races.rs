@@ -488,3 +488,135 @@ async fn two_payments_of_one_order_at_once_are_its_payment_and_one_already_paid(
     assert_eq!(listed.order_check, Some(OrderCheck::AlreadyPaid));
     assert_eq!(listed.receive_count, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_waits_for_an_order_run_whose_caller_left_and_records_its_outcome() {
+    // ParTrade takes 1 s; the caller leaves after 100 ms; the gateway is
+    // told to stop while the run is still with Kongtie.
+    let mut app = spawn_app().await;
+    app.sandbox
+        .set_fault(Some(Fault::Delay(Duration::from_millis(1000))));
+    let mut hurried = app.payment().await;
+    let mut request = tonic::Request::new(order("S1", 100));
+    request.set_timeout(Duration::from_millis(100));
+    hurried
+        .create_jsapi_order(request)
+        .await
+        .expect_err("the caller's deadline passes first");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while app.sandbox.calls(Endpoint::ParTrade) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ParTrade never sent"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(10), app.stop())
+        .await
+        .expect("the gateway stops within its grace");
+
+    // What the store holds, read by a gateway started on it afterwards.
+    let store = app.store_url.clone();
+    let after = spawn_gateway_on(&app.sandbox, &["--store", &store]).await;
+    let mut payment = PaymentClient::connect(format!("http://{}", after.running.grpc))
+        .await
+        .unwrap();
+    let stored = payment
+        .get_order(GetOrderRequest {
+            out_trade_id: "S1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    assert_eq!(
+        ProtoState::try_from(stored.state),
+        Ok(ProtoState::Created),
+        "the run's outcome was recorded before the store closed"
+    );
+    assert!(stored.pay_params.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_whose_callers_left_are_bounded_in_flight_and_the_next_is_resource_exhausted() {
+    // ParTrade takes 1.5 s; each caller leaves after 100 ms; at most two
+    // runs at once.
+    let app = spawn_app_with(&["--max-orders-in-flight", "2"]).await;
+    app.sandbox
+        .set_fault(Some(Fault::Delay(Duration::from_millis(1500))));
+    let mut payment = app.payment().await;
+    let hurried = |id: &str| {
+        let mut request = tonic::Request::new(order(id, 100));
+        request.set_timeout(Duration::from_millis(100));
+        request
+    };
+    for id in ["B1", "B2"] {
+        payment
+            .create_jsapi_order(hurried(id))
+            .await
+            .expect_err("the caller's deadline passes first");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while app.sandbox.calls(Endpoint::ParTrade) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ParTrade never sent"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let refused = payment
+        .create_jsapi_order(hurried("B3"))
+        .await
+        .expect_err("a third run is refused");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(
+        refused
+            .get_details_error_info()
+            .map(|i| i.reason)
+            .as_deref(),
+        Some("TOO_MANY_ORDERS_IN_FLIGHT")
+    );
+    assert_eq!(
+        app.sandbox.calls(Endpoint::ParTrade),
+        2,
+        "nothing sent for B3"
+    );
+
+    // Once the two runs end, their permits are back: B3 is created.
+    app.sandbox.set_fault(None);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match payment.create_jsapi_order(order("B3", 100)).await {
+            Ok(_) => break,
+            Err(s) if s.code() == Code::ResourceExhausted => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the runs never ended"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(s) => panic!("{s:?}"),
+        }
+    }
+    // Each run records its outcome (B2's may end a moment after B1's).
+    for id in ["B1", "B2", "B3"] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let stored = payment
+                .get_order(GetOrderRequest {
+                    out_trade_id: id.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .order
+                .unwrap();
+            if ProtoState::try_from(stored.state) == Ok(ProtoState::Created) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{id}: {stored:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
