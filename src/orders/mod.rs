@@ -140,7 +140,19 @@ pub struct Ordered {
 /// amount). A successful payment of an order already PAID by another
 /// payment (another `TradeBillNo`, or one no longer stored) is
 /// ALREADY_PAID, whatever its amount: a double charge to refund.
-pub fn check(order: Option<&Ordered>, notification: &IncomingNotification) -> OrderCheck {
+///
+/// `swept_paid`: without an order, whether retention swept one by that id
+/// that was PAID (its tombstone). A successful payment of it is not the one
+/// that paid it (that payment's notification is stored, or tombstoned and
+/// so a repeat that is never checked): ALREADY_PAID, not UNKNOWN_ORDER.
+pub fn check(
+    order: Option<&Ordered>,
+    swept_paid: bool,
+    notification: &IncomingNotification,
+) -> OrderCheck {
+    if order.is_none() && swept_paid && notification.paid() {
+        return OrderCheck::AlreadyPaid;
+    }
     let Some(order) = order else {
         return OrderCheck::UnknownOrder;
     };
@@ -561,12 +573,12 @@ mod tests {
     #[test]
     fn amounts_are_checked_as_money() {
         let order = ordered(20, None);
-        let check = |fen| check(Some(&order), &notified(fen, "b1"));
+        let check = |fen| check(Some(&order), false, &notified(fen, "b1"));
         assert_eq!(check(Some(20)), OrderCheck::Matched);
         assert_eq!(check(Some(1)), OrderCheck::AmountMismatch);
         assert_eq!(check(None), OrderCheck::AmountMismatch);
         assert_eq!(
-            super::check(None, &notified(Some(20), "b1")),
+            super::check(None, false, &notified(Some(20), "b1")),
             OrderCheck::UnknownOrder
         );
     }
@@ -575,15 +587,15 @@ mod tests {
     fn another_payment_of_a_paid_order_is_already_paid_and_its_own_is_not() {
         let paid = ordered(20, Some("b1"));
         assert_eq!(
-            check(Some(&paid), &notified(Some(20), "b1")),
+            check(Some(&paid), false, &notified(Some(20), "b1")),
             OrderCheck::Matched
         );
         assert_eq!(
-            check(Some(&paid), &notified(Some(20), "b2")),
+            check(Some(&paid), false, &notified(Some(20), "b2")),
             OrderCheck::AlreadyPaid
         );
         assert_eq!(
-            check(Some(&paid), &notified(Some(1), "b2")),
+            check(Some(&paid), false, &notified(Some(1), "b2")),
             OrderCheck::AlreadyPaid,
             "a double charge, whatever its amount"
         );
@@ -593,12 +605,12 @@ mod tests {
             ..paid.clone()
         };
         assert_eq!(
-            check(Some(&swept), &notified(Some(20), "b1")),
+            check(Some(&swept), false, &notified(Some(20), "b1")),
             OrderCheck::AlreadyPaid
         );
         // A notification that reports no payment is no double charge.
         let mut failed = notified(Some(20), "b2");
         failed.trade_status = "0001".into();
-        assert_eq!(check(Some(&paid), &failed), OrderCheck::Matched);
+        assert_eq!(check(Some(&paid), false, &failed), OrderCheck::Matched);
     }
 }

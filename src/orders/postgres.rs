@@ -67,8 +67,17 @@ fn row_to_order(r: &PgRow) -> Result<Order, StoreError> {
 }
 
 async fn select(conn: &mut sqlx::PgConnection, id: &str) -> Result<Option<Order>, StoreError> {
+    select_with(conn, id, "").await
+}
+
+/// `lock`: empty, or a row-locking clause (only constants go into the text).
+async fn select_with(
+    conn: &mut sqlx::PgConnection,
+    id: &str,
+    lock: &'static str,
+) -> Result<Option<Order>, StoreError> {
     sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM orders WHERE out_trade_id = $1"
+        "SELECT {COLUMNS} FROM orders WHERE out_trade_id = $1 {lock}"
     )))
     .bind(id)
     .fetch_optional(&mut *conn)
@@ -81,12 +90,16 @@ async fn select(conn: &mut sqlx::PgConnection, id: &str) -> Result<Option<Order>
 
 /// The stored order, or the refusal its tombstone gives when retention
 /// deleted it. The tombstone is read after the order: a sweep that commits
-/// between the two reads is seen by the second.
+/// between the two reads is seen by the second. `lock` as in `select_with`:
+/// in a transaction that writes the row, `FOR UPDATE`, so that a sweep
+/// deleting it now is waited for and its tombstone seen, rather than the
+/// write finding no row and the order sent for an id retired meanwhile.
 async fn select_or_swept(
     conn: &mut sqlx::PgConnection,
     id: &str,
+    lock: &'static str,
 ) -> Result<Result<Option<Order>, Refusal>, StoreError> {
-    if let Some(order) = select(&mut *conn, id).await? {
+    if let Some(order) = select_with(&mut *conn, id, lock).await? {
         return Ok(Ok(Some(order)));
     }
     let paid: Option<bool> =
@@ -111,7 +124,7 @@ impl OrderStore for PostgresOrders {
     ) -> Result<Begin, StoreError> {
         // A read first: most repeats need no write, and no lock.
         let mut conn = self.pool.acquire().await.map_err(backend)?;
-        let stored = match select_or_swept(&mut conn, &terms.out_trade_id).await? {
+        let stored = match select_or_swept(&mut conn, &terms.out_trade_id, "").await? {
             Ok(stored) => stored,
             Err(refusal) => return Ok(Begin::Refused(refusal)),
         };
@@ -126,7 +139,7 @@ impl OrderStore for PostgresOrders {
             .execute(&mut *tx)
             .await
             .map_err(backend)?;
-        let stored = match select_or_swept(&mut tx, &terms.out_trade_id).await? {
+        let stored = match select_or_swept(&mut tx, &terms.out_trade_id, "FOR UPDATE").await? {
             Ok(stored) => stored,
             Err(refusal) => return Ok(Begin::Refused(refusal)),
         };

@@ -565,6 +565,26 @@ async fn write(
         },
     )
     .collect();
+    // The tombstones of swept PAID orders among the rest. Read after the
+    // orders: a sweep that commits between the two reads is seen by this
+    // one, as its delete and its tombstone commit together.
+    let missing: Vec<&str> = ids
+        .iter()
+        .copied()
+        .filter(|id| !ordered.contains_key(*id))
+        .collect();
+    let swept_paid: std::collections::HashSet<String> = if missing.is_empty() {
+        Default::default()
+    } else {
+        sqlx::query_scalar(
+            "SELECT out_trade_id FROM swept_orders WHERE paid AND out_trade_id = ANY($1)",
+        )
+        .bind(&missing)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect()
+    };
 
     let mut next = last;
     let mut recorded = Vec::with_capacity(batch.len());
@@ -597,7 +617,8 @@ async fn write(
                     swept: false,
                 });
                 let order = ordered.get_mut(&n.out_trade_id);
-                let order_check = orders::check(order.as_deref(), n);
+                let order_check =
+                    orders::check(order.as_deref(), swept_paid.contains(&n.out_trade_id), n);
                 // The first matching payment pays the order (below): a
                 // later one in this batch finds it paid, as in a later one.
                 if let Some(order) = order

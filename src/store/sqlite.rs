@@ -805,7 +805,15 @@ fn record_one(
             })
         })
         .optional()?;
-    let order_check = orders::check(ordered.as_ref(), n);
+    // Without an order, its tombstone: a payment of a swept PAID order.
+    let swept_paid = ordered.is_none()
+        && n.paid()
+        && tx
+            .prepare_cached("SELECT paid FROM swept_orders WHERE out_trade_id = ?1")?
+            .query_row([&n.out_trade_id], |r| r.get::<_, bool>(0))
+            .optional()?
+            .unwrap_or(false);
+    let order_check = orders::check(ordered.as_ref(), swept_paid, n);
     if n.paid() && order_check == OrderCheck::Matched {
         tx.prepare_cached(
             "UPDATE orders SET state = 'PAID', paid_sequence = ?2, updated_at_ms = ?3 \

@@ -573,6 +573,80 @@ async fn a_resend_after_its_payment_was_swept_is_a_repeat_and_the_id_cannot_be_o
     );
 }
 
+/// A second, distinct payment (another `TradeBillNo`) of a PAID order whose
+/// row retention swept is a double charge like any other: stored as
+/// ALREADY_PAID and counted, not UNKNOWN_ORDER (the tombstone knows the id
+/// was paid). A failed-payment notification of it stays UNKNOWN_ORDER.
+#[tokio::test]
+async fn another_payment_of_a_swept_paid_order_is_already_paid_not_unknown() {
+    use kongtie_gateway::proto::OrderCheck;
+    let app = spawn_app_with(&[
+        "--retention",
+        "1s",
+        "--retention-max",
+        "1s",
+        "--retention-sweep-every",
+        "100ms",
+        SHORT_OK,
+    ])
+    .await;
+    let mut payment = app.payment().await;
+    payment
+        .create_jsapi_order(order("SWEPTPAID", 100))
+        .await
+        .unwrap();
+    let paid = payment_notification("SWEPTPAID", KTAPI_TOKEN);
+    assert_eq!(app.notify(paid).await, (200, "success".into()));
+    assert_eq!(
+        app.notify(payment_notification("LATER", KTAPI_TOKEN)).await,
+        (200, "success".into())
+    );
+    until_deleted(&app, "order", 1.0).await;
+    until_stored(&app, &[2]).await;
+
+    let another = |status: &str, bill: &str| {
+        let fields = [
+            ("TradeStatus", status),
+            ("Message", "SUCCESS"),
+            ("OutTradeId", "SWEPTPAID"),
+            ("TradeAmount", "1.00"),
+            ("TradeOrderId", bill),
+            ("TradeBillNo", bill),
+            ("TradeTime", "2018/3/2 11:00:00"),
+            ("TimeStamp", "1522237000"),
+        ];
+        kongtie_gateway::sandbox::signed_notification(
+            &fields,
+            &secrecy::SecretString::from(KTAPI_TOKEN),
+        )
+    };
+    let double = r#"kongtie_notification_order_checks_total{result="already_paid"}"#;
+    assert_eq!(metric(&app, double).await, 0.0);
+    assert_eq!(
+        app.notify(another("0000", "SECONDBILL")).await,
+        (200, "success".into())
+    );
+    assert_eq!(
+        app.notify(another("0001", "FAILEDBILL")).await,
+        (200, "success".into())
+    );
+    let events: Vec<_> = app
+        .stored_notifications()
+        .await
+        .into_iter()
+        .filter(|n| n.out_trade_id == "SWEPTPAID")
+        .map(|n| (n.trade_bill_no, OrderCheck::try_from(n.order_check)))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            ("SECONDBILL".to_owned(), Ok(OrderCheck::AlreadyPaid)),
+            ("FAILEDBILL".to_owned(), Ok(OrderCheck::UnknownOrder)),
+        ]
+    );
+    assert_eq!(metric(&app, double).await, 1.0);
+}
+
 /// A retention below the floor stops `serve` at start-up, naming the
 /// setting and why; the test-only override is the only way past it.
 #[test]

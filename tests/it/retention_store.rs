@@ -358,3 +358,81 @@ async fn what_a_sweep_deletes_leaves_tombstones_that_outlive_it(backend: Backend
     );
     store.close().await;
 }
+
+/// A FAILED order retried on PostgreSQL while a sweep deletes it: the
+/// sweep's delete (and its tombstone) is held uncommitted here, so the
+/// retry reads the row, then must wait for it; once the sweep commits, the
+/// retry is ORDER_ID_RETIRED, not sent to Kongtie for an order no longer in
+/// the ledger (the row it claimed is gone). PostgreSQL only: SQLite runs
+/// the sweep and the claim on its one writer, one after the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_order_retried_while_a_sweep_deletes_it_is_retired_not_sent() {
+    use sqlx::Connection;
+    let place = Place::new(Backend::Postgres).await;
+    let store = place.open().await;
+    let orders = store.orders();
+    let now = Utc::now();
+    let expires = DateTime::from_timestamp(now.timestamp() + 3600, 0).unwrap();
+    let begin = move |orders: Arc<dyn kongtie_gateway::orders::OrderStore>| async move {
+        let now = Utc::now();
+        orders
+            .begin(
+                &terms("RACED", expires),
+                now,
+                Duration::from_secs(6600),
+                None,
+                "t",
+                now + chrono::Duration::seconds(30),
+            )
+            .await
+            .unwrap()
+    };
+    assert_eq!(begin(Arc::clone(&orders)).await, Begin::Send { attempt: 1 });
+    let failed = Outcome::Failed {
+        code: "1001".into(),
+        message: "no".into(),
+    };
+    orders.finish("RACED", "t", 1, &failed, now).await.unwrap();
+
+    // The sweep's statement, not yet committed.
+    let mut sweep = sqlx::PgConnection::connect(&place.url).await.unwrap();
+    let mut tx = sweep.begin().await.unwrap();
+    sqlx::query(
+        "WITH gone AS (DELETE FROM orders WHERE out_trade_id = 'RACED' \
+           RETURNING out_trade_id, state) \
+         INSERT INTO swept_orders (out_trade_id, paid) \
+         SELECT out_trade_id, state = 'PAID' FROM gone",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let retry = tokio::spawn(begin(Arc::clone(&orders)));
+    // Until the retry waits on the sweep's row lock.
+    let mut watch = sqlx::PgConnection::connect(&place.url).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut watch)
+        .await
+        .unwrap();
+        if waiting > 0 || retry.is_finished() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the retry never waited on the sweep's lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tx.commit().await.unwrap();
+    let begun = tokio::time::timeout(Duration::from_secs(10), retry)
+        .await
+        .expect("the retry answers once the sweep commits")
+        .unwrap();
+    assert_eq!(begun, Begin::Refused(Refusal::Retired));
+    assert_eq!(orders.get("RACED").await.unwrap(), None);
+    store.close().await;
+}
