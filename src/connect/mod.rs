@@ -53,8 +53,11 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use tonic::{Code, Status, body::Body};
 use tower::{Layer, Service};
 
+use prometheus_client::metrics::counter::Counter;
 use request::{Framing, Message, Pending, grpc_request};
 use schema::{Method, Schema};
+
+use crate::metrics::{Metrics, ReasonLabels};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -85,15 +88,35 @@ const SERVED: &str = "this port serves gRPC (content-type application/grpc or \
 pub struct ConnectLayer {
     schema: Arc<Schema>,
     max_message_bytes: usize,
+    refused: Refused,
+}
+
+/// The requests answered here, before the pipeline's metrics could see
+/// them, counted in `kongtie_grpc_requests_refused_total` so that a flood
+/// of them shows.
+#[derive(Clone, Debug)]
+struct Refused {
+    media_type: Counter,
+    procedure: Counter,
 }
 
 impl ConnectLayer {
     /// `max_message_bytes` bounds a Connect request's message as
     /// `KONGTIE_GRPC_MAX_MESSAGE_BYTES` bounds a gRPC one.
-    pub fn new(max_message_bytes: usize) -> Result<Self, BoxError> {
+    pub fn new(max_message_bytes: usize, metrics: &Metrics) -> Result<Self, BoxError> {
+        let refused = |reason| {
+            metrics
+                .grpc_requests_refused
+                .get_or_create(&ReasonLabels { reason })
+                .clone()
+        };
         Ok(Self {
             schema: Arc::new(Schema::load()?),
             max_message_bytes,
+            refused: Refused {
+                media_type: refused("unsupported_media_type"),
+                procedure: refused("unknown_procedure"),
+            },
         })
     }
 }
@@ -106,6 +129,7 @@ impl<S> Layer<S> for ConnectLayer {
             inner,
             schema: Arc::clone(&self.schema),
             max_message_bytes: self.max_message_bytes,
+            refused: self.refused.clone(),
         }
     }
 }
@@ -115,6 +139,7 @@ pub struct ConnectService<S> {
     inner: S,
     schema: Arc<Schema>,
     max_message_bytes: usize,
+    refused: Refused,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -149,6 +174,7 @@ where
             return Either::Left(self.inner.call(request).map_ok(passed));
         };
         if let Kind::Unsupported = kind {
+            self.refused.media_type.inc();
             let answer = unsupported(request.headers()).map(ConnectBody::Right);
             return Either::Right(Box::pin(async move { Ok(answer) }));
         }
@@ -157,9 +183,11 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let schema = Arc::clone(&self.schema);
         let limit = self.max_message_bytes;
+        let unknown_procedure = self.refused.procedure.clone();
         Either::Right(Box::pin(async move {
             let (parts, body) = request.into_parts();
             let Some(method) = schema.method(parts.uri.path()) else {
+                unknown_procedure.inc();
                 let status = Status::unimplemented(format!(
                     "no procedure {} (the Connect protocol serves kongtie.v1 and grpc.health.v1)",
                     parts.uri.path()
