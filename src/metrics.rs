@@ -420,7 +420,8 @@ impl Metrics {
             "Requests the gRPC port refused before any service ran, by reason: \
              origin_not_allowed, cross_site_without_origin, host_not_allowed, \
              unsupported_media_type (a POST neither gRPC nor Connect: 415), \
-             unknown_procedure (a Connect request for no served RPC: 404)",
+             unknown_procedure (a Connect request for no served RPC: 404), \
+             method_not_allowed (neither POST nor GET: 405)",
             m.grpc_requests_refused.clone(),
         );
         registry.register(

@@ -74,6 +74,8 @@ enum Kind {
     Stream(Codec),
     /// A POST neither gRPC nor Connect: HTTP 415.
     Unsupported,
+    /// Neither POST nor GET (tonic would serve a `PUT` as gRPC): HTTP 405.
+    OtherMethod,
 }
 
 /// What an HTTP 415 says is served.
@@ -98,6 +100,7 @@ pub struct ConnectLayer {
 struct Refused {
     media_type: Counter,
     procedure: Counter,
+    method: Counter,
 }
 
 impl ConnectLayer {
@@ -116,6 +119,7 @@ impl ConnectLayer {
             refused: Refused {
                 media_type: refused("unsupported_media_type"),
                 procedure: refused("unknown_procedure"),
+                method: refused("method_not_allowed"),
             },
         })
     }
@@ -178,6 +182,11 @@ where
             let answer = unsupported(request.headers()).map(ConnectBody::Right);
             return Either::Right(Box::pin(async move { Ok(answer) }));
         }
+        if let Kind::OtherMethod = kind {
+            self.refused.method.inc();
+            let answer = other_method().map(ConnectBody::Right);
+            return Either::Right(Box::pin(async move { Ok(answer) }));
+        }
         // The ready service goes with this call; its clone stays for the next.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
@@ -214,7 +223,7 @@ where
                     unary(inner, &schema, method, codec, parts, Some(pending)).await
                 }
                 Kind::Get => unary(inner, &schema, method, Codec::Json, parts, None).await,
-                Kind::Unsupported => unreachable!("answered above"),
+                Kind::Unsupported | Kind::OtherMethod => unreachable!("answered above"),
             };
             Ok(answer.map(ConnectBody::Right))
         }))
@@ -228,7 +237,7 @@ fn classify<T>(request: &Request<T>) -> Option<Kind> {
         return Some(Kind::Get);
     }
     if request.method() != HttpMethod::POST {
-        return None;
+        return Some(Kind::OtherMethod);
     }
     let Some(content_type) = request.headers().get(header::CONTENT_TYPE) else {
         return Some(Kind::Unsupported);
@@ -266,6 +275,21 @@ fn unsupported(headers: &HeaderMap) -> Response<Body> {
     )))));
     *response.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
     response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// HTTP 405 for a method neither gRPC nor Connect uses.
+fn other_method() -> Response<Body> {
+    let mut response = Response::new(Body::new(Full::new(Bytes::from(format!(
+        "method not allowed: {SERVED}\n"
+    )))));
+    *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    let headers = response.headers_mut();
+    headers.insert(header::ALLOW, HeaderValue::from_static("POST, GET"));
+    headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
