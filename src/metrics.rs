@@ -195,7 +195,7 @@ pub struct Metrics {
     pub consumer_redeliveries: Family<ConsumerLabels, Counter>,
     pub consumer_parks: Family<ConsumerLabels, Counter>,
     /// Requests the gRPC port refused before any service ran, by reason
-    /// (src/grpc/origin.rs).
+    /// (src/grpc/origin.rs, src/connect).
     pub grpc_requests_refused: Family<ReasonLabels, Counter>,
     /// CORS preflights answered for allowed origins.
     pub grpc_cors_preflights: Counter,
@@ -418,7 +418,10 @@ impl Metrics {
         registry.register(
             "grpc_requests_refused",
             "Requests the gRPC port refused before any service ran, by reason: \
-             origin_not_allowed, cross_site_without_origin, host_not_allowed",
+             origin_not_allowed, cross_site_without_origin, host_not_allowed, \
+             unsupported_media_type (a POST neither gRPC nor Connect: 415), \
+             unknown_procedure (a Connect request for no served RPC: 404), \
+             method_not_allowed (neither POST nor GET: 405)",
             m.grpc_requests_refused.clone(),
         );
         registry.register(

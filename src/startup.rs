@@ -275,7 +275,7 @@ impl Application {
             // headers alone (their bodies are read when the handler reads
             // the message), and any other content type is HTTP 415
             // (src/connect).
-            .layer(ConnectLayer::new(max_message)?)
+            .layer(ConnectLayer::new(max_message, &self.metrics)?)
             // Each RPC's metrics, span and log line (src/grpc/observe.rs).
             .layer(ObserveLayer::new(Arc::clone(&self.metrics)))
             // Who may call: the API key, before any body is read

@@ -53,8 +53,11 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use tonic::{Code, Status, body::Body};
 use tower::{Layer, Service};
 
+use prometheus_client::metrics::counter::Counter;
 use request::{Framing, Message, Pending, grpc_request};
 use schema::{Method, Schema};
+
+use crate::metrics::{Metrics, ReasonLabels};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -71,6 +74,8 @@ enum Kind {
     Stream(Codec),
     /// A POST neither gRPC nor Connect: HTTP 415.
     Unsupported,
+    /// Neither POST nor GET (tonic would serve a `PUT` as gRPC): HTTP 405.
+    OtherMethod,
 }
 
 /// What an HTTP 415 says is served.
@@ -85,15 +90,37 @@ const SERVED: &str = "this port serves gRPC (content-type application/grpc or \
 pub struct ConnectLayer {
     schema: Arc<Schema>,
     max_message_bytes: usize,
+    refused: Refused,
+}
+
+/// The requests answered here, before the pipeline's metrics could see
+/// them, counted in `kongtie_grpc_requests_refused_total` so that a flood
+/// of them shows.
+#[derive(Clone, Debug)]
+struct Refused {
+    media_type: Counter,
+    procedure: Counter,
+    method: Counter,
 }
 
 impl ConnectLayer {
     /// `max_message_bytes` bounds a Connect request's message as
     /// `KONGTIE_GRPC_MAX_MESSAGE_BYTES` bounds a gRPC one.
-    pub fn new(max_message_bytes: usize) -> Result<Self, BoxError> {
+    pub fn new(max_message_bytes: usize, metrics: &Metrics) -> Result<Self, BoxError> {
+        let refused = |reason| {
+            metrics
+                .grpc_requests_refused
+                .get_or_create(&ReasonLabels { reason })
+                .clone()
+        };
         Ok(Self {
             schema: Arc::new(Schema::load()?),
             max_message_bytes,
+            refused: Refused {
+                media_type: refused("unsupported_media_type"),
+                procedure: refused("unknown_procedure"),
+                method: refused("method_not_allowed"),
+            },
         })
     }
 }
@@ -106,6 +133,7 @@ impl<S> Layer<S> for ConnectLayer {
             inner,
             schema: Arc::clone(&self.schema),
             max_message_bytes: self.max_message_bytes,
+            refused: self.refused.clone(),
         }
     }
 }
@@ -115,6 +143,7 @@ pub struct ConnectService<S> {
     inner: S,
     schema: Arc<Schema>,
     max_message_bytes: usize,
+    refused: Refused,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -149,7 +178,13 @@ where
             return Either::Left(self.inner.call(request).map_ok(passed));
         };
         if let Kind::Unsupported = kind {
+            self.refused.media_type.inc();
             let answer = unsupported(request.headers()).map(ConnectBody::Right);
+            return Either::Right(Box::pin(async move { Ok(answer) }));
+        }
+        if let Kind::OtherMethod = kind {
+            self.refused.method.inc();
+            let answer = other_method().map(ConnectBody::Right);
             return Either::Right(Box::pin(async move { Ok(answer) }));
         }
         // The ready service goes with this call; its clone stays for the next.
@@ -157,9 +192,11 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let schema = Arc::clone(&self.schema);
         let limit = self.max_message_bytes;
+        let unknown_procedure = self.refused.procedure.clone();
         Either::Right(Box::pin(async move {
             let (parts, body) = request.into_parts();
             let Some(method) = schema.method(parts.uri.path()) else {
+                unknown_procedure.inc();
                 let status = Status::unimplemented(format!(
                     "no procedure {} (the Connect protocol serves kongtie.v1 and grpc.health.v1)",
                     parts.uri.path()
@@ -186,7 +223,7 @@ where
                     unary(inner, &schema, method, codec, parts, Some(pending)).await
                 }
                 Kind::Get => unary(inner, &schema, method, Codec::Json, parts, None).await,
-                Kind::Unsupported => unreachable!("answered above"),
+                Kind::Unsupported | Kind::OtherMethod => unreachable!("answered above"),
             };
             Ok(answer.map(ConnectBody::Right))
         }))
@@ -200,7 +237,7 @@ fn classify<T>(request: &Request<T>) -> Option<Kind> {
         return Some(Kind::Get);
     }
     if request.method() != HttpMethod::POST {
-        return None;
+        return Some(Kind::OtherMethod);
     }
     let Some(content_type) = request.headers().get(header::CONTENT_TYPE) else {
         return Some(Kind::Unsupported);
@@ -238,6 +275,21 @@ fn unsupported(headers: &HeaderMap) -> Response<Body> {
     )))));
     *response.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
     response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// HTTP 405 for a method neither gRPC nor Connect uses.
+fn other_method() -> Response<Body> {
+    let mut response = Response::new(Body::new(Full::new(Bytes::from(format!(
+        "method not allowed: {SERVED}\n"
+    )))));
+    *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    let headers = response.headers_mut();
+    headers.insert(header::ALLOW, HeaderValue::from_static("POST, GET"));
+    headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );

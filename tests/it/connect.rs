@@ -731,6 +731,80 @@ async fn a_post_of_neither_grpc_nor_connect_is_http_415_naming_what_is_served() 
 }
 
 #[tokio::test]
+async fn a_flood_of_415s_and_unknown_connect_procedures_shows_in_the_refused_metric() {
+    let app = spawn_app().await;
+    let at = url(app.addr, "kongtie.v1.Auth/GetAccessToken");
+    for _ in 0..3 {
+        let answer = curl(&["-d", "a=b", &at]).await;
+        assert_eq!(answer.status, 415);
+    }
+    let nowhere = url(app.addr, "kongtie.v1.Auth/NoSuchMethod");
+    for _ in 0..2 {
+        let answer = curl(&["-H", "content-type: application/json", "-d", "{}", &nowhere]).await;
+        assert_eq!(answer.status, 404);
+    }
+    let metrics = admin_metrics(&app.admin.to_string()).await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"kongtie_grpc_requests_refused_total{reason="unsupported_media_type"}"#
+        ),
+        3.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"kongtie_grpc_requests_refused_total{reason="unknown_procedure"}"#
+        ),
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn a_put_or_delete_is_http_405_and_never_reaches_a_service() {
+    let app = spawn_app().await;
+    let at = url(app.addr, "kongtie.v1.Auth/GetAccessToken");
+    // A gRPC frame of the empty request, which tonic served whatever the method.
+    let frame = std::env::temp_dir().join(format!("empty-frame-{}", std::process::id()));
+    std::fs::write(&frame, [0u8; 5]).unwrap();
+    let data = format!("@{}", frame.display());
+    for method in ["PUT", "DELETE", "PATCH"] {
+        let answer = curl(&["-X", method, "--data-binary", &data, &at]).await;
+        assert_eq!(answer.status, 405, "{method}");
+        assert_eq!(answer.header("allow"), Some("POST, GET"));
+        assert_eq!(answer.header("grpc-status"), None, "{method}");
+        let answer = curl(&[
+            "-X",
+            method,
+            "-H",
+            "content-type: application/grpc",
+            "--data-binary",
+            &data,
+            &at,
+        ])
+        .await;
+        assert_eq!(answer.status, 405, "{method} as gRPC");
+    }
+    let metrics = admin_metrics(&app.admin.to_string()).await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"grpc_server_started_total{grpc_type="unary",grpc_service="kongtie.v1.Auth",grpc_method="GetAccessToken"}"#
+        ),
+        0.0,
+        "no call ran"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"kongtie_grpc_requests_refused_total{reason="method_not_allowed"}"#
+        ),
+        6.0
+    );
+}
+
+#[tokio::test]
 async fn a_json_key_sent_twice_is_invalid_argument_and_orders_nothing() {
     let app = spawn_app().await;
     let twice = curl(&[
