@@ -13,7 +13,7 @@ use tokio::time::timeout;
 
 use crate::helpers::{
     KTAPI_TOKEN, admin_metrics, payment_notification, sample, spawn_app, spawn_app_with,
-    violated_fields,
+    split_included, violated_fields,
 };
 
 /// What `curl` printed: the HTTP status, the headers (lower-cased names)
@@ -62,29 +62,11 @@ async fn curl(args: &[&str]) -> Curled {
         "curl: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let raw = out.stdout;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a header block");
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
+    let (status, headers, body) = split_included(&out.stdout);
     Curled {
         status,
         headers,
-        body: raw[split + 4..].to_vec(),
+        body,
     }
 }
 

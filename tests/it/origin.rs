@@ -68,25 +68,11 @@ async fn curl(args: &[&str], body: Option<Vec<u8>>) -> Answer {
         "curl: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let raw = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("a header block");
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
+    let (status, headers, body) = split_included(&out.stdout);
     Answer {
         status,
         headers,
-        body: body.to_owned(),
+        body: String::from_utf8_lossy(&body).into_owned(),
     }
 }
 
